@@ -1,0 +1,287 @@
+"""The SAM family's math on what one process owns: no DeepSpeed, no autograd, no optimizer.
+
+One step of every type (Foret et al. 2021; FSAM: Zhong et al. 2022, Eq. 5-7):
+
+1. first pass: g = grad L_mean(w) is in place (`shards.grads()`);
+2. `first_pass()` (re)builds the Fisher mask m when due, from this g, and perturbs
+   w <- w + e with  e = rho_t / (b (||T g||_S + eps)) * m * T^2 g,
+   where S is the set of perturbed tensors (ESAM: a random subset, b = beta; else all, b = 1),
+   T = |w| for ASAM (adaptive) and 1 otherwise, and m is 1 outside the Fisher candidates;
+3. second pass: h = grad L_mean(w + e) is in place;
+4. `second_pass()` applies GSAM's correction h <- h - alpha * (g - proj_h g) for the gsam types;
+5. the driver restores w exactly and steps the base optimizer with h; `end_step()`.
+
+Every global quantity (norms, inner products, the Fisher threshold, ESAM's example ranking) is a
+sum of local sums reduced by `shards.comm`, so the same code is exact on ZeRO shards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from fsam_ds.config import SAMConfig
+from fsam_ds.fisher import global_topk, keep_count
+from fsam_ds.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
+
+# Global index of entry j of parameter i is (i << _INDEX_SHIFT) + j: unique and ordered by
+# (parameter, position) on every sharding, without any rank knowing the other parameters' sizes.
+_INDEX_SHIFT = 40
+
+
+@dataclass
+class StepStats:
+    """What one first pass did; the numbers are global (all ranks)."""
+
+    finite: bool
+    grad_norm: float
+    """||g|| over every parameter, unscaled."""
+    rho: float
+    perturbation_norm: float
+    mask_rebuilt: bool = False
+    mask_density: float | None = None
+    """Fraction of candidate entries in the Fisher mask."""
+    perturbed_tensors: float = 1.0
+    """Fraction of parameters perturbed this step (ESAM's random subset; 1 otherwise)."""
+
+
+class SharpnessAware:
+    """State and math of the SAM family for the pieces of the parameters this process owns.
+
+    Args:
+        config: the step's configuration.
+        pieces: this process's pieces, in the same order as `ShardAccess.pieces`.
+        num_parameters: number of parameters in the whole model (identical on every rank).
+        initial_lr: learning rate at which rho = config.rho when config.rho_min is set.
+    """
+
+    def __init__(self, config: SAMConfig, pieces: Sequence[Piece], num_parameters: int, initial_lr: float) -> None:
+        self.config = config
+        self.pieces = list(pieces)
+        self.num_parameters = num_parameters
+        self.initial_lr = float(initial_lr)
+        self.step_count = 0
+        self.fisher_mask: list[Tensor | None] | None = None  # bit-packed, per candidate piece
+        self.mask_density: float | None = None
+        self.fisher_sum: list[Tensor | None] | None = None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._first_grads: list[Tensor | None] | None = None
+
+    # ---------------------------------------------------------------- first pass
+    def mask_due(self) -> bool:
+        return self.config.uses_fisher_mask and (self.fisher_mask is None
+                                                  or self.step_count % self.config.mask_interval == 0)
+
+    def _perturbed_tensors(self) -> Tensor | None:
+        """ESAM's random subset: one draw per parameter from a generator seeded identically on every rank."""
+        if not self.config.uses_esam:
+            return None
+        draw = torch.rand(self.num_parameters, generator=self.generator, dtype=torch.float64)
+        return draw < self.config.beta
+
+    def _masks(self) -> Iterator[Tensor | float]:
+        """Per piece: the unpacked Fisher mask, or 1.0 / 0.0 for a piece without one."""
+        dense = 1.0 if (not self.config.uses_fisher_mask or self.config.non_candidates == "dense") else 0.0
+        for i, piece in enumerate(self.pieces):
+            packed = self.fisher_mask[i] if self.fisher_mask is not None else None
+            yield dense if packed is None else unpack_bits(packed, piece.size)
+
+    @torch.no_grad()
+    def first_pass(self, shards: ShardAccess, lr: float) -> StepStats:
+        """Rebuilds the mask when due and perturbs the weights (through `shards`)."""
+        cfg, comm = self.config, shards.comm
+        grads = shards.grads()
+        rho = cfg.rho_at(lr, self.initial_lr)
+        active = self._perturbed_tensors()
+        weights = shards.weights() if cfg.adaptive else None
+
+        def is_active(i: int) -> bool:
+            return grads[i] is not None and (active is None or bool(active[self.pieces[i].index]))
+
+        def scaled(i: int) -> Tensor:  # T g
+            return grads[i] * weights[i].abs() if weights is not None else grads[i]
+
+        sums = torch.zeros(2, dtype=torch.float64)
+        for i, g in enumerate(grads):
+            if g is not None:
+                sums[0] += g.double().square().sum()
+                if is_active(i):
+                    sums[1] += scaled(i).double().square().sum()
+        comm.all_reduce(sums)
+        grad_sq, active_sq = float(sums[0]), float(sums[1])
+        perturbed = 1.0 if active is None else float(active.double().mean())
+        if not math.isfinite(grad_sq):
+            return StepStats(False, float("nan"), rho, 0.0, perturbed_tensors=perturbed)
+
+        rebuilt = False
+        if cfg.uses_fisher_mask:
+            self._accumulate_fisher(grads)
+            if self.mask_due():
+                self._rebuild_mask(comm, grads)
+                rebuilt = True
+
+        denominator = math.sqrt(active_sq)
+        if cfg.renormalize and cfg.uses_fisher_mask:
+            masked_sq = torch.zeros(1, dtype=torch.float64)
+            for i, mask in enumerate(self._masks()):
+                if is_active(i):
+                    masked_sq += (scaled(i).double() * mask).square().sum()
+            denominator = math.sqrt(float(comm.all_reduce(masked_sq)))
+        coefficient = rho / ((cfg.beta if cfg.uses_esam else 1.0) * (denominator + cfg.eps))
+
+        delta_sq = torch.zeros(1, dtype=torch.float64)
+
+        def deltas() -> Iterator[tuple[Tensor | None, Tensor | None]]:
+            for i, mask in enumerate(self._masks()):
+                if not is_active(i) or (isinstance(mask, float) and mask == 0.0):
+                    yield None, None
+                    continue
+                direction = grads[i] * weights[i].square() if weights is not None else grads[i]
+                delta = direction * coefficient
+                support = None
+                if isinstance(mask, Tensor):
+                    delta = delta * mask
+                    support = mask
+                delta_sq.add_(delta.double().square().sum())
+                yield delta, support
+
+        if cfg.uses_gsam:
+            self._first_grads = [None if g is None else g.clone() for g in grads]
+        shards.apply_perturbation(deltas())
+        e_norm = math.sqrt(float(comm.all_reduce(delta_sq)))
+        return StepStats(True, math.sqrt(grad_sq), rho, e_norm, rebuilt, self.mask_density, perturbed)
+
+    # ---------------------------------------------------------------- Fisher mask
+    def _accumulate_fisher(self, grads: Sequence[Tensor | None]) -> None:
+        if self.config.fisher_estimator != "accumulated":
+            return
+        if self.fisher_sum is None:
+            self.fisher_sum = [torch.zeros(p.size, dtype=torch.float32, device=self._device(grads))
+                               if p.candidate else None for p in self.pieces]
+        for total, g in zip(self.fisher_sum, grads):
+            if total is not None and g is not None:
+                total.add_(g.float().square())
+
+    @staticmethod
+    def _device(grads: Sequence[Tensor | None]) -> torch.device:
+        return next((g.device for g in grads if g is not None), torch.device("cpu"))
+
+    def _rebuild_mask(self, comm: Comm, grads: Sequence[Tensor | None]) -> None:
+        """Global top-int(N * keep_ratio) of the Fisher scores over every candidate entry of every rank."""
+        candidates = [i for i, p in enumerate(self.pieces) if p.candidate]
+        if self.config.fisher_estimator == "accumulated":
+            scores = [self.fisher_sum[i] for i in candidates]
+        else:
+            device = self._device(grads)
+            scores = [torch.zeros(self.pieces[i].size, device=device) if grads[i] is None
+                      else grads[i].float().square() for i in candidates]
+        count = torch.tensor([sum(s.numel() for s in scores)], dtype=torch.int64)
+        total = int(comm.all_reduce(count))
+        if total == 0:
+            raise ValueError("No Fisher candidates: every parameter name matches candidate_exclude "
+                             f"{self.config.candidate_exclude!r}. Narrow the patterns or use a non-fisher sam_type.")
+        k = keep_count(total, self.config.keep_ratio)
+        bases = [(self.pieces[i].index << _INDEX_SHIFT) + self.pieces[i].offset for i in candidates]
+        masks = global_topk(scores, bases, k, comm, total=total,
+                            index_bits=(self.num_parameters << _INDEX_SHIFT).bit_length())
+        self.fisher_mask = [None] * len(self.pieces)
+        for i, mask in zip(candidates, masks):
+            self.fisher_mask[i] = pack_bits(mask)
+        self.mask_density = k / total
+        if self.fisher_sum is not None:
+            for total_sq in self.fisher_sum:
+                if total_sq is not None:
+                    total_sq.zero_()
+
+    # ---------------------------------------------------------------- second pass and bookkeeping
+    @torch.no_grad()
+    def second_pass(self, shards: ShardAccess) -> bool:
+        """Checks h and, for gsam types, applies h' = h - alpha * g_perp (GSAM, Zhuang et al. 2022, Alg. 1).
+
+        Returns False when h is not finite on some rank (the caller must then skip the update).
+        """
+        h = shards.grads()
+        sums = torch.zeros(3, dtype=torch.float64)
+        g_old = self._first_grads if self.config.uses_gsam else None
+        for i, hi in enumerate(h):
+            if hi is None:
+                continue
+            sums[0] += hi.double().square().sum()
+            if g_old is not None and g_old[i] is not None:
+                sums[1] += (g_old[i].double() * hi.double()).sum()
+                sums[2] += g_old[i].double().square().sum()
+        shards.comm.all_reduce(sums)
+        if not math.isfinite(float(sums.sum())):
+            return False
+        if g_old is not None:
+            eps, alpha = self.config.eps, self.config.alpha
+            h_norm, g_norm = math.sqrt(float(sums[0])), math.sqrt(float(sums[2]))
+            cosine = float(sums[1]) / (h_norm * g_norm + eps)
+            corrected = []
+            for hi, gi in zip(h, g_old):
+                if hi is None or gi is None:
+                    corrected.append(hi)
+                    continue
+                vertical = gi - (cosine * g_norm / (h_norm + eps)) * hi
+                corrected.append(hi.add_(vertical, alpha=-alpha))
+            shards.set_grads(corrected)
+        return True
+
+    def end_step(self) -> None:
+        self.step_count += 1
+        self._first_grads = None
+
+    def discard_step(self) -> None:
+        """Forgets the current step without counting it (an overflow skipped the update)."""
+        self._first_grads = None
+
+    # ---------------------------------------------------------------- ESAM example selection
+    @torch.no_grad()
+    def select_examples(self, loss_before: Tensor, loss_after: Tensor, comm: Comm) -> Tensor:
+        """ESAM's sharpness-sensitive data selection (Du et al. 2022, Sec. 3.2): keeps the
+        max(1, int(n * gamma)) examples of the global batch whose loss rose most under e."""
+        rise = (loss_after.detach().float() - loss_before.detach().float()).reshape(-1)
+        counts = torch.zeros(comm.world_size, dtype=torch.int64)
+        counts[comm.rank] = rise.numel()
+        comm.all_reduce(counts)
+        total = int(counts.sum())
+        keep = max(1, int(total * self.config.gamma))
+        offset = int(counts[: comm.rank].sum())
+        return global_topk([rise], [offset], keep, comm, total=total)[0]
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "step_count": self.step_count,
+            "initial_lr": self.initial_lr,
+            "fisher_mask": self.fisher_mask,
+            "mask_density": self.mask_density,
+            "fisher_sum": self.fisher_sum,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["config"]
+        if saved.get("sam_type") != self.config.sam_type:
+            raise ValueError(f"checkpoint was written with sam_type={saved.get('sam_type')!r}, "
+                             f"this run uses {self.config.sam_type!r}; resume with the same sam_type")
+        masks = state["fisher_mask"]
+        if masks is not None:
+            if len(masks) != len(self.pieces):
+                raise ValueError(f"checkpoint holds Fisher masks for {len(masks)} parameter pieces, this process "
+                                 f"owns {len(self.pieces)}; resume with the same model, world size and ZeRO stage")
+            for piece, packed in zip(self.pieces, masks):
+                if packed is not None and packed.numel() != (piece.size + 7) // 8:
+                    raise ValueError(f"checkpoint's Fisher mask for {piece.name} has {packed.numel() * 8} bits, "
+                                     f"the piece here has {piece.size} entries; the sharding differs")
+        self.step_count = int(state["step_count"])
+        self.initial_lr = float(state["initial_lr"])
+        self.fisher_mask = masks
+        self.mask_density = state["mask_density"]
+        self.fisher_sum = state["fisher_sum"]
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,212 @@
+"""The interface between the SAM-family math and whatever holds the parameters.
+
+The math (`fsam_ds.core`) sees only this: the local pieces of every parameter this process owns,
+the matching gradient pieces, and an all-reduce. A plain tensor list (one process, or DDP where
+every rank holds everything) is one implementation; a DeepSpeed ZeRO rank's partition is another
+(`fsam_ds.zero`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What this process owns of one parameter: elements [offset, offset + size) of its flat view."""
+
+    name: str
+    index: int
+    """Position of the parameter in the global parameter order (identical on every rank)."""
+    numel: int
+    """Elements of the whole parameter."""
+    offset: int
+    size: int
+    candidate: bool
+    """Whether the parameter takes part in the Fisher top-k."""
+
+
+class Comm(Protocol):
+    """Collectives over the processes that share the parameters (a no-op for one process)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """Sums `tensor` over the processes, in place, and returns it."""
+        ...
+
+
+class LocalComm:
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+
+class TorchComm:
+    """`torch.distributed` sum-all-reduce over a process group (gloo or NCCL)."""
+
+    def __init__(self, group: object | None = None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        self._dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+
+class ShardAccess(Protocol):
+    """Reads and writes what this process owns. Every method that communicates runs on every rank."""
+
+    pieces: Sequence[Piece]
+    comm: Comm
+
+    def grads(self) -> list[Tensor | None]:
+        """Flat gradient pieces, unscaled, in fp32 or fp64 (None where the parameter has no gradient)."""
+        ...
+
+    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
+        """Writes back gradient pieces (GSAM modifies the second-pass gradient)."""
+        ...
+
+    def weights(self) -> list[Tensor]:
+        """Flat weight pieces in fp32 or fp64 (ASAM scales by |w|)."""
+        ...
+
+    def apply_perturbation(self, deltas: Sequence[tuple[Tensor | None, Tensor | None]]) -> None:
+        """Adds e to the weights the next forward pass uses. Each item is (delta, support): a flat delta
+        (None = unperturbed) and an optional boolean support outside which delta is zero."""
+        ...
+
+    def remove_perturbation(self) -> None:
+        """Puts back exactly the weights from before `apply_perturbation`."""
+        ...
+
+
+class ExactDelta:
+    """Adds a delta to a flat weight view and can take it off again bit for bit.
+
+    fl(fl(w + e) - d) == w holds for d = fl(w + e) - w whenever that difference is exact (always
+    when |e| <= |w|; Dekker's Fast2Sum). Entries where it fails (w absorbed by a much larger e)
+    are kept verbatim. Restoring therefore needs d (on the support only) plus a few exceptions,
+    never a full copy of the weights.
+    """
+
+    def __init__(self, weight: Tensor, delta: Tensor, support: Tensor | None) -> None:
+        self.weight = weight
+        self.support = None if support is None else pack_bits(support)
+        self.numel = weight.numel()
+        if support is None:
+            before = weight
+            after = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        else:
+            before = weight[support]
+            after = (before.to(delta.dtype) + delta[support]).to(weight.dtype)
+        self.difference = after - before
+        lost = (after - self.difference) != before
+        self.lost_index = lost.nonzero().squeeze(1)
+        self.lost_value = before[self.lost_index].clone()
+        if support is None:
+            weight.copy_(after)
+        else:
+            weight[support] = after
+
+    def remove(self) -> None:
+        if self.support is None:
+            self.weight.sub_(self.difference)
+            self.weight[self.lost_index] = self.lost_value
+        else:
+            support = unpack_bits(self.support, self.numel)
+            restored = self.weight[support] - self.difference
+            restored[self.lost_index] = self.lost_value
+            self.weight[support] = restored
+
+    def nbytes(self) -> int:
+        total = self.difference.nbytes + self.lost_index.nbytes + self.lost_value.nbytes
+        return total + (0 if self.support is None else self.support.nbytes)
+
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Packs a flat boolean tensor into uint8 (8 entries a byte)."""
+    mask = mask.reshape(-1)
+    padded = torch.zeros((mask.numel() + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
+    padded[: mask.numel()] = mask
+    weights = _BIT_WEIGHTS.to(mask.device)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.int16).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of `pack_bits`: a flat boolean tensor of `numel` entries."""
+    weights = _BIT_WEIGHTS.to(packed.device)
+    return (packed.unsqueeze(1) & weights).ne(0).reshape(-1)[:numel]
+
+
+def flat_view(tensor: Tensor, what: str) -> Tensor:
+    if not tensor.is_contiguous():
+        raise ValueError(f"{what} is not contiguous; sharpness-aware steps write into a flat view of it. "
+                         "Call .contiguous() on the parameter's data before building the optimizer.")
+    return tensor.view(-1)
+
+
+class TensorShards:
+    """Full parameters held by this process (single process, or DDP where grads are already averaged)."""
+
+    def __init__(self, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
+                 comm: Comm | None = None) -> None:
+        self.params = list(params)
+        self.pieces = [Piece(name, i, p.numel(), 0, p.numel(), cand)
+                       for i, (name, p, cand) in enumerate(zip(names, params, candidates))]
+        self.comm = comm or LocalComm()
+        self._applied: list[ExactDelta | None] = []
+
+    @staticmethod
+    def _compute_dtype(t: Tensor) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    def grads(self) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for p in self.params:
+            if p.grad is None:
+                out.append(None)
+            else:
+                g = flat_view(p.grad, "a gradient")
+                out.append(g if g.dtype == self._compute_dtype(p) else g.to(self._compute_dtype(p)))
+        return out
+
+    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
+        for p, g in zip(self.params, grads):
+            if g is not None and p.grad is not None and g.data_ptr() != p.grad.data_ptr():
+                p.grad.copy_(g.view_as(p.grad))
+
+    def weights(self) -> list[Tensor]:
+        return [flat_view(p.detach(), "a parameter").to(self._compute_dtype(p)) for p in self.params]
+
+    @torch.no_grad()
+    def apply_perturbation(self, deltas: Sequence[tuple[Tensor | None, Tensor | None]]) -> None:
+        if self._applied:
+            raise RuntimeError("apply_perturbation called twice without remove_perturbation in between")
+        self._applied = [None if delta is None else ExactDelta(flat_view(p.data, "a parameter"), delta, support)
+                         for p, (delta, support) in zip(self.params, deltas)]
+
+    @torch.no_grad()
+    def remove_perturbation(self) -> None:
+        for applied in self._applied:
+            if applied is not None:
+                applied.remove()
+        self._applied = []
+
+    def perturbation_nbytes(self) -> int:
+        return sum(a.nbytes() for a in self._applied if a is not None)
