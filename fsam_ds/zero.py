@@ -1,0 +1,332 @@
+"""Shard access for each DeepSpeed ZeRO stage, behind `fsam_ds.shards.ShardAccess`.
+
+What each stage owns and how e reaches the weights of the next forward pass:
+
+* stage 0: every rank holds full parameters and the already averaged full gradient (`p.grad`).
+  Each rank computes the same mask and e; the weights are restored exactly before `engine.step()`.
+* stages 1/2: every rank holds full low-precision replicas of the weights, but only its fragment of
+  the averaged gradient and of the fp32 master (`param._hp_mapping`, DeepSpeed's link between the
+  two). Scores, mask and e are computed on the fragment; e reaches the replicas through one
+  all-reduce of a buffer in the weights' dtype (each entry non-zero on exactly one rank, so the sum
+  is exact). `engine.step()` rewrites the replicas from the fp32 master, which is the restore.
+* stage 3: every rank holds `p.ds_tensor`, its partition of the weights, and its partition of the
+  fp32 gradient (`safe_get_local_grad`). e is added to the partition; parameters that are
+  materialised at that moment (persistent small ones, or still gathered) also get the full e.
+  `engine.step()` rewrites partitions (and persistent parameters) from the master.
+
+When a step is skipped (overflow) the master was not applied, so stages 1-3 restore the weights
+from it explicitly (`restore_from_master`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from fsam_ds.shards import Comm, ExactDelta, Piece, TorchComm, flat_view
+
+# Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
+_BUCKET_ELEMENTS = 1 << 23
+
+
+class UnsupportedConfiguration(ValueError):
+    """A DeepSpeed setting the SAM-family step cannot run with; the message says what to change."""
+
+
+def _private(obj: object, attribute: str, what: str) -> object:
+    """Reads a DeepSpeed attribute that is not part of its public API, with a clear error if it moved."""
+    if not hasattr(obj, attribute):
+        import deepspeed
+
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{attribute}` on {what}; fsam-ds reads it "
+                           "to reach the rank's gradient fragment (tested with DeepSpeed 0.19.x). "
+                           "Install deepspeed>=0.19.8,<0.20 or use ZeRO stage 0 or 3.")
+    return getattr(obj, attribute)
+
+
+class _EngineShards:
+    """What the three stage adapters share: names, the loss scale, bucketed full-tensor writes."""
+
+    restores_on_step = True
+
+    def __init__(self, engine, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
+                 comm: Comm) -> None:
+        self.engine = engine
+        self.names = list(names)
+        self.params = list(params)
+        self.candidates = list(candidates)
+        self.comm = comm
+        self.pieces: list[Piece] = []
+        self._owners: list[Tensor] = []  # the parameter behind each piece
+
+    def loss_scale(self) -> float:
+        if not self.engine.fp16_enabled():
+            return 1.0
+        return float(self.engine.optimizer.loss_scale)
+
+    def _unscaled(self, grad: Tensor | None) -> Tensor | None:
+        if grad is None:
+            return None
+        scale = self.loss_scale()
+        grad = grad.reshape(-1).float()
+        return grad / scale if scale != 1.0 else grad
+
+    def weights(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _write_full(self, targets: Sequence[tuple[Tensor, int, bool]],
+                    pieces_of: dict[int, list[tuple[Piece, Tensor]]], add: bool) -> None:
+        """Assembles full parameters from the pieces every rank holds and adds them to (or copies them
+        into) the parameters' data. `targets` lists (parameter, full numel, write here?) identically
+        on every rank; one all-reduce per bucket."""
+        bucket: list[tuple[Tensor, int, bool]] = []
+        size = 0
+        for target in list(targets) + [None]:
+            if target is not None:
+                bucket.append(target)
+                size += target[1]
+            if bucket and (target is None or size >= _BUCKET_ELEMENTS):
+                dtype = bucket[0][0].dtype
+                buffer = torch.zeros(size, dtype=dtype, device=bucket[0][0].device)
+                start = 0
+                for q, numel, _ in bucket:
+                    for piece, value in pieces_of.get(id(q), []):
+                        buffer[start + piece.offset: start + piece.offset + piece.size] = value.to(dtype)
+                    start += numel
+                self.comm.all_reduce(buffer)
+                start = 0
+                for q, numel, write in bucket:
+                    if write:
+                        full = buffer[start: start + numel].view_as(q.data)
+                        if add:
+                            q.data.copy_(q.data.float().add_(full.float()))
+                        else:
+                            q.data.copy_(full)
+                    start += numel
+                bucket, size = [], 0
+
+
+class Stage0Shards(_EngineShards):
+    """ZeRO stage 0: full parameters, full averaged gradients; exact restore before the step."""
+
+    restores_on_step = False
+
+    def __init__(self, engine, names, params, candidates, comm) -> None:
+        super().__init__(engine, names, params, candidates, comm)
+        self.pieces = [Piece(n, i, p.numel(), 0, p.numel(), c)
+                       for i, (n, p, c) in enumerate(zip(names, params, candidates))]
+        self._owners = list(params)
+        self._applied: list[ExactDelta | None] = []
+
+    def grads(self) -> list[Tensor | None]:
+        return [self._unscaled(p.grad) for p in self.params]
+
+    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
+        scale = self.loss_scale()
+        for p, g in zip(self.params, grads):
+            if g is not None and p.grad is not None:
+                p.grad.copy_((g * scale).view_as(p.grad))
+
+    def weights(self) -> list[Tensor]:
+        return [p.detach().reshape(-1).float() for p in self.params]
+
+    @torch.no_grad()
+    def apply_perturbation(self, deltas) -> None:
+        self._applied = [None if d is None else ExactDelta(flat_view(p.data, "a parameter"), d, s)
+                         for p, (d, s) in zip(self.params, deltas)]
+
+    @torch.no_grad()
+    def remove_perturbation(self) -> None:
+        for applied in self._applied:
+            if applied is not None:
+                applied.remove()
+        self._applied = []
+
+    def restore_from_master(self) -> None:
+        self.remove_perturbation()
+
+
+class PartitionShards(_EngineShards):
+    """ZeRO stages 1/2: the rank's fragment of the averaged gradient and of the fp32 master."""
+
+    def __init__(self, engine, names, params, candidates, comm) -> None:
+        super().__init__(engine, names, params, candidates, comm)
+        for i, (n, p, c) in enumerate(zip(names, params, candidates)):
+            mapping = _private(p, "_hp_mapping", "a ZeRO-1/2 parameter")
+            if mapping is None:
+                continue  # no fragment of this parameter lives on this rank
+            address = mapping.lp_fragment_address
+            self.pieces.append(Piece(n, i, p.numel(), address.start, address.numel, c))
+            self._owners.append(p)
+        self._perturbed = False
+
+    def _fragment(self, p: Tensor) -> Tensor | None:
+        index = _private(p, "_index_in_param_group", "a ZeRO-1/2 parameter")
+        try:
+            fragment = p._hp_mapping.get_lp_grad_fragment(index)
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+        if fragment is None:
+            return None
+        fragment = fragment.reshape(-1)
+        if fragment.numel() == p.numel() and p._hp_mapping.lp_fragment_address.numel != p.numel():
+            # bf16 with fp32 accumulation keeps the whole gradient; the fragment is our slice of it
+            address = p._hp_mapping.lp_fragment_address
+            fragment = fragment.narrow(0, address.start, address.numel)
+        return fragment
+
+    def grads(self) -> list[Tensor | None]:
+        return [self._unscaled(self._fragment(p)) for p in self._owners]
+
+    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
+        scale = self.loss_scale()
+        for p, g in zip(self._owners, grads):
+            fragment = self._fragment(p)
+            if g is not None and fragment is not None:
+                fragment.copy_((g * scale).to(fragment.dtype))
+
+    def zero_grads(self) -> None:
+        """Clears the fragments between the passes (bf16 with fp32 accumulation keeps them otherwise)."""
+        for p in self._owners:
+            fragment = self._fragment(p)
+            if fragment is not None:
+                fragment.zero_()
+
+    def weights(self) -> list[Tensor]:
+        return [p._hp_mapping.hp_fragment.reshape(-1).float() for p in self._owners]
+
+    @torch.no_grad()
+    def apply_perturbation(self, deltas) -> None:
+        pieces_of: dict[int, list[tuple[Piece, Tensor]]] = {}
+        for p, piece, (delta, _) in zip(self._owners, self.pieces, deltas):
+            if delta is not None:
+                pieces_of.setdefault(id(p), []).append((piece, delta))
+        self._write_full([(p, p.numel(), True) for p in self.params], pieces_of, add=True)
+        self._perturbed = True
+
+    def remove_perturbation(self) -> None:
+        """`engine.step()` copies the fp32 master back into the replicas."""
+
+    @torch.no_grad()
+    def restore_from_master(self) -> None:
+        if not self._perturbed:
+            return
+        pieces_of = {id(p): [(piece, p._hp_mapping.hp_fragment.reshape(-1))]
+                     for p, piece in zip(self._owners, self.pieces)}
+        self._write_full([(p, p.numel(), True) for p in self.params], pieces_of, add=False)
+        self._perturbed = False
+
+    def step_done(self) -> None:
+        self._perturbed = False
+
+
+class Stage3Shards(_EngineShards):
+    """ZeRO stage 3: the rank's partition `ds_tensor` of every parameter and its fp32 gradient."""
+
+    def __init__(self, engine, names, params, candidates, comm) -> None:
+        super().__init__(engine, names, params, candidates, comm)
+        for i, (n, p, c) in enumerate(zip(names, params, candidates)):
+            for attribute in ("ds_tensor", "ds_numel", "ds_status"):
+                _private(p, attribute, "a ZeRO-3 parameter")
+            partition = p.ds_tensor.numel()
+            offset = comm.rank * partition
+            size = max(0, min(partition, p.ds_numel - offset))
+            self.pieces.append(Piece(n, i, p.ds_numel, offset, size, c))
+            self._owners.append(p)
+        self._perturbed = False
+
+    def grads(self) -> list[Tensor | None]:
+        from deepspeed.utils import safe_get_local_grad
+
+        out = []
+        for p, piece in zip(self._owners, self.pieces):
+            g = safe_get_local_grad(p)
+            out.append(None if g is None else self._unscaled(g.reshape(-1)[: piece.size]))
+        return out
+
+    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
+        from deepspeed.utils import safe_set_local_grad
+
+        scale = self.loss_scale()
+        for p, piece, g in zip(self._owners, self.pieces, grads):
+            if g is None:
+                continue
+            padded = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=g.device)
+            padded[: piece.size] = g * scale
+            safe_set_local_grad(p, padded)
+
+    def weights(self) -> list[Tensor]:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return [safe_get_local_fp32_param(p).reshape(-1)[: piece.size].float()
+                for p, piece in zip(self._owners, self.pieces)]
+
+    def _materialised(self) -> list[tuple[Tensor, int, bool]]:
+        """Parameters whose full data the next forward uses as it is (not re-gathered from the
+        partitions), as `_write_full` targets: the same list on every rank, written where available."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        here = [p.ds_status == ZeroParamStatus.AVAILABLE for p in self._owners]
+        flags = torch.tensor([float(a) for a in here])
+        self.comm.all_reduce(flags)
+        return [(p, p.ds_numel, a) for p, a, f in zip(self._owners, here, flags.tolist()) if f > 0]
+
+    @torch.no_grad()
+    def apply_perturbation(self, deltas) -> None:
+        pieces_of: dict[int, list[tuple[Piece, Tensor]]] = {}
+        for p, piece, (delta, _) in zip(self._owners, self.pieces, deltas):
+            if delta is None:
+                continue
+            local = p.ds_tensor.view(-1)[: piece.size]
+            local.copy_(local.float().add_(delta))
+            pieces_of[id(p)] = [(piece, delta)]
+        # every rank takes part in the all-reduces of the materialised parameters, with or without pieces
+        self._write_full(self._materialised(), pieces_of, add=True)
+        self._perturbed = True
+
+    def remove_perturbation(self) -> None:
+        """`engine.step()` copies the fp32 master back into the partitions and persistent parameters."""
+
+    @torch.no_grad()
+    def restore_from_master(self) -> None:
+        if not self._perturbed:
+            return
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        pieces_of = {}
+        for p, piece in zip(self._owners, self.pieces):
+            master = safe_get_local_fp32_param(p).reshape(-1)[: piece.size]
+            p.ds_tensor.view(-1)[: piece.size].copy_(master)
+            pieces_of[id(p)] = [(piece, master)]
+        self._write_full(self._materialised(), pieces_of, add=False)
+        self._perturbed = False
+
+    def step_done(self) -> None:
+        self._perturbed = False
+
+
+def shards_for_engine(engine, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
+                      comm: Comm | None = None):
+    """The shard adapter for the engine's ZeRO stage."""
+    comm = comm or TorchComm(getattr(engine, "data_parallel_group", None))
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        return Stage0Shards(engine, names, params, candidates, _ReplicatedComm(comm))
+    if stage in (1, 2):
+        return PartitionShards(engine, names, params, candidates, comm)
+    if stage == 3:
+        return Stage3Shards(engine, names, params, candidates, comm)
+    raise UnsupportedConfiguration(f"ZeRO stage {stage} is not supported; use stage 0, 1, 2 or 3.")
+
+
+class _ReplicatedComm:
+    """Stage 0: every rank already holds the global gradient, so parameter reductions are local;
+    rank and world size stay those of the data-parallel group (ESAM ranks examples across ranks)."""
+
+    def __init__(self, data_comm: Comm) -> None:
+        self.rank, self.world_size = data_comm.rank, data_comm.world_size
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        return tensor
