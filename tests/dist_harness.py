@@ -55,6 +55,7 @@ def run_distributed(fn: Callable, world_size: int, tmp_path: Path, *args: Any, t
                     use_deepspeed: bool = False) -> list[Any]:
     """Returns [fn(0, world_size, *args), fn(1, ...), ...]; raises if any rank failed or timed out."""
     ctx = mp.get_context("spawn")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     port = free_port()
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, outs[r], args, use_deepspeed))

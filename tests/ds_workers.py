@@ -46,7 +46,7 @@ def global_batches(kind: str, steps: int, n: int = 8):
 def per_example_loss(kind: str):
     def loss(module, batch):
         if kind == "mlp":
-            logits = module(batch["x"])
+            logits = module(batch["x"].to(next(module.parameters()).dtype))
         else:
             logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["y"], reduction="none")
@@ -115,3 +115,156 @@ def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[st
             assert not out.skipped
         results[sam_type] = full_params(sam_engine.engine)
     return results
+
+
+def full_grads(engine) -> list[torch.Tensor]:
+    """The averaged full gradients in fp32 (collective; test-only)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    out = []
+    for p in engine.module.parameters():
+        g = p.grad if engine.zero_optimization_stage() == 0 else safe_get_full_grad(p)
+        out.append(g.detach().float().clone().reshape(-1))
+    return out
+
+
+def record_before_step(sam_engine, store: list) -> None:
+    """Wraps engine.step on this instance so the second-pass gradient is recorded first."""
+    engine = sam_engine.engine
+    real_step = engine.step
+
+    def step(*args, **kwargs):
+        store.append(full_grads(engine))
+        return real_step(*args, **kwargs)
+
+    engine.step = step
+
+
+def run_bf16(rank: int, world: int, stage: int, kind: str, sam_type: str, steps: int = 3):
+    batches = global_batches(kind, steps)
+    loss = per_example_loss(kind)
+    model = mlp() if kind == "mlp" else tiny_bert()
+    sam_engine = build_engine(model, stage, "bf16", sam=sam_config(sam_type))
+    initial_master = full_params(sam_engine.engine)
+    g2: list = []
+    record_before_step(sam_engine, g2)
+    masters, module_params = [], []
+    for b in batches:
+        out = sam_engine.train_step(split(b, rank, world), loss)
+        assert not out.skipped
+        masters.append(full_params(sam_engine.engine))
+        module_params.append(module_full_params(sam_engine.engine))
+    return {"initial_master": initial_master, "g2": g2, "masters": masters, "module": module_params}
+
+
+def module_full_params(engine) -> list[torch.Tensor]:
+    """The low-precision weights the forward pass uses (gathered under ZeRO-3; test-only)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone().reshape(-1) for p in params]
+    return [p.detach().clone().reshape(-1) for p in params]
+
+
+def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
+    from fsam_ds.engine import allow_fp16_on_cpu
+
+    allow_fp16_on_cpu()
+    batches = global_batches("mlp", 4)
+    base = per_example_loss("mlp")
+    calls = {"n": 0, "poison": None}
+
+    def loss(module, batch):
+        calls["n"] += 1
+        value = base(module, batch)
+        if calls["poison"] == calls["n"]:
+            value = value * float("inf") if calls["n"] % 2 else value * float("nan")
+        return value
+
+    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type))
+    report = {}
+    # step 1 trains normally
+    out = sam_engine.train_step(split(batches[0], rank, world), loss)
+    report["first"] = (out.skipped, out.loss_scale)
+    for name, offset in (("pass1", 1), ("pass2", 2)):
+        before_master = full_params(sam_engine.engine)
+        before_module = module_full_params(sam_engine.engine)
+        scale = sam_engine.shards.loss_scale()
+        passes = 3 if sam_engine.config.uses_esam and sam_engine.config.gamma < 1 else 2
+        calls["poison"] = calls["n"] + (offset if offset == 1 else passes)
+        out = sam_engine.train_step(split(batches[1], rank, world), loss)
+        report[name] = {
+            "skipped": out.skipped,
+            "scale_before": scale, "scale_after": sam_engine.shards.loss_scale(),
+            "master_same": all(torch.equal(a, b) for a, b in zip(before_master, full_params(sam_engine.engine))),
+            "module_same": all(torch.equal(a, b) for a, b in
+                               zip(before_module, module_full_params(sam_engine.engine))),
+            "step_count": sam_engine.core.step_count,
+        }
+    calls["poison"] = None
+    before = full_params(sam_engine.engine)
+    out = sam_engine.train_step(split(batches[2], rank, world), loss)
+    after = full_params(sam_engine.engine)
+    report["next"] = {"skipped": out.skipped, "changed": any(not torch.equal(a, b) for a, b in zip(before, after)),
+                      "skipped_steps": sam_engine.skipped_steps, "ds_skipped": sam_engine.engine.skipped_steps}
+    return report
+
+
+def run_accumulation(rank: int, world: int, stage: int, sam_type: str, parts: int):
+    batches = global_batches("mlp", 3)
+    loss = per_example_loss("mlp")
+    sam_engine = build_engine(mlp(), stage, sam=sam_config(sam_type), gas=parts, micro=4 // parts)
+    for b in batches:
+        assert not sam_engine.train_step(split(b, rank, world, parts), loss).skipped
+    return full_params(sam_engine.engine)
+
+
+def run_mask_capture(rank: int, world: int, stage: int, kind: str, keep_ratio: float):
+    """One fisher-sam step; returns the gathered first-pass gradients and this rank's mask pieces."""
+    batches = global_batches(kind, 1)
+    loss = per_example_loss(kind)
+    model = mlp() if kind == "mlp" else tiny_bert()
+    sam_engine = build_engine(model, stage, sam=sam_config("fisher-sam", keep_ratio=keep_ratio))
+    captured = {}
+    real_first_pass = sam_engine.core.first_pass
+
+    def first_pass(shards, lr):
+        captured["g1"] = full_grads(sam_engine.engine)
+        return real_first_pass(shards, lr)
+
+    sam_engine.core.first_pass = first_pass
+    sam_engine.train_step(split(batches[0], rank, world), loss)
+    masks = [None if m is None else m for m in sam_engine.core._masks()]
+    pieces = [(p.index, p.offset, p.size) for p in sam_engine.core.pieces]
+    names = [n for n, p in sam_engine.engine.module.named_parameters()]
+    return {"g1": captured["g1"], "masks": [m if isinstance(m, torch.Tensor) else None for m in masks],
+            "pieces": pieces, "names": names}
+
+
+def run_checkpoint(rank: int, world: int, stage: int, sam_type: str, directory: str):
+    batches = global_batches("mlp", 6)
+    loss = per_example_loss("mlp")
+    straight = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    for b in batches:
+        straight.train_step(split(b, rank, world), loss)
+    expected = full_params(straight.engine)
+
+    first = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    for b in batches[:3]:
+        first.train_step(split(b, rank, world), loss)
+    tag = first.save_checkpoint(directory)
+    resumed = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    resumed.load_checkpoint(directory)
+    step_after_load = resumed.core.step_count
+    for b in batches[3:]:
+        resumed.train_step(split(b, rank, world), loss)
+    got = full_params(resumed.engine)
+
+    # without the SAM state (mask, counters, generator) the run would differ
+    blind = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    blind.engine.load_checkpoint(directory, tag=tag)
+    for b in batches[3:]:
+        blind.train_step(split(b, rank, world), loss)
+    return {"expected": expected, "got": got, "blind": full_params(blind.engine), "step": step_after_load}

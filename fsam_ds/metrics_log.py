@@ -1,0 +1,335 @@
+"""Rank-0 run logging: metrics.jsonl, config.json, Weights & Biases, progress bar, console lines.
+
+Named metrics_log (not logging) so that running a module from inside the package folder can
+never shadow the standard library's `logging`, which wandb and transformers import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from fsam_ds.run_config import TrainConfig, config_to_dict
+
+__all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured"]
+
+WandbMode = Literal["online", "offline", "disabled"]
+DEFAULT_INIT_TIMEOUT_S = 15.0
+DEFAULT_FINISH_TIMEOUT_S = 120.0
+
+
+def wandb_api_key_configured() -> bool:
+    """Whether wandb has credentials, judged from the environment and netrc only (no network)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_wandb_mode(mode: str) -> WandbMode:
+    """`auto` -> online with credentials, else offline; an explicit WANDB_MODE/WANDB_DISABLED wins over auto."""
+    if mode in ("online", "offline", "disabled"):
+        return mode  # type: ignore[return-value]
+    if mode != "auto":
+        raise ValueError(f"wandb mode must be online, offline, disabled or auto, got {mode!r}")
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    env_mode = os.environ.get("WANDB_MODE", "").lower()
+    if env_mode in ("offline", "disabled", "online"):
+        return env_mode  # type: ignore[return-value]
+    if env_mode == "dryrun":
+        return "offline"
+    return "online" if wandb_api_key_configured() else "offline"
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars -> Python numbers, so every line stays valid JSON."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; "nan" keeps the information readable
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class RunLogger:
+    """Writes every event to `<output_dir>/metrics.jsonl` (and wandb when enabled); rank 0 only.
+
+    Use `open_run_logger`, which hands other ranks a `NullLogger` with the same methods.
+    """
+
+    def __init__(self, cfg: TrainConfig, total_steps: int | None = None, start_step: int = 0,
+                 resumed: bool | None = None) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resumed = bool(cfg.resume) if resumed is None else resumed
+        self.total_steps = total_steps
+        self.log_every = cfg.log.log_every
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.config_path = self.output_dir / "config.json"
+        # Line buffering flushes each event as it is written, so a crash loses nothing logged.
+        self._file = open(self.metrics_path, "a" if self.resumed else "w", encoding="utf-8", buffering=1)
+        self._write_config()
+        self._start_time = time.time()
+        self._window_start = time.perf_counter()
+        self._window_losses: list[float] = []
+        self._window_examples = 0
+        self._step = self._start_step = start_step
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                         disable=not cfg.log.progress, file=sys.stderr, mininterval=1.0)
+        self.wandb_mode: WandbMode = "disabled"
+        self._run: Any = None
+        self._init_wandb(resolve_wandb_mode(cfg.log.wandb))
+        self.log("start", step=start_step, resumed=self.resumed, total_steps=total_steps,
+                 wandb_mode=self.wandb_mode)
+
+    # ---- files
+
+    def _write_config(self) -> None:
+        data = config_to_dict(self.cfg)
+        tmp = self.config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.config_path)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file.closed:
+            return
+        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        self._file.flush()
+
+    # ---- wandb
+
+    def _init_wandb(self, mode: WandbMode) -> None:
+        if mode == "disabled":
+            return  # wandb is not even imported: nothing of it touches the disk
+        try:
+            import wandb
+        except ImportError:
+            warnings.warn("wandb is not installed; logging to metrics.jsonl only.", stacklevel=3)
+            return
+        if mode == "online" and not wandb_api_key_configured():
+            # Without a key wandb.init would ask for one on the terminal and wait for an answer.
+            warnings.warn("log.wandb is online but no wandb API key is configured (WANDB_API_KEY or "
+                          "`wandb login`); logging offline instead (upload later with `wandb sync`).",
+                          stacklevel=3)
+            mode = "offline"
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S))
+        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+            try:
+                settings = wandb.Settings(init_timeout=timeout, finish_timeout=DEFAULT_FINISH_TIMEOUT_S,
+                                          console="off", silent=True, reinit="create_new")
+                self._run = wandb.init(
+                    project=self.cfg.log.wandb_project, name=self.output_dir.name, dir=str(self.output_dir),
+                    config=config_to_dict(self.cfg), mode=attempt, settings=settings,
+                    **self._resume_kwargs())
+            except Exception as err:  # training must not die because of wandb
+                warnings.warn(f"wandb.init(mode={attempt!r}) failed ({type(err).__name__}: {err}); "
+                              + ("falling back to offline." if attempt != "offline" else
+                                 "logging to metrics.jsonl only."), stacklevel=3)
+                continue
+            self.wandb_mode = attempt
+            self._run.define_metric("step")
+            self._run.define_metric("*", step_metric="step")
+            (self.output_dir / "wandb-run-id").write_text(self._run.id + "\n", encoding="utf-8")
+            return
+
+    def _resume_kwargs(self) -> dict[str, Any]:
+        # Continue the same wandb run on resume so the curves stay in one place.
+        id_file = self.output_dir / "wandb-run-id"
+        if self.resumed and id_file.is_file():
+            return {"id": id_file.read_text(encoding="utf-8").strip(), "resume": "allow"}
+        return {}
+
+    def _wandb_log(self, event: str, record: dict[str, Any]) -> None:
+        # "start" is bookkeeping for the report; "summary" goes to the run summary, not the history.
+        if self._run is None or event in ("start", "summary"):
+            return
+        payload: dict[str, Any] = {}
+        for key, value in record.items():
+            if key in ("event", "time"):
+                continue
+            if key == "step":
+                payload["step"] = value
+            elif isinstance(value, dict):
+                payload.update({f"{event}/{key}/{k}": v for k, v in value.items()})
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                payload[f"{event}/{key}"] = value
+        try:
+            self._run.log(payload)
+        except Exception as err:
+            warnings.warn(f"wandb log failed ({err}); continuing with metrics.jsonl only.", stacklevel=3)
+            self._run = None
+
+    # ---- events
+
+    def log(self, event: str, step: int | None = None, **fields: Any) -> dict[str, Any]:
+        """Write one event line immediately (and to wandb); returns the record written."""
+        record: dict[str, Any] = {"event": event}
+        if step is not None:
+            record["step"] = step
+        record.update(fields)
+        record["time"] = round(time.time(), 3)
+        record = _jsonable(record)
+        self._write(record)
+        self._wandb_log(event, record)
+        return record
+
+    def train_step(self, step: int, loss: float, examples: int, **scalars: Any) -> dict[str, Any] | None:
+        """Call once per optimizer step; every `log_every` steps writes the window's mean loss.
+
+        `examples` is the number of training examples this step consumed on all ranks together.
+        `scalars` (lr, rho, grad_norm, ...) are logged with their latest value.
+        """
+        loss = float(loss.item() if hasattr(loss, "item") else loss)  # tensors too
+        self._window_losses.append(loss)
+        self._window_examples += examples
+        self._step = step
+        elapsed = time.perf_counter() - self._window_start
+        throughput = self._window_examples / elapsed if elapsed > 0 else float("nan")
+        self._bar.update(step - self._bar.n)
+        self._bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{throughput:.1f}", refresh=False)
+        if step % self.log_every != 0:
+            return None
+        mean_loss = sum(self._window_losses) / len(self._window_losses)
+        record = self.log("train", step=step, loss=mean_loss, examples_per_s=throughput, **scalars)
+        self._console_line(step, mean_loss, throughput, scalars)
+        self._window_losses, self._window_examples = [], 0
+        self._window_start = time.perf_counter()
+        return record
+
+    def _console_line(self, step: int, loss: float, throughput: float, scalars: dict[str, Any]) -> None:
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        parts = [f"step {step}{total}", f"loss {loss:.4f}"]
+        parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items()]
+        parts.append(f"{throughput:.1f} ex/s")
+        elapsed = time.time() - self._start_time
+        parts.append(f"elapsed {_format_duration(elapsed)}")
+        done = step - self._start_step
+        if self.total_steps and done > 0:
+            parts.append(f"eta {_format_duration((self.total_steps - step) * elapsed / done)}")
+        self.console(" | ".join(parts))
+
+    def console(self, message: str) -> None:
+        """A human-readable line that does not break the progress bar."""
+        tqdm.write(message, file=sys.stdout)
+
+    def log_eval(self, step: int, metrics: dict[str, Any], metric_name: str | None = None,
+                 epoch: int | float | None = None) -> dict[str, Any]:
+        """One dev evaluation; `metric_name` marks which key is the model-selection metric."""
+        fields: dict[str, Any] = {}
+        if epoch is not None:
+            fields["epoch"] = epoch
+        if metric_name is not None:
+            fields["metric_name"] = metric_name
+        fields.update(metrics)
+        record = self.log("eval", step=step, **fields)
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        self.console(f"eval @ step {step}: {shown}")
+        return record
+
+    def log_mask(self, step: int, density: dict[str, float]) -> dict[str, Any]:
+        """Per-tensor fraction of entries the Fisher mask keeps (read by fsam-report)."""
+        return self.log("mask", step=step, density={k: float(v) for k, v in density.items()})
+
+    def summary(self, best_metric: float | None, metric_name: str, **extra: Any) -> dict[str, Any]:
+        """The run's final line: best dev metric and anything else worth a glance."""
+        record = self.log("summary", step=self._step, best_metric=best_metric, metric_name=metric_name,
+                          elapsed_s=round(time.time() - self._start_time, 1), **extra)
+        if self._run is not None:
+            try:
+                self._run.summary.update({k: v for k, v in record.items() if k not in ("event", "time")})
+            except Exception as err:
+                warnings.warn(f"wandb summary failed ({err}).", stacklevel=2)
+        return record
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._run is not None:
+            try:
+                self._run.finish()
+            except Exception as err:
+                warnings.warn(f"wandb finish failed ({err}); the offline files stay in {self.output_dir}.",
+                              stacklevel=2)
+            self._run = None
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullLogger:
+    """What ranks other than 0 get: the RunLogger interface, doing nothing."""
+
+    wandb_mode: WandbMode = "disabled"
+
+    def log(self, event: str, step: int | None = None, **fields: Any) -> None:
+        return None
+
+    def train_step(self, step: int, loss: float, examples: int, **scalars: Any) -> None:
+        return None
+
+    def console(self, message: str) -> None:
+        return None
+
+    def log_eval(self, step: int, metrics: dict[str, Any], metric_name: str | None = None,
+                 epoch: int | float | None = None) -> None:
+        return None
+
+    def log_mask(self, step: int, density: dict[str, float]) -> None:
+        return None
+
+    def summary(self, best_metric: float | None, metric_name: str, **extra: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def open_run_logger(cfg: TrainConfig, rank: int | None = None, total_steps: int | None = None,
+                    start_step: int = 0, resumed: bool | None = None) -> RunLogger | NullLogger:
+    """A RunLogger on rank 0, a NullLogger elsewhere (`rank` defaults to $RANK, else 0)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        return NullLogger()
+    return RunLogger(cfg, total_steps=total_steps, start_step=start_step, resumed=resumed)

@@ -1,0 +1,511 @@
+"""The trainer's run configuration: typed sections, parsed from YAML/JSON and command-line overrides.
+
+One dataclass per component; `load_config` is the only entry point that builds a `TrainConfig`
+from user input, so every value is converted and range-checked there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from fsam_ds.config import ConfigError
+
+__all__ = [
+    "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",
+    "TrainConfig", "load_config", "config_from_dict", "config_to_dict", "config_keys", "format_help",
+]
+
+
+@dataclass
+class SAMSection:
+    """The sharpness-aware step; `sam_type: none` trains with plain AdamW as the baseline."""
+
+    sam_type: Literal["none", "sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"] = "fisher-sam"
+    rho: float = 0.05
+    rho_min: float | None = None
+    beta: float = 0.5
+    gamma: float = 0.5
+    alpha: float = 0.4
+    keep_ratio: float = 0.1
+    mask_interval: int = 100
+    candidate_exclude: tuple[str, ...] = ("bias", "embed")
+    fisher_estimator: Literal["batch", "accumulated"] = "batch"
+    non_candidates: Literal["dense", "none"] = "dense"
+    renormalize: bool = False
+    adaptive: bool = False
+    eps: float = 1e-12
+    seed: int = 0
+
+    def to_core_kwargs(self) -> dict[str, Any]:
+        """Every field as keyword arguments for the optimizer core's `SAMConfig` (sam_type unchanged)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_ratio: float = 0.06
+    schedule: Literal["linear", "polynomial", "constant"] = "linear"
+    max_steps: int = 0  # 0: derived from epochs
+    epochs: int = 3
+    grad_clip: float = 0.0  # 0: no clipping
+
+
+@dataclass
+class DataSection:
+    source: Literal["hub", "local"] = "hub"
+    data_dir: str | None = None
+    train_file: str | None = None
+    dev_file: str | None = None
+    max_length: int = 128
+    micro_batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    limit_per_class: int = 0  # 0: every example
+    num_workers: int = 0
+
+
+@dataclass
+class LogSection:
+    # auto: online when an API key is configured, else offline (decided without any network call)
+    wandb: Literal["online", "offline", "disabled", "auto"] = "auto"
+    wandb_project: str = "fsam-ds"
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 0  # 0: only at the end of each epoch
+    every_epoch: bool = True
+    save_best: bool = True
+
+
+DEFAULT_OUTPUT_DIR = "runs/{task}-{sam_type}-s{seed}"
+
+
+@dataclass
+class TrainConfig:
+    task: str = ""
+    model: str = ""  # hub id or local folder
+    tokenizer: str | None = None  # None: same as model
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # dtype the weights are loaded in
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0
+    ds_config: str | None = None
+    # load_config fills in {key} placeholders (any config key, e.g. {sam.rho}) so runs get their own folder
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    seed: int = 42
+    resume: bool | str = False  # true: latest checkpoint in output_dir; a path: that checkpoint
+    checkpoint_every: int = 0  # steps; 0: at each evaluation
+    keep_checkpoints: int = 2
+    sam: SAMSection = field(default_factory=SAMSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def validate(self) -> None:
+        """Range checks across all sections; raises ConfigError naming the first bad key."""
+        _validate(self)
+
+
+SECTIONS: dict[str, type] = {
+    "sam": SAMSection, "optim": OptimSection, "data": DataSection, "log": LogSection, "eval": EvalSection,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Key resolution
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _all_keys() -> dict[str, Any]:
+    """Dotted key -> field type, for every settable field."""
+    keys = {name: tp for name, tp in _hints(TrainConfig).items() if name not in SECTIONS}
+    for section, cls in SECTIONS.items():
+        keys.update({f"{section}.{name}": tp for name, tp in _hints(cls).items()})
+    return keys
+
+
+def config_keys() -> list[str]:
+    """Every dotted key that `load_config` accepts."""
+    return list(_all_keys())
+
+
+def _resolve_key(raw: str, source: str) -> str:
+    """Map a user-written key (dotted or flat, '-' or '_') to its dotted form."""
+    key = raw.replace("-", "_")
+    keys = _all_keys()
+    if key in keys:
+        return key
+    if key in SECTIONS:
+        example = next(iter(_hints(SECTIONS[key])))
+        raise ConfigError(f"Config key '{raw}' ({source}) names a whole section; set its fields one by one, "
+                          f"e.g. '{key}.{example}'.")
+    # Sweep agents pass flat names; accept them where exactly one section has that field.
+    owners = [k for k in keys if "." in k and k.split(".", 1)[1] == key]
+    if len(owners) == 1:
+        return owners[0]
+    if len(owners) > 1:
+        raise ConfigError(f"Config key '{raw}' ({source}) is ambiguous: it exists as {', '.join(owners)}. "
+                          f"Write the dotted form.")
+    candidates = list(keys) + [k.split(".", 1)[1] for k in keys if "." in k]
+    close = difflib.get_close_matches(key, candidates, n=4, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(dict.fromkeys(close))}?" if close else ""
+    raise ConfigError(f"Unknown config key '{raw}' ({source}).{hint} Valid top-level keys: "
+                      f"{', '.join(k for k in keys if '.' not in k)}; sections: {', '.join(SECTIONS)} "
+                      f"(e.g. 'sam.rho'). Run with --help for the full list.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value conversion
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_NONE = ("none", "null", "~")
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        text = " or ".join(parts)
+        return text + " or none" if type(None) in args else text
+    if origin in (tuple, list):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])} (comma list or JSON list)"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    """Internal: the value does not fit the type; turned into a ConfigError with the key's name."""
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if type(None) in args:
+                return None
+            raise _Mismatch
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and value.strip() == str(choice)):
+                return choice
+        raise _Mismatch
+    if origin in (tuple, list):
+        items = _split_list(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            converted = [_coerce(v, args[0]) for v in items]
+        else:
+            if len(items) != len(args):
+                raise _Mismatch
+            converted = [_coerce(v, a) for v, a in zip(items, args)]
+        return tuple(converted) if origin is tuple else converted
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "2e-5" (no dot) as a string, so numbers from files land here too.
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _split_list(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if not isinstance(value, str):
+        raise _Mismatch
+    text = value.strip()
+    if text.startswith("["):
+        # JSON first (sweep agents write lists that way); a regex like "[Ll]ayer" falls through.
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, list):
+            return parsed
+    return [part.strip() for part in text.split(",")] if text else []
+
+
+def _convert(key: str, value: Any, source: str) -> Any:
+    tp = _all_keys()[key]
+    try:
+        return _coerce(value, tp)
+    except _Mismatch:
+        raise ConfigError(f"Invalid value for config key '{key}' ({source}): {value!r} is not "
+                          f"{_describe(tp)}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: config file and command line
+
+
+def _flatten(data: dict[str, Any], source: str) -> list[tuple[str, Any]]:
+    """Nested file content -> [(user key, value)] with section keys joined by dots."""
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if str(key).replace("-", "_") not in SECTIONS:
+                raise ConfigError(f"Config key '{key}' ({source}) holds a mapping, but only the sections "
+                                  f"{', '.join(SECTIONS)} may; did you mean a dotted key?")
+            items.extend((f"{key}.{sub}", v) for sub, v in value.items())
+        else:
+            items.append((str(key), value))
+    return items
+
+
+def _read_file(path: str) -> list[tuple[str, Any]]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"Config file '{path}' given with --config does not exist.")
+    suffix = file.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"Config file '{path}' must end in .yaml, .yml or .json.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if suffix == ".json" else (yaml.safe_load(text) or {})
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"Config file '{path}' could not be parsed: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of keys to values, not {type(data).__name__}.")
+    return _flatten(data, f"in {path}")
+
+
+_IGNORED = ("local_rank",)  # passed by the deepspeed launcher to every process
+
+
+def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]]:
+    """argv -> (config file, [(user key, raw value, source)])."""
+    config_file: str | None = None
+    overrides: list[tuple[str, Any, str]] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"Unexpected argument '{token}': arguments must look like --key=value or "
+                              f"--key value (e.g. --sam.rho=0.02).")
+        body = token[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = body, argv[i + 1]
+            i += 2
+        else:
+            key, value = body, "true"  # a bare flag switches a boolean on
+            i += 1
+        if key.replace("-", "_") in _IGNORED:
+            continue
+        if key == "config":
+            if config_file is not None:
+                raise ConfigError(f"--config was given twice ('{config_file}' and '{value}'); give one file "
+                                  f"and override single keys with --key=value.")
+            config_file = value
+            continue
+        overrides.append((key, value, f"from --{key}"))
+    return config_file, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# Building, validating, serialising
+
+
+def _build(items: list[tuple[str, Any, str]]) -> TrainConfig:
+    cfg = TrainConfig()
+    for raw, value, source in items:
+        key = _resolve_key(raw, source)
+        converted = _convert(key, value, source)
+        target: Any = cfg
+        *parents, name = key.split(".")
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, converted)
+    _fill_defaults(cfg)
+    _validate(cfg)
+    return cfg
+
+
+def _fill_defaults(cfg: TrainConfig) -> None:
+    if cfg.tokenizer is None and cfg.model:
+        cfg.tokenizer = cfg.model
+    cfg.output_dir = _PLACEHOLDER.sub(lambda match: _placeholder_value(cfg, match), cfg.output_dir)
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+def _placeholder_value(cfg: TrainConfig, match: re.Match[str]) -> str:
+    """`{key}` in output_dir -> that key's value (dotted or unique flat name); other braces stay."""
+    try:
+        key = _resolve_key(match.group(1), "output_dir placeholder")
+    except ConfigError:
+        return match.group(0)
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return f"{value:g}" if isinstance(value, float) else str(value).replace("/", "_")
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """Build the run configuration from `--config FILE` and `--key=value` overrides (later wins).
+
+    Keys may be dotted (`--sam.rho=0.02`) or, when unique across sections, flat (`--rho=0.02`).
+    `--local_rank` from the deepspeed launcher is ignored. `--help` prints every key and exits.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(format_help())
+        raise SystemExit(0)
+    config_file, overrides = _parse_argv(argv)
+    items: list[tuple[str, Any, str]] = []
+    if config_file is not None:
+        items = [(k, v, f"in {config_file}") for k, v in _read_file(config_file)]
+    return _build(items + overrides)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from `config_to_dict` output (e.g. a run's config.json)."""
+    return _build([(k, v, "in the given dict") for k, v in _flatten(data, "in the given dict")])
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """JSON-serialisable nested dict of every field (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def format_help() -> str:
+    defaults = config_to_dict(TrainConfig())
+    lines = ["Usage: fsam-train [--config FILE.yaml|.json] [--key=value ...]", "",
+             "Keys (flat names work where unique across sections, e.g. --rho for sam.rho):"]
+    for key, tp in _all_keys().items():
+        value: Any = defaults
+        for part in key.split("."):
+            value = value[part]
+        lines.append(f"  --{key:<28} {_describe(tp)}  [default: {json.dumps(value)}]")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Range validation
+
+
+def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
+    if not ok:
+        message = f"Invalid value for config key '{key}': {value!r} {requirement}."
+        raise ConfigError(message + (f" {hint}" if hint else ""))
+
+
+def _validate(cfg: TrainConfig) -> None:
+    s, o, d, lg, e = cfg.sam, cfg.optim, cfg.data, cfg.log, cfg.eval
+    _check(bool(cfg.task), "task", cfg.task, "is empty; a task name is required", "e.g. --task=sst2")
+    _check(bool(cfg.model), "model", cfg.model, "is empty; a model is required",
+           "Give a hub id (e.g. --model=roberta-base) or a local checkpoint folder.")
+    _check(0 <= cfg.zero_stage <= 3, "zero_stage", cfg.zero_stage, "must be one of 0, 1, 2, 3")
+    if cfg.ds_config is not None:
+        _check(Path(cfg.ds_config).is_file(), "ds_config", cfg.ds_config, "is not an existing file")
+    if isinstance(cfg.resume, str):
+        _check(Path(cfg.resume).exists(), "resume", cfg.resume, "is neither true/false nor an existing path")
+    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "is empty")
+    _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0",
+           "0 saves a checkpoint at each evaluation.")
+    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+
+    _check(s.rho >= 0, "sam.rho", s.rho, "must be >= 0", "The FSAM paper uses 0.05.")
+    if s.rho_min is not None:
+        _check(0 <= s.rho_min <= s.rho, "sam.rho_min", s.rho_min, f"must lie in [0, sam.rho] = [0, {s.rho}]",
+               "Use none for a constant rho.")
+    _check(0 < s.beta <= 1, "sam.beta", s.beta, "must lie in (0, 1]")
+    _check(0 < s.gamma <= 1, "sam.gamma", s.gamma, "must lie in (0, 1]")
+    _check(0 <= s.alpha <= 1, "sam.alpha", s.alpha, "must lie in [0, 1]")
+    _check(0 < s.keep_ratio <= 1, "sam.keep_ratio", s.keep_ratio, "must lie in (0, 1]",
+           "It is the fraction of candidate entries perturbed; the paper uses 0.1.")
+    _check(s.mask_interval >= 1, "sam.mask_interval", s.mask_interval, "must be >= 1")
+    _check(s.eps > 0, "sam.eps", s.eps, "must be > 0")
+    for pattern in s.candidate_exclude:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            _check(False, "sam.candidate_exclude", pattern, f"is not a regular expression ({err})")
+
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "must both lie in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must lie in [0, 1)")
+    _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be >= 0", "0 derives it from optim.epochs.")
+    _check(o.epochs >= 1 or o.max_steps > 0, "optim.epochs", o.epochs, "must be >= 1 when optim.max_steps is 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0", "0 turns clipping off.")
+
+    for name in ("max_length", "micro_batch_size", "eval_batch_size", "grad_accum"):
+        _check(getattr(d, name) >= 1, f"data.{name}", getattr(d, name), "must be >= 1")
+    _check(d.limit_per_class >= 0, "data.limit_per_class", d.limit_per_class, "must be >= 0", "0 keeps every example.")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+
+    _check(lg.log_every >= 1, "log.log_every", lg.log_every, "must be >= 1")
+    _check(bool(lg.wandb_project), "log.wandb_project", lg.wandb_project, "is empty")
+
+    _check(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0", "0 evaluates only per epoch.")
+    _check(e.every_steps > 0 or e.every_epoch or not e.save_best, "eval.save_best", e.save_best,
+           "needs evaluations, but eval.every_steps is 0 and eval.every_epoch is false",
+           "Set eval.every_epoch=true or eval.every_steps > 0, or eval.save_best=false.")
