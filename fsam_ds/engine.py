@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from fsam_ds.config import SAMConfig
+from fsam_ds.ds_config import check_sam_compatible
 from fsam_ds.core import SharpnessAware, StepStats
 from fsam_ds.optim import check_per_example, index_batch
 from fsam_ds.shards import TorchComm
-from fsam_ds.zero import UnsupportedConfiguration, shards_for_engine
+from fsam_ds.zero import shards_for_engine
 
 EngineLoss = Callable[[Any, Any], Tensor]
 
@@ -59,26 +60,6 @@ def _load_config(config: dict | str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def check_supported(config: dict) -> None:
-    """Raises UnsupportedConfiguration for DeepSpeed settings the two-pass step cannot run with."""
-    zero = config.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0))
-    for key in ("offload_optimizer", "offload_param"):
-        section = zero.get(key)
-        if section and str(section.get("device", "none")).lower() != "none":
-            raise UnsupportedConfiguration(
-                f"zero_optimization.{key}.device = {section.get('device')!r}: offload is not supported by the "
-                "SAM-family step (the perturbation and Fisher mask live next to the gradient partition, which "
-                f"offload moves off the device). Remove zero_optimization.{key} or set its device to \"none\".")
-    if config.get("pipeline") or config.get("pipeline_parallel_size", 1) not in (1, None):
-        raise UnsupportedConfiguration("pipeline parallelism is not supported by the SAM-family step (both passes "
-                                       "must see the whole model on each rank); remove the pipeline section.")
-    if stage == 0 and (config.get("fp16") or {}).get("enabled") is True:
-        raise UnsupportedConfiguration("fp16 with ZeRO stage 0 is not supported: DeepSpeed's stage-0 fp16 "
-                                       "optimizer does not scale the loss it unscales. Use ZeRO stage 1, 2 or 3 "
-                                       "with fp16, or bf16 with stage 0.")
-
-
 def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SAMConfig,
                optimizer: Any = None, lr_scheduler: Any = None, model_parameters: Any = None,
                **kwargs: Any) -> "SAMEngine":
@@ -86,7 +67,7 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SA
     import deepspeed
 
     config = _load_config(config)
-    check_supported(config)
+    check_sam_compatible(config)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to optimize")

@@ -25,13 +25,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fsam_ds.config import ConfigError
 from fsam_ds.shards import Comm, ExactDelta, Piece, TorchComm, flat_view
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23
 
 
-class UnsupportedConfiguration(ValueError):
+class UnsupportedConfiguration(ConfigError):
     """A DeepSpeed setting the SAM-family step cannot run with; the message says what to change."""
 
 
