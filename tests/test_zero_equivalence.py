@@ -55,3 +55,15 @@ def test_zero_stage_matches_single_process_all_types(stage, tmp_path):
         for variant in ("no-perturbation", "summed", "no-restore"):
             wrong = relative_update_error(ours, reference("mlp", sam_type, variant=variant), start)
             assert wrong > 1e-3, (stage, sam_type, variant, wrong)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_matches_single_process_tiny_bert(stage, tmp_path):
+    results = run_distributed(run_equivalence, 2, tmp_path, stage, "bert", SAM_TYPES, use_deepspeed=True)
+    start = torch.cat([p.detach().reshape(-1) for p in tiny_bert().parameters()])
+    for sam_type in SAM_TYPES:
+        ours = torch.cat(results[0][sam_type])
+        err = relative_update_error(ours, reference("bert", sam_type), start)
+        assert err <= 1e-4, (stage, sam_type, err)
+        wrong = relative_update_error(ours, reference("bert", sam_type, variant="summed"), start)
+        assert wrong > 1e-2, (stage, sam_type, wrong)
