@@ -20,6 +20,7 @@ from it explicitly (`restore_from_master`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -152,8 +153,17 @@ class Stage0Shards(_EngineShards):
 class PartitionShards(_EngineShards):
     """ZeRO stages 1/2: the rank's fragment of the averaged gradient and of the fp32 master."""
 
+    TESTED_DEEPSPEED = (0, 19)
+
     def __init__(self, engine, names, params, candidates, comm) -> None:
         super().__init__(engine, names, params, candidates, comm)
+        import deepspeed
+
+        version = tuple(int(x) for x in deepspeed.__version__.split(".")[:2] if x.isdigit())
+        if version != self.TESTED_DEEPSPEED:
+            warnings.warn(f"fsam-ds reaches ZeRO-1/2 gradient fragments through DeepSpeed's `_hp_mapping`, "
+                          f"tested with DeepSpeed 0.19.x; this is {deepspeed.__version__}. The equivalence tests "
+                          "(pytest tests/test_zero_equivalence.py) tell whether it still holds.", stacklevel=2)
         for i, (n, p, c) in enumerate(zip(names, params, candidates)):
             mapping = _private(p, "_hp_mapping", "a ZeRO-1/2 parameter")
             if mapping is None:
