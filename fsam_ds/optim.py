@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 
 from fsam_ds.config import SAMConfig
 from fsam_ds.core import SharpnessAware, StepStats
-from fsam_ds.shards import Comm, TensorShards
+from fsam_ds.shards import Comm, LocalComm, TensorShards
 
 PerExampleLoss = Callable[[Any], Tensor]
 
@@ -97,7 +97,8 @@ class SAMOptimizer(Optimizer):
             or param-group dicts of either.
         base_optimizer: the base optimizer class (or a factory taking param groups).
         config: the SAM-family configuration.
-        comm: all-reduce for ESAM's global example ranking under DDP (default: per process).
+        comm: the data-parallel group's all-reduce (`fsam_ds.shards.TorchComm()`) so that ESAM ranks the
+            examples of the global batch under DDP; by default each process ranks its own.
         **base_kwargs: passed to the base optimizer (lr, weight_decay, ...).
     """
 
@@ -119,10 +120,11 @@ class SAMOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.names = names
-        self.shards = TensorShards(names, tensors, [self.config.is_candidate(n) for n in names], comm)
+        # under DDP every rank holds the full, averaged gradient: parameter reductions stay local
+        self.shards = TensorShards(names, tensors, [self.config.is_candidate(n) for n in names])
         lr = self.param_groups[0].get("initial_lr", self.param_groups[0].get("lr", 0.0))
         self.core = SharpnessAware(self.config, self.shards.pieces, len(tensors), lr)
-        self.example_comm = self.shards.comm
+        self.example_comm = comm or LocalComm()
         self.skipped_steps = 0
         self._perturbed = False
 
@@ -195,16 +197,26 @@ class SAMOptimizer(Optimizer):
         if not stats.finite:
             self.second_step(zero_grad=True)
             return StepOutput(float(losses.detach().mean()), float("nan"), stats, True, 0)
-        second_batch, kept = batch, n
+        second_batch, kept, weight = batch, n, None
         if self.config.uses_esam and self.config.gamma < 1:
             with torch.no_grad():
                 after = check_per_example(loss_fn(batch), n)
             keep = self.core.select_examples(losses, after, self.example_comm)
             kept = int(keep.sum())
-            second_batch = index_batch(batch, keep.nonzero().squeeze(1))
-        second = check_per_example(loss_fn(second_batch), kept).mean()
+            rows = keep.nonzero().squeeze(1)
+            if self.example_comm.world_size > 1:
+                # DDP averages over ranks; weight each rank's sum so the result is the mean over the
+                # examples kept in the whole global batch (ranks keep different numbers of them)
+                total = int(self.example_comm.all_reduce(torch.tensor([kept], dtype=torch.int64)))
+                weight = self.example_comm.world_size / total
+                if kept == 0:  # every rank must still run backward for DDP's gradient all-reduce
+                    rows, weight = torch.tensor([0]), 0.0
+            second_batch = index_batch(batch, rows)
+        per_example = check_per_example(loss_fn(second_batch), max(kept, 1) if weight == 0.0 else kept)
+        second = per_example.mean() if weight is None else per_example.sum() * weight
         second.backward()
         updated = self.second_step(zero_grad=True)
+        second = per_example.detach().mean() if kept else torch.tensor(float("nan"))
         return StepOutput(float(losses.detach().mean()), float(second.detach()), stats, not updated, kept)
 
     # ---------------------------------------------------------------- checkpoints

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from fsam_ds.config import SAMConfig
 from fsam_ds.optim import SAMOptimizer
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_model(seed: int = 0) -> nn.Module:
