@@ -172,8 +172,6 @@ class SAMEngine:
             # DeepSpeed's loss scaler saw the overflow and backed off; the master was not applied
             return self._skip(first_loss, second_loss, stats, perturbed=True, stepped=True)
         self.core.end_step()
-        if hasattr(self.shards, "step_done"):
-            self.shards.step_done()
         return EngineStepOutput(first_loss, second_loss, stats, False, self.shards.loss_scale())
 
     def _skip(self, first_loss: float, second_loss: float, stats: StepStats, perturbed: bool = False,

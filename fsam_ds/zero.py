@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fsam_ds.config import ConfigError
-from fsam_ds.shards import Comm, ExactDelta, Piece, TorchComm, flat_view
+from fsam_ds.shards import Comm, Piece, TensorShards, TorchComm
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23
@@ -51,8 +51,6 @@ def _private(obj: object, attribute: str, what: str) -> object:
 class _EngineShards:
     """What the three stage adapters share: names, the loss scale, bucketed full-tensor writes."""
 
-    restores_on_step = True
-
     def __init__(self, engine, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
                  comm: Comm) -> None:
         self.engine = engine
@@ -75,8 +73,9 @@ class _EngineShards:
         grad = grad.reshape(-1).float()
         return grad / scale if scale != 1.0 else grad
 
-    def weights(self) -> list[Tensor]:
-        raise NotImplementedError
+    def remove_perturbation(self) -> None:
+        """Nothing to do: `engine.step()` copies the fp32 master back into the weights."""
+
 
     def _write_full(self, targets: Sequence[tuple[Tensor, int, bool]],
                     pieces_of: dict[int, list[tuple[Piece, Tensor]]], add: bool) -> None:
@@ -110,41 +109,12 @@ class _EngineShards:
                 bucket, size = [], 0
 
 
-class Stage0Shards(_EngineShards):
-    """ZeRO stage 0: full parameters, full averaged gradients; exact restore before the step."""
+class Stage0Shards(TensorShards):
+    """ZeRO stage 0: full parameters and full averaged gradients, exactly like one process; the
+    weights are restored exactly before `engine.step()` (fp16, which would need unscaling, is refused)."""
 
-    restores_on_step = False
-
-    def __init__(self, engine, names, params, candidates, comm) -> None:
-        super().__init__(engine, names, params, candidates, comm)
-        self.pieces = [Piece(n, i, p.numel(), 0, p.numel(), c)
-                       for i, (n, p, c) in enumerate(zip(names, params, candidates))]
-        self._owners = list(params)
-        self._applied: list[ExactDelta | None] = []
-
-    def grads(self) -> list[Tensor | None]:
-        return [self._unscaled(p.grad) for p in self.params]
-
-    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
-        scale = self.loss_scale()
-        for p, g in zip(self.params, grads):
-            if g is not None and p.grad is not None:
-                p.grad.copy_((g * scale).view_as(p.grad))
-
-    def weights(self) -> list[Tensor]:
-        return [p.detach().reshape(-1).float() for p in self.params]
-
-    @torch.no_grad()
-    def apply_perturbation(self, deltas) -> None:
-        self._applied = [None if d is None else ExactDelta(flat_view(p.data, "a parameter"), d, s)
-                         for p, (d, s) in zip(self.params, deltas)]
-
-    @torch.no_grad()
-    def remove_perturbation(self) -> None:
-        for applied in self._applied:
-            if applied is not None:
-                applied.remove()
-        self._applied = []
+    def loss_scale(self) -> float:
+        return 1.0
 
     def restore_from_master(self) -> None:
         self.remove_perturbation()
@@ -171,7 +141,6 @@ class PartitionShards(_EngineShards):
             address = mapping.lp_fragment_address
             self.pieces.append(Piece(n, i, p.numel(), address.start, address.numel, c))
             self._owners.append(p)
-        self._perturbed = False
 
     def _fragment(self, p: Tensor) -> Tensor | None:
         index = _private(p, "_index_in_param_group", "a ZeRO-1/2 parameter")
@@ -215,22 +184,12 @@ class PartitionShards(_EngineShards):
             if delta is not None:
                 pieces_of.setdefault(id(p), []).append((piece, delta))
         self._write_full([(p, p.numel(), True) for p in self.params], pieces_of, add=True)
-        self._perturbed = True
-
-    def remove_perturbation(self) -> None:
-        """`engine.step()` copies the fp32 master back into the replicas."""
 
     @torch.no_grad()
     def restore_from_master(self) -> None:
-        if not self._perturbed:
-            return
         pieces_of = {id(p): [(piece, p._hp_mapping.hp_fragment.reshape(-1))]
                      for p, piece in zip(self._owners, self.pieces)}
         self._write_full([(p, p.numel(), True) for p in self.params], pieces_of, add=False)
-        self._perturbed = False
-
-    def step_done(self) -> None:
-        self._perturbed = False
 
 
 class Stage3Shards(_EngineShards):
@@ -246,7 +205,6 @@ class Stage3Shards(_EngineShards):
             size = max(0, min(partition, p.ds_numel - offset))
             self.pieces.append(Piece(n, i, p.ds_numel, offset, size, c))
             self._owners.append(p)
-        self._perturbed = False
 
     def grads(self) -> list[Tensor | None]:
         from deepspeed.utils import safe_get_local_grad
@@ -295,15 +253,9 @@ class Stage3Shards(_EngineShards):
             pieces_of[id(p)] = [(piece, delta)]
         # every rank takes part in the all-reduces of the materialised parameters, with or without pieces
         self._write_full(self._materialised(), pieces_of, add=True)
-        self._perturbed = True
-
-    def remove_perturbation(self) -> None:
-        """`engine.step()` copies the fp32 master back into the partitions and persistent parameters."""
 
     @torch.no_grad()
     def restore_from_master(self) -> None:
-        if not self._perturbed:
-            return
         from deepspeed.utils import safe_get_local_fp32_param
 
         pieces_of = {}
@@ -312,10 +264,6 @@ class Stage3Shards(_EngineShards):
             p.ds_tensor.view(-1)[: piece.size].copy_(master)
             pieces_of[id(p)] = [(piece, master)]
         self._write_full(self._materialised(), pieces_of, add=False)
-        self._perturbed = False
-
-    def step_done(self) -> None:
-        self._perturbed = False
 
 
 def shards_for_engine(engine, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
@@ -324,7 +272,7 @@ def shards_for_engine(engine, names: Sequence[str], params: Sequence[Tensor], ca
     comm = comm or TorchComm(getattr(engine, "data_parallel_group", None))
     stage = engine.zero_optimization_stage()
     if stage == 0:
-        return Stage0Shards(engine, names, params, candidates, _ReplicatedComm(comm))
+        return Stage0Shards(names, params, candidates, _ReplicatedComm(comm))
     if stage in (1, 2):
         return PartitionShards(engine, names, params, candidates, comm)
     if stage == 3:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import os
 
 import torch
 import torch.nn as nn
