@@ -101,13 +101,14 @@ def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, 
                          optimizer=optimizer)
 
 
-def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str], steps: int = 3):
+def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str], steps: int = 3,
+                    overrides: dict | None = None):
     results = {}
     batches = global_batches(kind, steps)
     loss = per_example_loss(kind)
     for sam_type in types:
         model = mlp() if kind == "mlp" else tiny_bert()
-        sam_engine = build_engine(model, stage, sam=sam_config(sam_type))
+        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})))
         for b in batches:
             out = sam_engine.train_step(split(b, rank, world), loss)
             assert not out.skipped

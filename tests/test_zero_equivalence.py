@@ -12,10 +12,10 @@ from fsam_ds.optim import SAMOptimizer
 pytest.importorskip("deepspeed")
 
 
-def reference(kind: str, sam_type: str, steps: int = 3, variant: str = "right") -> torch.Tensor:
+def reference(kind: str, sam_type: str, steps: int = 3, variant: str = "right", **overrides) -> torch.Tensor:
     model = mlp() if kind == "mlp" else tiny_bert()
     loss = per_example_loss(kind)
-    cfg = sam_config(sam_type, rho=0.0) if variant == "no-perturbation" else sam_config(sam_type)
+    cfg = sam_config(sam_type, **{**overrides, "rho": 0.0} if variant == "no-perturbation" else overrides)
     opt = SAMOptimizer(model.named_parameters(), torch.optim.AdamW, cfg, lr=1e-2, weight_decay=0.0)
     for b in global_batches(kind, steps):
         if variant in ("right", "no-perturbation"):
@@ -67,3 +67,17 @@ def test_zero_stage_matches_single_process_tiny_bert(stage, tmp_path):
         assert err <= 1e-4, (stage, sam_type, err)
         wrong = relative_update_error(ours, reference("bert", sam_type, variant="summed"), start)
         assert wrong > 1e-2, (stage, sam_type, wrong)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_esam_selection_where_a_rank_keeps_no_example(stage, tmp_path):
+    """gamma = 0.1 keeps 1 of the 8 examples: one rank runs its second pass on nothing (a zero-weighted
+    forward keeps ZeRO's collectives in step) and the result is still the global-batch ESAM."""
+    overrides = {"gamma": 0.1}
+    results = run_distributed(run_equivalence, 2, tmp_path, stage, "mlp", ["esam", "fisher-esam"], 3, overrides,
+                              use_deepspeed=True)
+    start = torch.cat([p.detach().reshape(-1) for p in mlp().parameters()])
+    for sam_type in ("esam", "fisher-esam"):
+        ours = torch.cat(results[0][sam_type])
+        assert relative_update_error(ours, reference("mlp", sam_type, **overrides), start) <= 1e-5
+        assert relative_update_error(ours, reference("mlp", sam_type), start) > 1e-3

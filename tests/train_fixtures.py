@@ -1,0 +1,117 @@
+"""Tiny model, tokenizer and data files for the trainer's end-to-end tests, plus subprocess helpers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+POSITIVE = ["good", "great", "fine", "nice", "happy", "lovely", "superb", "fun"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "terrible", "boring", "dull", "weak"]
+FILLER = ["the", "a", "movie", "film", "was", "is", "very", "quite", "plot", "acting", "and", "but"]
+
+
+def write_tiny_model(folder: Path, num_labels: int = 2, dropout: float = 0.1) -> Path:
+    """A 2-layer, hidden-32 BERT classifier and its WordPiece tokenizer, saved with save_pretrained."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + POSITIVE + NEGATIVE + FILLER)}
+    tokenizer = BertTokenizer(vocab=vocab)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64, num_labels=num_labels,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _sentence(rng: random.Random, label: int) -> str:
+    words = [rng.choice(FILLER) for _ in range(rng.randint(3, 7))]
+    for _ in range(rng.randint(1, 2)):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+    return " ".join(words)
+
+
+def write_sst2_files(folder: Path, n_train: int = 64, n_dev: int = 32, seed: int = 0) -> tuple[Path, Path]:
+    """SST-2-style CSV files (`sentence,label`) whose label is the sentiment word's class."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n in (("train.csv", n_train), ("dev.csv", n_dev)):
+        path = folder / name
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "label"])
+            for i in range(n):
+                writer.writerow([_sentence(rng, i % 2), i % 2])
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def base_args(model: Path, train: Path, dev: Path, out: Path, **extra: Any) -> list[str]:
+    args = {"task": "sst2", "model": str(model), "data.source": "local", "data.train_file": str(train),
+            "data.dev_file": str(dev), "output_dir": str(out), "data.micro_batch_size": 8,
+            "data.eval_batch_size": 16, "data.max_length": 32, "optim.lr": 1e-3, "optim.epochs": 2,
+            "optim.warmup_ratio": 0.1, "sam.sam_type": "fisher-sam", "sam.mask_interval": 3,
+            "sam.keep_ratio": 0.2, "log.wandb": "disabled", "log.progress": False, "log.log_every": 1,
+            "seed": 3}
+    args.update(extra)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"  # torchrun/deepspeed of this environment
+    out.update(extra)
+    return out
+
+
+def run(cmd: list[str], timeout: float, cwd: Path = REPO, **env_extra: str) -> subprocess.CompletedProcess:
+    """Runs `cmd` in its own process group; on timeout the whole group is killed."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        out += f"\n[killed after {timeout} s]"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def train_cmd(args: list[str]) -> list[str]:
+    return [PYTHON, "-m", "fsam_ds.train", *args]
+
+
+def events(out: Path, kind: str | None = None) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("event") == kind]
+
+
+def summary(out: Path) -> dict | None:
+    found = events(out, "summary")
+    return found[-1] if found else None
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
