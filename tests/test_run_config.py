@@ -207,3 +207,20 @@ def test_output_dir_placeholders_take_any_key():
     cfg = load_config(BASE + ["--output_dir=runs/{task}/{sam_type}-rho{sam.rho}-lr{lr}-s{seed}-{unknown}",
                               "--rho=0.02", "--model=org/model"])
     assert cfg.output_dir == "runs/sst2/fisher-sam-rho0.02-lr2e-05-s42-{unknown}"
+
+
+def test_sam_section_mirrors_the_core_config():
+    """The trainer's SAM section and the core's SAMConfig must not drift apart."""
+    import dataclasses
+
+    from fsam_ds.config import SAMConfig
+    from fsam_ds.run_config import SAMSection
+
+    core = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
+    section = SAMSection()
+    for field in dataclasses.fields(SAMSection):
+        assert field.name in core, f"SAMSection.{field.name} has no SAMConfig counterpart"
+        assert getattr(section, field.name) == core[field.name], field.name
+    for sam_type in ("sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"):
+        kwargs = dataclasses.replace(section, sam_type=sam_type).to_core_kwargs()
+        assert SAMConfig(**kwargs).sam_type == sam_type
