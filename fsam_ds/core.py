@@ -105,7 +105,8 @@ class SharpnessAware:
         def scaled(i: int) -> Tensor:  # T g
             return grads[i] * weights[i].abs() if weights is not None else grads[i]
 
-        sums = torch.zeros(2, dtype=torch.float64)
+        device = self._device(grads)  # keep the reductions on the gradients' device (NCCL needs CUDA)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
         for i, g in enumerate(grads):
             if g is not None:
                 sums[0] += g.double().square().sum()
@@ -126,14 +127,14 @@ class SharpnessAware:
 
         denominator = math.sqrt(active_sq)
         if cfg.renormalize and cfg.uses_fisher_mask:
-            masked_sq = torch.zeros(1, dtype=torch.float64)
+            masked_sq = torch.zeros(1, dtype=torch.float64, device=device)
             for i, mask in enumerate(self._masks()):
                 if is_active(i):
                     masked_sq += (scaled(i).double() * mask).square().sum()
             denominator = math.sqrt(float(comm.all_reduce(masked_sq)))
         coefficient = rho / ((cfg.beta if cfg.uses_esam else 1.0) * (denominator + cfg.eps))
 
-        delta_sq = torch.zeros(1, dtype=torch.float64)
+        delta_sq = torch.zeros(1, dtype=torch.float64, device=device)
 
         def deltas() -> Iterator[tuple[Tensor | None, Tensor | None]]:
             for i, mask in enumerate(self._masks()):
@@ -205,7 +206,7 @@ class SharpnessAware:
         Returns False when h is not finite on some rank (the caller must then skip the update).
         """
         h = shards.grads()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64, device=self._device(h))
         g_old = self._first_grads if self.config.uses_gsam else None
         for i, hi in enumerate(h):
             if hi is None:

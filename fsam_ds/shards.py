@@ -59,9 +59,20 @@ class TorchComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # An NCCL-only group reduces only CUDA tensors, but the SAM math keeps its small sums and
+        # histograms on the CPU: those are staged through the current CUDA device.
+        backend = str(dist.get_backend(group))
+        self._stage = None
+        if "nccl" in backend and "cpu:" not in backend:
+            self._stage = torch.device("cuda", torch.cuda.current_device())
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
-        self._dist.all_reduce(tensor, group=self.group)
+        if self._stage is not None and tensor.device.type == "cpu":
+            staged = tensor.to(self._stage)
+            self._dist.all_reduce(staged, group=self.group)
+            tensor.copy_(staged)
+        else:
+            self._dist.all_reduce(tensor, group=self.group)
         return tensor
 
 
