@@ -62,6 +62,22 @@ def write_sst2_files(folder: Path, n_train: int = 64, n_dev: int = 32, seed: int
     return paths[0], paths[1]
 
 
+def write_stsb_files(folder: Path, n_train: int = 48, n_dev: int = 24, seed: int = 0) -> tuple[Path, Path]:
+    """STS-B-style JSON lines (`sentence1`, `sentence2`, float `label` in [0, 5])."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n in (("train.jsonl", n_train), ("dev.jsonl", n_dev)):
+        path = folder / name
+        with open(path, "w") as f:
+            for i in range(n):
+                a, b = _sentence(rng, i % 2), _sentence(rng, (i // 2) % 2)
+                score = 4.0 + rng.random() if i % 2 == (i // 2) % 2 else rng.random()
+                f.write(json.dumps({"sentence1": a, "sentence2": b, "label": round(score, 2)}) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def base_args(model: Path, train: Path, dev: Path, out: Path, **extra: Any) -> list[str]:
     args = {"task": "sst2", "model": str(model), "data.source": "local", "data.train_file": str(train),
             "data.dev_file": str(dev), "output_dir": str(out), "data.micro_batch_size": 8,
@@ -115,3 +131,29 @@ def final_weights(out: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(out / "final" / "model.safetensors"))
+
+
+# The trainer, SIGKILLed from inside the step that would follow FSAM_TEST_KILL_AT steps: an abrupt
+# stop, as a preempted job sees it (no cleanup, no final save).
+KILLER = """
+import os, signal, sys
+import fsam_ds.build, fsam_ds.engine, fsam_ds.train
+stop, done = int(os.environ["FSAM_TEST_KILL_AT"]), [0]
+
+def killing(real):
+    def train_step(self, *args, **kwargs):
+        if done[0] >= stop:
+            os.kill(os.getpid(), signal.SIGKILL)
+        done[0] += 1
+        return real(self, *args, **kwargs)
+    return train_step
+
+for cls in (fsam_ds.engine.SAMEngine, fsam_ds.build.PlainEngine):
+    cls.train_step = killing(cls.train_step)
+sys.argv[0] = "fsam-train"
+fsam_ds.train.main()
+"""
+
+
+def killed_train_cmd(args: list[str]) -> list[str]:
+    return [PYTHON, "-c", KILLER, *args]

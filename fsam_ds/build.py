@@ -1,0 +1,245 @@
+"""What the trainer builds from its configuration: tokenizer, model, data loaders, optimizer,
+learning-rate schedule, DeepSpeed config and the engine (SAM-family or the plain AdamW baseline).
+
+The optimizer is torch AdamW without weight decay on biases and other 1-D parameters (LayerNorm
+weights), the usual choice for BERT-style fine-tuning. The learning rate warms up linearly over
+int(warmup_ratio x total steps) steps (the k-th update uses lr x k / warmup), then decays linearly
+to 0 at the last step (`linear`; `polynomial` is fairseq's polynomial_decay with power 1 and end
+lr 0, the same curve) or stays at lr (`constant`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from fsam_ds.config import ConfigError, SAMConfig
+from fsam_ds.core import StepStats
+from fsam_ds.data import DataError, PadCollator, build_dataloader, load_task_splits, tokenize_splits
+from fsam_ds.run_config import OptimSection, TrainConfig
+from fsam_ds.tasks import TaskSpec
+
+
+class TrainError(RuntimeError):
+    """A problem with the run's inputs that the user must fix; the message says what to change."""
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------- model, data
+
+def _looks_local(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with a slash, or a relative/home path, is a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def check_model_path(name: str, what: str = "model") -> None:
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.is_dir():
+        raise TrainError(f"{what} = {name!r} looks like a local folder but does not exist. Give the folder that "
+                         "holds config.json and the weights (saved with save_pretrained), or a Hugging Face "
+                         "hub id such as FacebookAI/roberta-large.")
+
+
+def hub_error(name: str, what: str, err: Exception) -> TrainError:
+    return TrainError(f"Could not load the {what} {name!r}: it is neither a folder with a Hugging Face "
+                      f"checkpoint nor a hub id that could be downloaded ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}). Check the path or id, or the network.")
+
+
+def load_tokenizer(cfg: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.model
+    check_model_path(name, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise hub_error(name, "tokenizer", err) from None
+
+
+def load_model(cfg: TrainConfig, task: TaskSpec) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"num_labels": task.num_labels, "dtype": DTYPES[cfg.dtype],
+                              # a checkpoint with another head size (e.g. fine-tuned on MNLI) gets a new head
+                              "ignore_mismatched_sizes": True}
+    if task.is_regression:
+        kwargs["problem_type"] = "regression"
+    else:
+        kwargs["id2label"] = dict(enumerate(task.label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(cfg.model, **kwargs)
+    except OSError as err:
+        raise hub_error(cfg.model, "model", err) from None
+
+
+def _load_kwargs(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
+    """data.source/data_dir/train_file/dev_file -> load_task_splits arguments."""
+    d = cfg.data
+    if d.source == "hub":
+        if d.train_file or d.dev_file or d.data_dir:
+            raise ConfigError("data.train_file, data.dev_file and data.data_dir are read only with "
+                              "data.source=local; set data.source=local to train on local files, or drop them "
+                              "to load the task from the Hugging Face hub.")
+        return {"source": "hub"}
+    if d.train_file or d.dev_file:
+        if not (d.train_file and d.dev_file):
+            raise ConfigError("data.source=local with files needs both data.train_file and data.dev_file "
+                              "(.csv/.tsv/.json/.jsonl/.parquet with the task's column names); data.data_dir, "
+                              "if set, is the folder they are relative to.")
+        base = Path(d.data_dir or ".")
+        files = {task.train_split: base / d.train_file, task.select_split: base / d.dev_file}
+        return {"source": "files", "data_files": files, "splits": tuple(files)}
+    if d.data_dir:
+        return {"source": "glue-tsv", "data_dir": d.data_dir}
+    raise ConfigError("data.source=local needs data.data_dir (a GLUE-style folder with train.tsv and dev.tsv) "
+                      "or data.train_file and data.dev_file.")
+
+
+@dataclass
+class Data:
+    train: torch.utils.data.DataLoader
+    dev: dict[str, torch.utils.data.DataLoader]
+    steps_per_epoch: int
+
+
+def build_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any, rank: int, world: int) -> Data:
+    d = cfg.data
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < d.max_length:
+        raise ConfigError(f"data.max_length = {d.max_length} exceeds the {limit} tokens the model "
+                          f"{cfg.tokenizer or cfg.model!r} accepts; pass --data.max_length={limit} or less.")
+    splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed,
+                              **_load_kwargs(cfg, task))
+    tokens = tokenize_splits(splits, tokenizer, max_length=d.max_length)
+    collate = PadCollator.from_tokenizer(tokenizer)
+    common = {"rank": rank, "world_size": world, "num_workers": d.num_workers, "seed": cfg.seed}
+    train = build_dataloader(tokens[task.train_split], collate, batch_size=d.micro_batch_size, train=True, **common)
+    dev = {s: build_dataloader(tokens[s], collate, batch_size=d.eval_batch_size, train=False, **common)
+           for s in tokens if s != task.train_split}
+    for loader in (train, *dev.values()):
+        # creating an iterator draws a seed; from its own generator it leaves the global one (dropout,
+        # restored on resume) alone
+        loader.generator = torch.Generator().manual_seed(cfg.seed)
+    steps = len(train) // d.grad_accum
+    if steps == 0:
+        n = len(tokens[task.train_split])
+        raise DataError(f"{n} training examples give each of the {world} process(es) {len(train)} micro-batch(es) "
+                        f"of at most {d.micro_batch_size}, fewer than data.grad_accum = {d.grad_accum}, so not "
+                        "one step fits in an epoch. Use more data, a smaller data.micro_batch_size or "
+                        "data.grad_accum, or fewer processes.")
+    return Data(train, dev, steps)
+
+
+# ------------------------------------------------------------------------ optimizer and schedule
+
+def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    """AdamW; biases and 1-D weights (LayerNorm) get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
+                             eps=optim.eps)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, power: float = 1.0) -> Callable[[int], float]:
+    """Multiplier of the peak lr for the update that follows `step` updates."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup)) ** power
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------- engine
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    squares = [p.grad.double().square().sum() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else math.nan
+
+
+class PlainEngine:
+    """DeepSpeed's own step (sam_type none): the AdamW baseline, with SAMEngine's interface."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.skipped_steps = 0
+
+    def train_step(self, micro_batches: list, loss_fn: Callable) -> Any:
+        from fsam_ds.engine import EngineStepOutput
+
+        engine = self.engine
+        engine.train()
+        skipped_before, losses, norm = engine.skipped_steps, [], None
+        # DeepSpeed records the gradient norm except in stage 0 fp32, where the module holds the
+        # averaged gradient after the last backward
+        own_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+        for i, batch in enumerate(micro_batches):  # DeepSpeed accumulates and updates at the last one
+            loss = loss_fn(engine, batch).mean()
+            engine.backward(loss)
+            if own_norm and i == len(micro_batches) - 1:
+                norm = _grad_norm(engine.module)
+            engine.step()
+            losses.append(float(loss.detach()))
+        skipped = engine.skipped_steps != skipped_before
+        self.skipped_steps += int(skipped)
+        norm = engine.get_global_grad_norm() if norm is None else norm
+        stats = StepStats(True, float(norm) if norm is not None else math.nan, 0.0, 0.0)
+        scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
+        return EngineStepOutput(sum(losses) / len(losses), math.nan, stats, skipped, scale)
+
+    def save_checkpoint(self, save_dir: Any, tag: str | None = None, client_state: dict | None = None) -> str:
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {})
+        dist.barrier()
+        return tag or ""
+
+    def load_checkpoint(self, load_dir: Any, tag: str | None = None) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        return client_state or {}
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, total_steps: int) -> Any:
+    import fsam_ds.engine as fe
+
+    optimizer = build_optimizer(model, cfg.optim)
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.schedule, warmup, total_steps))
+    if cfg.sam.sam_type == "none":
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
+                                               lr_scheduler=scheduler)
+        return PlainEngine(engine)
+    sam = SAMConfig(**cfg.sam.to_core_kwargs())
+    return fe.initialize(model, ds_config, sam, optimizer=optimizer, lr_scheduler=scheduler)
+
+
+def resolve_config(cfg: TrainConfig, world: int, total_steps: int, hidden_size: int | None) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    from fsam_ds.ds_config import resolve_ds_config
+
+    if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise ConfigError(f"precision = fp16 is not supported on this {get_accelerator().device_name()} device "
+                          "(DeepSpeed's accelerator reports no fp16 arithmetic); use precision bf16 or fp32.")
+    o = cfg.optim
+    return resolve_ds_config(cfg.ds_config, precision=cfg.precision, zero_stage=cfg.zero_stage,
+                             micro_batch_size=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
+                             world_size=world, grad_clip=o.grad_clip, lr=o.lr, weight_decay=o.weight_decay,
+                             betas=o.betas, eps=o.eps, total_steps=total_steps,
+                             warmup_steps=int(o.warmup_ratio * total_steps), hidden_size=hidden_size)
