@@ -205,7 +205,7 @@ def test_repository_sweep_file():
     assert spec["command"] == ["${env}", "${interpreter}", "-m", "fsam_ds.train", "${args}"]
     runs = sw.expand_grid(spec)
     grid = sw.grid_values(spec)
-    assert set(grid) == {"config", "sam.sam_type", "sam.rho", "optim.lr", "seed"}
+    assert set(grid) == {"config", "output_dir", "sam.sam_type", "sam.rho", "optim.lr", "seed"}
     assert len(runs) == math.prod(len(v) for v in grid.values()) == 36
     assert all(isinstance(lr, float) for lr in grid["optim.lr"])
     assert (ROOT / grid["config"][0]).is_file()
