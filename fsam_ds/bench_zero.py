@@ -1,0 +1,524 @@
+"""`fsam-bench zero`: DeepSpeed AdamW vs fisher-sam vs fisher-esam on ZeRO stages, local gloo ranks.
+
+    fsam-bench zero --stages 1 2 3 --steps 30 [--dtype bf16] [--json FILE]
+
+The ranks are spawned here (no launcher needed) with one thread each. Per stage, every rank
+builds one engine per method from the same tiny BERT config, then runs the methods' steps
+alternately, with a barrier before each step. Per method:
+
+* step time: per step the slower rank's time, then the median over steps;
+* mask rebuild: a second engine of the fisher type with mask_interval = 1 (every step rebuilds);
+  (rebuild step - normal step) / 100 is the amortised cost, shown as a fraction of the AdamW step;
+* memory: heap (mallinfo2) sampled at every forward, backward, optimizer step and collective
+  during the first steps after the engine is built; peak minus the heap before the model and engine
+  were built (and, in the JSON, minus the heap after `initialize`, and the total);
+* collective bytes per step: `fsam_ds.bench.CollectiveCounter`, per rank, median over steps;
+* a profile: time and collective bytes per part of the step (forward, backward, first_pass,
+  rebuild, perturbation, second_pass, engine step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fsam_ds.bench import (MiB, CollectiveCounter, HeapPeak, PhaseProfile, fmt, heap_in_use, median, median_profile,
+                           per_example_loss, random_batches, ratio, rotated, table, tiny_bert, verdict)
+
+METHODS = ("adamw", "fisher-sam", "fisher-esam")
+REBUILD = "@rebuild"
+MASK_INTERVAL = 100
+TARGETS = {"step_ratio": 2.05, "memory_ratio_stage3": 1.05, "collective_ratio": 2.05}
+LR = 1e-4
+WEIGHT_DECAY = 0.01
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fsam_ds.ds_config import STAGE3_PERSISTENCE_THRESHOLD
+
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[0, 1, 2, 3])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per method and stage")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="steps per engine before timing (memory is sampled there)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=1000)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=8, help="examples per rank and step")
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--persistence-threshold", type=int, default=None,
+                        help="ZeRO-3 stage3_param_persistence_threshold (default: 10 x hidden, the Hugging Face "
+                             f"\"auto\" rule; the shipped configs say {STAGE3_PERSISTENCE_THRESHOLD}, which would "
+                             "keep every matrix of this small model but the embeddings whole on every rank)")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds before the ranks are killed")
+    parser.add_argument("--verbose", action="store_true", help="keep DeepSpeed's log output")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def ds_config(stage: int, dtype: str, micro_batch: int, world_size: int, hidden: int,
+              persistence_threshold: int | None) -> dict:
+    """The shipped config for the stage and dtype, resolved, with two changes: clipping off
+    (DeepSpeed clips at 1.0 by default) and bucket sizes from the model (the Hugging Face "auto"
+    rule, hidden^2 elements). DeepSpeed's default buckets (5e8 elements, 1.9 GiB in fp32) would
+    be a constant far larger than this model and hide every other difference in memory."""
+    from fsam_ds.ds_config import build_ds_config, resolve_ds_config
+
+    config = build_ds_config(dtype, stage)
+    config["zero_optimization"]["reduce_bucket_size"] = "auto"
+    if stage == 3:
+        config["zero_optimization"]["stage3_prefetch_bucket_size"] = "auto"
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = (
+            "auto" if persistence_threshold is None else persistence_threshold)
+    config = resolve_ds_config(config, precision=dtype, zero_stage=stage, micro_batch_size=micro_batch, grad_accum=1,
+                               world_size=world_size, grad_clip=0.0, hidden_size=hidden)
+    config["zero_optimization"]["allgather_bucket_size"] = config["zero_optimization"]["reduce_bucket_size"]
+    config["steps_per_print"] = 10 ** 9
+    return config
+
+
+# ====================================================================== one rank
+
+
+@dataclass
+class ZeroMethod:
+    name: str
+    engine: Any
+    sam: Any  # fsam_ds.engine.SAMEngine, or None for plain AdamW
+    profile: PhaseProfile
+    loss: Callable
+    times: list[float] = field(default_factory=list)
+    collectives: list[dict] = field(default_factory=list)
+    profiles: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+
+    def step(self, batch: dict) -> None:
+        if self.sam is None:
+            loss = self.loss(self.engine, batch).mean()
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            self.sam.train_step([batch], self.loss)
+
+
+class RankBench:
+    """Everything one rank does; the collective counter must exist before DeepSpeed's backend."""
+
+    def __init__(self, rank: int, world: int, options: dict) -> None:
+        self.rank, self.world, self.o = rank, world, options
+        self.heap = HeapPeak()
+        self.current: ZeroMethod | None = None
+        self.counter = CollectiveCounter(on_call=self._on_collective).install()
+        self.counter.active = False
+
+    def _on_collective(self, name: str, nbytes: int) -> None:
+        if self.current is None:
+            self.heap.sample(name)
+            return
+        self.heap.sample(f"{name} in {self.current.profile.current()}")
+        self.current.profile.note_bytes(nbytes)
+
+    # ---------------------------------------------------------------- building
+    def _timed_loss(self, profile: PhaseProfile) -> Callable:
+        def loss(module: Any, batch: dict) -> torch.Tensor:
+            with profile.phase("forward"):
+                out = per_example_loss(module, batch)
+            self.heap.sample("after forward")
+            return out
+        return loss
+
+    def _instrument(self, method: ZeroMethod) -> None:
+        """Times the parts of the step on this instance only, sampling the heap at their edges."""
+        parts = [(method.engine, "backward"), (method.engine, "step")]
+        if method.sam is not None:
+            core, shards = method.sam.core, method.sam.shards
+            parts += [(core, "first_pass"), (core, "_rebuild_mask"), (shards, "apply_perturbation"),
+                      (core, "select_examples"), (core, "second_pass"), (method.sam, "_zero_grads")]
+        for obj, attribute in parts:
+            name = attribute.lstrip("_")
+            original = getattr(obj, attribute)
+            setattr(obj, attribute, method.profile.timed(_sampled(original, self.heap.sample, name), name))
+
+    def build(self, name: str, stage: int) -> ZeroMethod:
+        import deepspeed
+
+        from fsam_ds.config import SAMConfig
+        from fsam_ds.engine import initialize
+
+        o = self.o
+        model = tiny_bert(o["hidden"], o["layers"], o["heads"], o["vocab"], o["seq"])
+        config = ds_config(stage, o["dtype"], o["micro_batch"], self.world, o["hidden"], o["persistence_threshold"])
+        # a client torch optimizer: DeepSpeed's own AdamW would JIT-compile fused_adam first
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        sam_type = name.split("@")[0]
+        if sam_type == "adamw":
+            engine, _, _, _ = deepspeed.initialize(model=model, config=config, optimizer=optimizer)
+            sam = None
+        else:
+            interval = 1 if name.endswith(REBUILD) else MASK_INTERVAL
+            sam = initialize(model, config, SAMConfig(sam_type=sam_type, rho=0.05, keep_ratio=0.1,
+                                                      mask_interval=interval), optimizer=optimizer)
+            engine = sam.engine
+        profile = PhaseProfile()
+        method = ZeroMethod(name, engine, sam, profile, self._timed_loss(profile))
+        self._instrument(method)
+        return method
+
+    # ---------------------------------------------------------------- running
+    def _run_step(self, method: ZeroMethod, batch: dict) -> tuple[float, dict, dict]:
+        import torch.distributed as dist
+
+        dist.barrier()
+        self.counter.take()
+        self.counter.active = True
+        self.current = method
+        start = time.perf_counter()
+        method.step(batch)
+        elapsed = time.perf_counter() - start
+        self.current = None
+        self.counter.active = False
+        return elapsed, self.counter.take().as_dict(), method.profile.take()
+
+    def build_and_warm(self, name: str, stage: int, batches: list[dict]) -> ZeroMethod:
+        """Builds the method's model and engine and runs the warm-up steps, sampling the heap."""
+        gc.collect()
+        before_build = heap_in_use()
+        method = self.build(name, stage)
+        gc.collect()
+        after_init = self.heap.start()
+        for i in range(self.o["warmup"]):
+            self._run_step(method, batches[i % len(batches)])
+        peak, _ = self.heap.stop()
+        method.memory = {"peak": peak, "peak_at": self.heap.where, "before_build": before_build,
+                         "after_initialize": after_init,
+                         "peak_above_before_build": _minus(peak, before_build),
+                         "peak_above_after_initialize": _minus(peak, after_init)}
+        return method
+
+    def _prime(self, stage: int, batches: list[dict]) -> None:
+        """Builds, steps and drops one throwaway engine: DeepSpeed and torch allocate some things once
+        per process (caches, communication state), which would otherwise count against the first method."""
+        method = self.build("adamw", stage)
+        for i in range(2):
+            self._run_step(method, batches[i % len(batches)])
+        _destroy(method)
+        del method
+        gc.collect()
+
+    def run_stage(self, stage: int) -> dict:
+        o = self.o
+        batches = random_batches(4, o["micro_batch"], o["seq"], o["vocab"], seed=100 + self.rank)
+        names = list(METHODS) + [f"{m}{REBUILD}" for m in METHODS if m != "adamw"]
+        self._prime(stage, batches)
+        methods = [self.build_and_warm(name, stage, batches) for name in names]
+        for rep in range(1 + o["steps"]):  # one untimed round settles the alternation
+            for method in rotated(methods, rep):
+                elapsed, collectives, profile = self._run_step(method, batches[rep % len(batches)])
+                if rep:
+                    method.times.append(elapsed)
+                    method.collectives.append(collectives)
+                    method.profiles.append(profile)
+        out = {m.name: {"times": m.times, "collectives": m.collectives, "profiles": m.profiles, "memory": m.memory}
+               for m in methods}
+        for m in methods:
+            _destroy(m)
+        del methods
+        gc.collect()
+        return out
+
+    def run(self) -> dict:
+        return {str(stage): self.run_stage(stage) for stage in self.o["stages"]}
+
+
+def _destroy(method: ZeroMethod) -> None:
+    """Removes the engine's hooks (ZeRO-3 registers them on the module) so the next engine runs alone."""
+    if hasattr(method.engine, "destroy"):
+        method.engine.destroy()
+
+
+def _sampled(function: Callable, sample: Callable[[str], None], name: str) -> Callable:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        sample(f"before {name}")
+        try:
+            return function(*args, **kwargs)
+        finally:
+            sample(f"after {name}")
+    return run
+
+
+def _minus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a - b
+
+
+def _quiet() -> None:
+    """DeepSpeed logs every engine's configuration at INFO; torch warns on each deprecated alias."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def _worker(rank: int, world: int, port: int, out: str, options: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # one thread per rank: the ranks share the machine's cores, more threads oversubscribe them
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        bench = RankBench(rank, world, options)
+        import deepspeed
+
+        if not options["verbose"]:
+            _quiet()
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        result: Any = ("ok", bench.run())
+    except BaseException:  # noqa: BLE001 - the traceback goes back to the parent
+        result = ("error", traceback.format_exc())
+    torch.save(result, f"{out}.part")
+    os.replace(f"{out}.part", out)
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        os._exit(0)  # gloo can abort at interpreter exit after a good run
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _failed(out: str) -> bool:
+    return os.path.exists(out) and torch.load(out, weights_only=False)[0] != "ok"
+
+
+def _wait(procs: list, outs: list[str], timeout: float) -> None:
+    """Waits for every rank; once one has reported a failure the others (likely blocked in a
+    collective) get a short grace and are then killed, as is everything still running at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(_failed(out) for out in outs):
+            deadline = min(deadline, time.monotonic() + 10)
+        time.sleep(0.5)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+
+
+def spawn_ranks(options: dict, world: int, timeout: float) -> list[dict]:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="fsam-bench-") as tmp:
+        outs = [str(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+        procs = [context.Process(target=_worker, args=(r, world, port, outs[r], options)) for r in range(world)]
+        for p in procs:
+            p.start()
+        _wait(procs, outs, timeout)
+        results = []
+        for r, out in enumerate(outs):
+            if not os.path.exists(out):
+                raise RuntimeError(f"rank {r} wrote no result (exit code {procs[r].exitcode}; timeout {timeout:.0f} s)")
+            status, value = torch.load(out, weights_only=False)
+            if status != "ok":
+                raise RuntimeError(f"rank {r} failed:\n{value}")
+            results.append(value)
+    return results
+
+
+# ====================================================================== summary
+
+
+def _slowest_rank_times(per_rank: list[list[float]]) -> list[float]:
+    """A synchronous step lasts as long as its slowest rank."""
+    return [max(step) for step in zip(*per_rank)]
+
+
+def summarise_method(per_rank: list[dict]) -> dict:
+    times = _slowest_rank_times([r["times"] for r in per_rank])
+    bytes_per_rank = [median([c["bytes"] for c in r["collectives"]]) for r in per_rank]
+    calls_per_rank = [median([c["calls"] for c in r["collectives"]]) for r in per_rank]
+    return {
+        "step_ms": median(times) * 1e3,
+        "step_ms_all": [t * 1e3 for t in times],
+        # ranks move the same amount in data-parallel steps; the larger is shown if they differ
+        "collective_bytes": max(bytes_per_rank),
+        "collective_calls": max(calls_per_rank),
+        "collective_by_function_rank0": (per_rank[0]["collectives"][-1]["by_function"]
+                                         if per_rank[0]["collectives"] else {}),
+        "memory_per_rank": [r["memory"] for r in per_rank],
+        "peak_above_before_build": _max_or_none([r["memory"]["peak_above_before_build"] for r in per_rank]),
+        "peak_above_after_initialize": _max_or_none([r["memory"]["peak_above_after_initialize"] for r in per_rank]),
+        "peak_total": _max_or_none([r["memory"]["peak"] for r in per_rank]),
+        "profile_rank0": median_profile(per_rank[0]["profiles"], per_rank[0]["times"]),
+    }
+
+
+def _max_or_none(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def summarise_stage(stage: int, per_rank: list[dict]) -> dict:
+    methods = {name: summarise_method([r[name] for r in per_rank]) for name in per_rank[0]}
+    adamw = methods["adamw"]
+    out: dict[str, Any] = {"methods": methods}
+    for name in METHODS[1:]:
+        m, rebuild = methods[name], methods[name + REBUILD]
+        extra = (rebuild["step_ms"] - m["step_ms"]) / MASK_INTERVAL
+        out[name] = {
+            "step_ratio": ratio(m["step_ms"], adamw["step_ms"]),
+            "rebuild_ms_amortised": extra,
+            "rebuild_fraction_of_adamw": ratio(extra, adamw["step_ms"]),
+            "memory_ratio": ratio(m["peak_above_before_build"], adamw["peak_above_before_build"]),
+            "memory_ratio_after_initialize": ratio(m["peak_above_after_initialize"],
+                                                   adamw["peak_above_after_initialize"]),
+            "memory_ratio_total": ratio(m["peak_total"], adamw["peak_total"]),
+            "collective_ratio": ratio(m["collective_bytes"], adamw["collective_bytes"]),
+        }
+    out["targets"] = _targets(stage, out)
+    return out
+
+
+def _targets(stage: int, s: dict) -> dict[str, dict]:
+    """The targets that apply at this stage, each with its measured value and verdict."""
+    checks: list[tuple[str, float | None, float]] = []
+    for name in METHODS[1:]:
+        if stage in (2, 3):
+            checks.append((f"{name} step / AdamW", s[name]["step_ratio"], TARGETS["step_ratio"]))
+        checks.append((f"{name} collective bytes / AdamW", s[name]["collective_ratio"], TARGETS["collective_ratio"]))
+    if stage == 3:
+        checks.append(("fisher-sam peak memory / AdamW", s["fisher-sam"]["memory_ratio"],
+                       TARGETS["memory_ratio_stage3"]))
+    return {label: {"value": value, "limit": limit, "verdict": verdict(value, limit)} for label, value, limit in checks}
+
+
+def run_zero(args: argparse.Namespace) -> dict:
+    options = {k: getattr(args, k) for k in ("stages", "steps", "warmup", "dtype", "hidden", "layers", "heads", "vocab",
+                                               "seq", "micro_batch", "persistence_threshold", "verbose")}
+    started = time.perf_counter()
+    per_rank = spawn_ranks(options, args.world_size, args.timeout)
+    stages = {s: summarise_stage(int(s), [r[s] for r in per_rank]) for s in per_rank[0]}
+    zero = {s: ds_config(int(s), args.dtype, args.micro_batch, args.world_size, args.hidden,
+                         args.persistence_threshold)["zero_optimization"] for s in stages}
+    return {"config": {**options, "world_size": args.world_size, "mask_interval": MASK_INTERVAL,
+                       "parameters": _parameter_count(options), "zero_optimization": zero},
+            "targets": TARGETS, "stages": stages, "wall_seconds": time.perf_counter() - started}
+
+
+def _parameter_count(o: dict) -> int:
+    model = tiny_bert(o["hidden"], o["layers"], o["heads"], o["vocab"], o["seq"])
+    return sum(p.numel() for p in model.parameters())
+
+
+# ====================================================================== printing
+
+
+def _mib(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / MiB
+
+
+def format_zero_report(result: dict) -> str:
+    c = result["config"]
+    head = (f"fsam-bench zero: {c['world_size']} gloo ranks (1 thread each), tiny BERT hidden {c['hidden']}, "
+            f"{c['layers']} layers, vocab {c['vocab']}, seq {c['seq']} ({c['parameters'] / 1e6:.2f} M parameters), "
+            f"micro-batch {c['micro_batch']} per rank, {c['dtype']}; median of {c['steps']} interleaved steps\n"
+            + _format_zero_config(c["zero_optimization"]))
+    header = ["stage", "AdamW ms", "fsam ms", "fesam ms", "fsam/AdamW", "fesam/AdamW", "rebuild/100",
+              "mem AdamW MiB", "mem fsam MiB", "mem ratio", "AdamW coll MiB", "fsam coll", "fesam coll"]
+    rows = []
+    for stage, s in result["stages"].items():
+        m = s["methods"]
+        rows.append([stage, fmt(m["adamw"]["step_ms"], ".1f"), fmt(m["fisher-sam"]["step_ms"], ".1f"),
+                     fmt(m["fisher-esam"]["step_ms"], ".1f"), fmt(s["fisher-sam"]["step_ratio"]),
+                     fmt(s["fisher-esam"]["step_ratio"]),
+                     fmt(_percent(s["fisher-sam"]["rebuild_fraction_of_adamw"]), ".2f", "%"),
+                     fmt(_mib(m["adamw"]["peak_above_before_build"]), ".1f"),
+                     fmt(_mib(m["fisher-sam"]["peak_above_before_build"]), ".1f"),
+                     fmt(s["fisher-sam"]["memory_ratio"], ".3f"),
+                     fmt(_mib(m["adamw"]["collective_bytes"]), ".2f"), fmt(s["fisher-sam"]["collective_ratio"], ".3f"),
+                     fmt(s["fisher-esam"]["collective_ratio"], ".3f")])
+    legend = ("fsam = fisher-sam, fesam = fisher-esam (keep_ratio 0.1, mask_interval 100). Targets: step ratio <= 2.05 "
+              "at stages 2 and 3; memory ratio <= 1.05 at stage 3; collective bytes ratio <= 2.05.\n"
+              "rebuild/100: (rebuild step - normal step) / 100 as % of the AdamW step. mem: per-rank heap peak "
+              "(mallinfo2, sampled) above the heap before model and engine were built, the larger rank. coll: "
+              "collective bytes per step and rank (inputs; all-gathers: outputs), AdamW in MiB, SAM types as ratio.")
+    return "\n".join([head, "", table(header, rows), legend, "", _format_targets(result), "",
+                      _format_memory_views(result), "", _format_profiles(result)])
+
+
+def _format_zero_config(zero: dict[str, dict]) -> str:
+    any_stage = next(iter(zero.values()))
+    line = (f"DeepSpeed: client torch AdamW, gradient clipping off, reduce/allgather buckets "
+            f"{any_stage['reduce_bucket_size']} elements (hidden^2, the Hugging Face \"auto\" rule)")
+    stage3 = zero.get("3")
+    if stage3 is not None:
+        line += (f"; stage 3: prefetch bucket {stage3['stage3_prefetch_bucket_size']}, "
+                 f"persistence threshold {stage3['stage3_param_persistence_threshold']}")
+    return line
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _format_targets(result: dict) -> str:
+    rows = [[stage, name, fmt(t["value"], ".3f"), fmt(t["limit"]), t["verdict"]]
+            for stage, s in result["stages"].items() for name, t in s["targets"].items()]
+    return table(["stage", "target", "measured", "limit", "verdict"], rows)
+
+
+def _format_memory_views(result: dict) -> str:
+    rows = []
+    for stage, s in result["stages"].items():
+        for name in METHODS:
+            m = s["methods"][name]
+            rows.append([stage, name, fmt(_mib(m["peak_total"]), ".1f"), fmt(_mib(m["peak_above_before_build"]), ".2f"),
+                         fmt(_mib(m["peak_above_after_initialize"]), ".2f"),
+                         m["memory_per_rank"][0].get("peak_at", "")])
+    return ("memory per rank (larger rank), MiB: total heap peak; peak above the heap before the model and engine "
+            "were built; peak above the heap after initialize (before the first step)\n"
+            + table(["stage", "method", "total peak", "above pre-build", "above pre-training",
+                     "peak sampled at (rank 0)"], rows))
+
+
+# parts of a step, outermost first; an indented name runs inside the one above it
+ZERO_PARTS = ["forward", "backward", "first_pass", "  rebuild_mask", "  apply_perturbation", "zero_grads",
+              "select_examples", "second_pass", "step", "other", "step total"]
+
+
+def _format_profiles(result: dict) -> str:
+    blocks = []
+    for stage, s in result["stages"].items():
+        names = list(s["methods"])
+        rows = []
+        for part in ZERO_PARTS:
+            cells = [s["methods"][n]["profile_rank0"].get(part.strip()) for n in names]
+            if any(c is not None for c in cells):
+                rows.append([part] + ["-" if c is None else f"{c['ms']:.1f} ms {c['bytes'] / MiB:.2f} MiB"
+                                      for c in cells])
+        blocks.append(f"profile, stage {stage}: rank 0, median per step of time and collective bytes; an indented "
+                      "part is included in the one above it, bytes go to the innermost part\n"
+                      + table(["part"] + names, rows))
+    return "\n\n".join(blocks)

@@ -1,0 +1,274 @@
+"""The measurement helpers behind `fsam-bench`: counters, memory views, profile and report maths.
+
+No timing is asserted anywhere; the benchmarks themselves are commands, not tests.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fsam_ds import bench, bench_zero
+from fsam_ds.bench import (CollectiveCounter, HeapPeak, PhaseProfile, held_tensor_bytes, heap_in_use, median_profile,
+                           payload_bytes, rotated)
+from fsam_ds.config import SAMConfig
+from fsam_ds.optim import SAMOptimizer
+
+# torch 2.13 deprecates the all-gather / reduce-scatter names DeepSpeed still calls; the counter wraps both
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+# ---------------------------------------------------------------- collective bytes on a 1-rank gloo group
+@pytest.fixture
+def gloo_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_counter_counts_exact_payload_bytes_and_calls(gloo_group):
+    seen = []
+    with CollectiveCounter(on_call=lambda name, n: seen.append((name, n))) as counter:
+        dist.all_reduce(torch.ones(10))                                  # 40 B input
+        dist.all_gather([torch.empty(6, dtype=torch.float64)], torch.ones(6, dtype=torch.float64))  # 48 B output
+        dist.all_gather_into_tensor(torch.empty(5, dtype=torch.bfloat16), torch.ones(5, dtype=torch.bfloat16))  # 10 B
+        dist.reduce_scatter_tensor(torch.empty(3), torch.ones(3))        # 12 B input
+        dist.broadcast(torch.ones(7, dtype=torch.int64), src=0)          # 56 B
+        totals = counter.take()
+    assert totals.calls == {"all_reduce": 1, "all_gather": 1, "all_gather_into_tensor": 1,
+                            "reduce_scatter_tensor": 1, "broadcast": 1}
+    assert totals.bytes == {"all_reduce": 40, "all_gather": 48, "all_gather_into_tensor": 10,
+                            "reduce_scatter_tensor": 12, "broadcast": 56}
+    assert totals.total_bytes == 166 and totals.total_calls == 5
+    assert seen == [("all_reduce", 40), ("all_gather", 48), ("all_gather_into_tensor", 10),
+                    ("reduce_scatter_tensor", 12), ("broadcast", 56)]
+
+
+def test_counter_counts_a_forwarding_alias_once_and_uninstalls(gloo_group):
+    original = dist.all_gather_into_tensor
+    with CollectiveCounter() as counter:
+        # the deprecated alias forwards to its successor, itself wrapped: one call, not two
+        dist.distributed_c10d._all_gather_base(torch.empty(4), torch.ones(4))
+        dist.all_reduce(torch.ones(2), async_op=False)
+        counter.active = False
+        dist.all_reduce(torch.ones(100))  # not counted while inactive
+        totals = counter.take()
+        assert counter.take().total_calls == 0  # take() starts afresh
+    assert totals.calls == {"_all_gather_base": 1, "all_reduce": 1}
+    assert totals.bytes == {"_all_gather_base": 16, "all_reduce": 8}
+    assert dist.all_gather_into_tensor is original
+    assert dist.distributed_c10d.all_gather_into_tensor is original
+
+
+def test_counter_sees_calls_made_through_the_comm_of_the_library(gloo_group):
+    from fsam_ds.shards import TorchComm
+
+    comm = TorchComm()  # built before the counter: looks the function up at call time
+    with CollectiveCounter() as counter:
+        comm.all_reduce(torch.zeros(3, dtype=torch.float64))
+    assert counter.take().bytes == {"all_reduce": 24}
+
+
+def test_payload_bytes_of_nested_lists():
+    assert payload_bytes([[torch.ones(2), torch.ones(3, dtype=torch.int8)], torch.ones(1, dtype=torch.float64)]) == 19
+    assert payload_bytes(None) == 0
+
+
+# ---------------------------------------------------------------- heap
+needs_mallinfo2 = pytest.mark.skipif(heap_in_use() is None, reason="glibc mallinfo2 not available")
+
+
+@needs_mallinfo2
+def test_heap_sees_a_known_allocation_and_its_release():
+    size = 32 << 20
+    before = heap_in_use()
+    block = torch.empty(size, dtype=torch.uint8)
+    during = heap_in_use()
+    del block
+    after = heap_in_use()
+    assert size <= during - before < size + (1 << 20)
+    assert during - after >= size
+
+
+@needs_mallinfo2
+def test_heap_peak_keeps_the_high_water_of_its_samples():
+    peak = HeapPeak()
+    peak.sample()  # ignored before start()
+    baseline = peak.start()
+    block = torch.empty(16 << 20, dtype=torch.uint8)
+    peak.sample()
+    del block
+    total, above = peak.stop()
+    assert above >= 16 << 20 and total == baseline + above
+    assert heap_in_use() < total
+
+
+# ---------------------------------------------------------------- tensors held by an object
+def test_held_tensor_bytes_walks_attributes_and_containers_once_per_storage():
+    shared = torch.zeros(10)                      # 40 B
+    holder = types.SimpleNamespace(
+        a=shared, view=shared[2:5],              # a view of the same storage counts once
+        nested={"x": [torch.zeros(3, dtype=torch.float64), (torch.zeros(2, dtype=torch.uint8),)]},  # 24 + 2
+        module=nn.Linear(100, 100),              # modules are not walked into
+        excluded=torch.zeros(1000))
+    holder.cycle = holder
+    assert held_tensor_bytes(holder, exclude=[holder.excluded]) == 40 + 24 + 2
+    assert held_tensor_bytes(holder) == 40 + 24 + 2 + 4000
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _bytes_between_passes(sam_type: str) -> tuple[int, int, SAMOptimizer]:
+    model = _tiny_model()
+    optimizer = SAMOptimizer(model.named_parameters(), torch.optim.AdamW,
+                             SAMConfig(sam_type=sam_type, keep_ratio=0.25, candidate_exclude=()), lr=1e-2)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    seen: list[tuple[int, int]] = []
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        if calls:  # the second call runs at w + e: the perturbation is held now
+            base = bench.base_state_tensors(model.parameters(), optimizer.state, ("step", "exp_avg", "exp_avg_sq"))
+            seen.append((held_tensor_bytes(optimizer, base), optimizer.shards.perturbation_nbytes()))
+        calls += 1
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return seen[0][0], seen[0][1], optimizer
+
+
+def test_extra_bytes_of_sam_are_exactly_its_stored_perturbation():
+    extra, perturbation, optimizer = _bytes_between_passes("sam")
+    n = sum(p.numel() for p in optimizer.shards.params)
+    assert perturbation >= 4 * n  # one fp32 difference per entry, plus rare exceptions
+    assert extra == perturbation
+
+
+def test_extra_bytes_of_fisher_sam_are_its_mask_plus_perturbation():
+    extra, perturbation, optimizer = _bytes_between_passes("fisher-sam")
+    mask = sum(m.nbytes for m in optimizer.core.fisher_mask if m is not None)
+    assert mask > 0 and extra == mask + perturbation
+
+
+# ---------------------------------------------------------------- profile and ordering
+def test_phase_profile_nests_and_attributes_bytes_to_the_innermost_part():
+    profile = PhaseProfile()
+    with profile.phase("outer"):
+        profile.note_bytes(5)
+        with profile.phase("inner"):
+            profile.note_bytes(7)
+    profile.note_bytes(1)
+    taken = profile.take()
+    assert taken["bytes"] == {"outer": 5, "inner": 7, "other": 1}
+    assert taken["seconds"]["outer"] >= taken["seconds"]["inner"] >= 0
+    assert taken["accounted"] == taken["seconds"]["outer"]
+    assert profile.take() == {"seconds": {}, "bytes": {}, "accounted": 0.0}
+
+
+def test_median_profile_reports_the_time_outside_every_part():
+    profiles = [{"seconds": {"a": 0.010}, "bytes": {"a": 100}, "accounted": 0.010},
+                {"seconds": {"a": 0.020}, "bytes": {"a": 300}, "accounted": 0.020}]
+    out = median_profile(profiles, [0.015, 0.030])
+    assert out["a"] == {"ms": pytest.approx(15.0), "bytes": 200}
+    assert out["other"]["ms"] == pytest.approx(7.5)
+    assert out["step total"] == {"ms": pytest.approx(22.5), "bytes": 200}
+
+
+def test_rotation_puts_every_method_first_and_last():
+    items = ["a", "b", "c"]
+    orders = [rotated(items, r) for r in range(6)]
+    assert all(sorted(o) == items for o in orders)
+    assert {o[0] for o in orders} == set(items) and {o[-1] for o in orders} == set(items)
+
+
+# ---------------------------------------------------------------- report maths from given numbers
+def _core_result(seconds: dict[str, float]) -> dict:
+    steps = {name: {"median": s, "all": [s], "profile": {"forward": {"ms": 1.0, "bytes": 0}}}
+             for name, s in seconds.items()}
+    memory = {"adamw": {"extra_bytes": 0, "extra_bytes_per_param": 0.0, "perturbation_bytes_per_param": None,
+                        "heap_step_peak_above_start": 1 << 20},
+              "sam": {"extra_bytes": 40, "extra_bytes_per_param": 4.0, "perturbation_bytes_per_param": 4.0,
+                      "heap_step_peak_above_start": None}}
+    result = {"model": {"hidden": 8, "layers": 1, "heads": 1, "vocab": 10, "seq": 4, "batch": 2, "parameters": 10},
+              "threads": 1, "reps": 1, "warmup": 0, "mask_interval": 100, "steps": steps,
+              "adamw_state_bytes_per_param": 8.0, "memory": memory}
+    result["ratios"] = bench.core_ratios(result)
+    return result
+
+
+def test_core_report_prints_ratios_of_the_given_numbers():
+    result = _core_result({"adamw": 0.1, "pytorch-optimizer-sam": 0.2, "sam": 0.3, "fisher-sam": 0.25,
+                           "fisher-sam@rebuild": 0.45})
+    assert result["ratios"]["fisher_sam_amortised_seconds"] == pytest.approx(0.252)
+    text = bench.format_core_report(result)
+    assert "sam / pytorch-optimizer SAM = 1.50" in text
+    assert "fisher-sam (amortised) / pytorch-optimizer SAM = 1.26" in text
+    assert "sam / AdamW = 3.00" in text
+    assert "252.0" in text and "4.000" in text
+
+
+def _rank(ms: float, nbytes: int, peak: int) -> dict:
+    collectives = {"bytes": nbytes, "calls": 3, "by_function": {"all_reduce": {"calls": 3, "bytes": nbytes}}}
+    profile = {"seconds": {"forward": ms / 2e3}, "bytes": {"forward": nbytes}, "accounted": ms / 2e3}
+    memory = {"peak": 1000 + peak, "before_build": 1000, "after_initialize": 1000 + peak // 2,
+              "peak_above_before_build": peak, "peak_above_after_initialize": peak - peak // 2}
+    return {"times": [ms / 1e3] * 3, "collectives": [collectives] * 3, "profiles": [profile] * 3, "memory": memory}
+
+
+def _zero_stage(stage: int) -> dict:
+    per_rank = []
+    for slow in (0.0, 5.0):  # rank 1 is slower: a step lasts as long as its slowest rank
+        per_rank.append({"adamw": _rank(100 + slow, 1000, 100),
+                         "fisher-sam": _rank(190 + slow, 2000, 103),
+                         "fisher-esam": _rank(220 + slow, 2100, 100),
+                         "fisher-sam@rebuild": _rank(290 + slow, 2000, 110),
+                         "fisher-esam@rebuild": _rank(320 + slow, 2100, 110)})
+    return bench_zero.summarise_stage(stage, per_rank)
+
+
+def test_zero_summary_ratios_and_verdicts_from_given_numbers():
+    s = _zero_stage(3)
+    assert s["fisher-sam"]["step_ratio"] == pytest.approx(195 / 105)
+    assert s["fisher-sam"]["rebuild_ms_amortised"] == pytest.approx(1.0)
+    assert s["fisher-sam"]["rebuild_fraction_of_adamw"] == pytest.approx(1 / 105)
+    assert s["fisher-sam"]["memory_ratio"] == pytest.approx(1.03)
+    assert s["fisher-esam"]["collective_ratio"] == pytest.approx(2.1)
+    verdicts = {k: v["verdict"] for k, v in s["targets"].items()}
+    assert verdicts == {"fisher-sam step / AdamW": "met", "fisher-sam collective bytes / AdamW": "met",
+                        "fisher-esam step / AdamW": "MISSED", "fisher-esam collective bytes / AdamW": "MISSED",
+                        "fisher-sam peak memory / AdamW": "met"}
+    assert "fisher-sam step / AdamW" not in _zero_stage(1)["targets"]  # the step target is for stages 2 and 3
+
+
+def test_zero_report_prints_the_table_and_the_misses():
+    result = {"config": {"world_size": 2, "hidden": 8, "layers": 1, "vocab": 10, "seq": 4, "parameters": 100,
+                         "micro_batch": 2, "dtype": "fp32", "steps": 3, "persistence_threshold": None,
+                         "zero_optimization": {
+                             "3": bench_zero.ds_config(3, "fp32", 2, 2, 8, None)["zero_optimization"]}},
+              "stages": {"3": _zero_stage(3)}}
+    text = bench_zero.format_zero_report(result)
+    assert "1.857" in text or "1.86" in text          # 195 / 105
+    assert "MISSED" in text and "2.100" in text
+    assert "0.95%" in text                           # 1 ms of rebuild per step over a 105 ms AdamW step
+
+
+def test_zero_command_line_parses_the_documented_form():
+    args = bench._parser().parse_args(["zero", "--stages", "1", "2", "3", "--steps", "30", "--dtype", "bf16"])
+    assert (args.command, args.stages, args.steps, args.dtype) == ("zero", [1, 2, 3], 30, "bf16")
+    config = bench_zero.ds_config(3, "fp32", 8, 2, 128, None)
+    assert config["gradient_clipping"] == 0.0
+    assert config["zero_optimization"]["reduce_bucket_size"] == 128 * 128
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 1280
