@@ -34,6 +34,7 @@ import torch
 
 from fsam_ds.bench import (MiB, CollectiveCounter, HeapPeak, PhaseProfile, fmt, heap_in_use, median, median_profile,
                            per_example_loss, random_batches, ratio, rotated, table, tiny_bert, verdict)
+from fsam_ds.distributed import free_port, release_shm_buffer, shm_buffer_names
 
 METHODS = ("adamw", "fisher-sam", "fisher-esam")
 REBUILD = "@rebuild"
@@ -284,6 +285,7 @@ def _worker(rank: int, world: int, port: int, out: str, options: dict) -> None:
         if not options["verbose"]:
             _quiet()
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        release_shm_buffer()
         result: Any = ("ok", bench.run())
     except BaseException:  # noqa: BLE001 - the traceback goes back to the parent
         result = ("error", traceback.format_exc())
@@ -295,14 +297,6 @@ def _worker(rank: int, world: int, port: int, out: str, options: dict) -> None:
             dist.destroy_process_group()
     finally:
         os._exit(0)  # gloo can abort at interpreter exit after a good run
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _failed(out: str) -> bool:
@@ -329,13 +323,15 @@ def spawn_ranks(options: dict, world: int, timeout: float) -> list[dict]:
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="fsam-bench-") as tmp:
         outs = [str(Path(tmp) / f"rank{r}.pt") for r in range(world)]
         procs = [context.Process(target=_worker, args=(r, world, port, outs[r], options)) for r in range(world)]
         for p in procs:
             p.start()
         _wait(procs, outs, timeout)
+        for path in shm_buffer_names(port, world_size=world):  # left behind by a rank that was killed
+            path.unlink(missing_ok=True)
         results = []
         for r, out in enumerate(outs):
             if not os.path.exists(out):

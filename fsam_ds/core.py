@@ -28,6 +28,11 @@ from fsam_ds.config import SAMConfig
 from fsam_ds.fisher import global_topk, keep_count
 from fsam_ds.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
 
+def _square_norm(t: Tensor) -> Tensor:
+    """||t||^2 accumulated in float64 (exact enough to compare sharded and single-process runs)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float64).square()
+
+
 # Global index of entry j of parameter i is (i << _INDEX_SHIFT) + j: unique and ordered by
 # (parameter, position) on every sharding, without any rank knowing the other parameters' sizes.
 _INDEX_SHIFT = 40
@@ -109,9 +114,9 @@ class SharpnessAware:
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         for i, g in enumerate(grads):
             if g is not None:
-                sums[0] += g.double().square().sum()
+                sums[0] += _square_norm(g)
                 if is_active(i):
-                    sums[1] += scaled(i).double().square().sum()
+                    sums[1] += _square_norm(scaled(i))
         comm.all_reduce(sums)
         grad_sq, active_sq = float(sums[0]), float(sums[1])
         perturbed = 1.0 if active is None else float(active.double().mean())
@@ -130,7 +135,7 @@ class SharpnessAware:
             masked_sq = torch.zeros(1, dtype=torch.float64, device=device)
             for i, mask in enumerate(self._masks()):
                 if is_active(i):
-                    masked_sq += (scaled(i).double() * mask).square().sum()
+                    masked_sq += _square_norm(scaled(i) * mask)
             denominator = math.sqrt(float(comm.all_reduce(masked_sq)))
         coefficient = rho / ((cfg.beta if cfg.uses_esam else 1.0) * (denominator + cfg.eps))
 
@@ -147,7 +152,7 @@ class SharpnessAware:
                 if isinstance(mask, Tensor):
                     delta = delta * mask
                     support = mask
-                delta_sq.add_(delta.double().square().sum())
+                delta_sq.add_(_square_norm(delta))
                 yield delta, support
 
         if cfg.uses_gsam:
@@ -211,10 +216,10 @@ class SharpnessAware:
         for i, hi in enumerate(h):
             if hi is None:
                 continue
-            sums[0] += hi.double().square().sum()
+            sums[0] += _square_norm(hi)
             if g_old is not None and g_old[i] is not None:
-                sums[1] += (g_old[i].double() * hi.double()).sum()
-                sums[2] += g_old[i].double().square().sum()
+                sums[1] += torch.dot(g_old[i].double(), hi.double())
+                sums[2] += _square_norm(g_old[i])
         shards.comm.all_reduce(sums)
         if not math.isfinite(float(sums.sum())):
             return False
@@ -242,17 +247,26 @@ class SharpnessAware:
 
     # ---------------------------------------------------------------- ESAM example selection
     @torch.no_grad()
-    def select_examples(self, loss_before: Tensor, loss_after: Tensor, comm: Comm) -> Tensor:
+    def select_examples(self, loss_before: Tensor, loss_after: Tensor, comm: Comm) -> tuple[Tensor, int]:
         """ESAM's sharpness-sensitive data selection (Du et al. 2022, Sec. 3.2): keeps the
-        max(1, int(n * gamma)) examples of the global batch whose loss rose most under e."""
+        max(1, int(n * gamma)) examples of the global batch whose loss rose most under e (ties go
+        to the earlier example in rank order). The per-example rises are few, so every rank sees
+        all of them (two small all-reduces) and ranks them the same way.
+
+        Returns this rank's boolean keep-mask and the number kept over all ranks."""
         rise = (loss_after.detach().float() - loss_before.detach().float()).reshape(-1)
-        counts = torch.zeros(comm.world_size, dtype=torch.int64)
+        counts = torch.zeros(comm.world_size, dtype=torch.int64, device=rise.device)
         counts[comm.rank] = rise.numel()
         comm.all_reduce(counts)
-        total = int(counts.sum())
-        keep = max(1, int(total * self.config.gamma))
-        offset = int(counts[: comm.rank].sum())
-        return global_topk([rise], [offset], keep, comm, total=total)[0]
+        offset, total = int(counts[: comm.rank].sum()), int(counts.sum())
+        every = torch.zeros(total, dtype=torch.float32, device=rise.device)
+        every[offset: offset + rise.numel()] = rise + 0.0  # -0.0 ranks as +0.0
+        comm.all_reduce(every)
+        kept = max(1, int(total * self.config.gamma))
+        order = torch.sort(every, descending=True, stable=True).indices[:kept]
+        keep = torch.zeros(total, dtype=torch.bool, device=rise.device)
+        keep[order] = True
+        return keep[offset: offset + rise.numel()], kept
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fsam_ds.config import SAMConfig
 from fsam_ds.ds_config import check_sam_compatible
+from fsam_ds.distributed import release_shm_buffer
 from fsam_ds.core import SharpnessAware, StepStats
 from fsam_ds.optim import check_per_example, index_batch
 from fsam_ds.shards import TorchComm
@@ -75,6 +76,7 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SA
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, config=config, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler, model_parameters=model_parameters, **kwargs)
+    release_shm_buffer()  # deepspeed.initialize may have created the process group itself
     return SAMEngine(engine, sam)
 
 
@@ -137,10 +139,8 @@ class SAMEngine:
         if cfg.uses_esam and cfg.gamma < 1:
             with torch.no_grad():
                 after = [check_per_example(loss_fn(engine, b), l.numel()) for b, l in zip(micro_batches, before)]
-            kept = self.core.select_examples(torch.cat(before), torch.cat(after), self.data_comm)
+            kept, total_kept = self.core.select_examples(torch.cat(before), torch.cat(after), self.data_comm)
             keep = list(kept.split([l.numel() for l in before]))
-            total_kept = int(kept.sum())
-            total_kept = int(self.data_comm.all_reduce(torch.tensor([total_kept], dtype=torch.int64)))
 
         second_losses = []
         for i, batch in enumerate(micro_batches):

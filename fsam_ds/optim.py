@@ -201,13 +201,12 @@ class SAMOptimizer(Optimizer):
         if self.config.uses_esam and self.config.gamma < 1:
             with torch.no_grad():
                 after = check_per_example(loss_fn(batch), n)
-            keep = self.core.select_examples(losses, after, self.example_comm)
+            keep, total = self.core.select_examples(losses, after, self.example_comm)
             kept = int(keep.sum())
             rows = keep.nonzero().squeeze(1)
             if self.example_comm.world_size > 1:
                 # DDP averages over ranks; weight each rank's sum so the result is the mean over the
                 # examples kept in the whole global batch (ranks keep different numbers of them)
-                total = int(self.example_comm.all_reduce(torch.tensor([kept], dtype=torch.int64)))
                 weight = self.example_comm.world_size / total
                 if kept == 0:  # every rank must still run backward for DDP's gradient all-reduce
                     rows, weight = torch.tensor([0]), 0.0

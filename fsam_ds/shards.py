@@ -104,47 +104,34 @@ class ShardAccess(Protocol):
         ...
 
 
-class ExactDelta:
-    """Adds a delta to a flat weight view and can take it off again bit for bit.
+class UndoablePerturbation:
+    """Adds a delta to a flat weight view and takes it off again bit for bit.
 
-    fl(fl(w + e) - d) == w holds for d = fl(w + e) - w whenever that difference is exact (always
-    when |e| <= |w|; Dekker's Fast2Sum). Entries where it fails (w absorbed by a much larger e)
-    are kept verbatim. Restoring therefore needs d (on the support only) plus a few exceptions,
-    never a full copy of the weights.
+    Subtracting e again is not exact in floating point (and loses w entirely where |e| >> |w|), so
+    the weights under the delta's support are kept verbatim: a copy only where e is non-zero, i.e.
+    the Fisher mask's entries for the fisher types. Keeping e instead would cost the same bytes.
     """
 
     def __init__(self, weight: Tensor, delta: Tensor, support: Tensor | None) -> None:
         self.weight = weight
-        self.support = None if support is None else pack_bits(support)
         self.numel = weight.numel()
         if support is None:
-            before = weight
-            after = (weight.to(delta.dtype) + delta).to(weight.dtype)
+            self.support = None
+            self.original = weight.clone()
+            weight.copy_(weight.to(delta.dtype).add_(delta))
         else:
-            before = weight[support]
-            after = (before.to(delta.dtype) + delta[support]).to(weight.dtype)
-        self.difference = after - before
-        lost = (after - self.difference) != before
-        self.lost_index = lost.nonzero().squeeze(1)
-        self.lost_value = before[self.lost_index].clone()
-        if support is None:
-            weight.copy_(after)
-        else:
-            weight[support] = after
+            self.support = pack_bits(support)
+            self.original = weight[support]
+            weight[support] = (self.original.to(delta.dtype) + delta[support]).to(weight.dtype)
 
     def remove(self) -> None:
         if self.support is None:
-            self.weight.sub_(self.difference)
-            self.weight[self.lost_index] = self.lost_value
+            self.weight.copy_(self.original)
         else:
-            support = unpack_bits(self.support, self.numel)
-            restored = self.weight[support] - self.difference
-            restored[self.lost_index] = self.lost_value
-            self.weight[support] = restored
+            self.weight[unpack_bits(self.support, self.numel)] = self.original
 
     def nbytes(self) -> int:
-        total = self.difference.nbytes + self.lost_index.nbytes + self.lost_value.nbytes
-        return total + (0 if self.support is None else self.support.nbytes)
+        return self.original.nbytes + (0 if self.support is None else self.support.nbytes)
 
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -181,7 +168,7 @@ class TensorShards:
         self.pieces = [Piece(name, i, p.numel(), 0, p.numel(), cand)
                        for i, (name, p, cand) in enumerate(zip(names, params, candidates))]
         self.comm = comm or LocalComm()
-        self._applied: list[ExactDelta | None] = []
+        self._applied: list[UndoablePerturbation | None] = []
 
     @staticmethod
     def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -209,7 +196,7 @@ class TensorShards:
     def apply_perturbation(self, deltas: Sequence[tuple[Tensor | None, Tensor | None]]) -> None:
         if self._applied:
             raise RuntimeError("apply_perturbation called twice without remove_perturbation in between")
-        self._applied = [None if delta is None else ExactDelta(flat_view(p.data, "a parameter"), delta, support)
+        self._applied = [None if delta is None else UndoablePerturbation(flat_view(p.data, "a parameter"), delta, support)
                          for p, (delta, support) in zip(self.params, deltas)]
 
     @torch.no_grad()

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import random
-import socket
 import sys
 import time
 import warnings
@@ -39,41 +38,13 @@ from fsam_ds.checkpoint import (TrainerState, discard_after, export_model, find_
 from fsam_ds.config import ConfigError
 from fsam_ds.core import StepStats
 from fsam_ds.data import DataError, set_epoch
+from fsam_ds.distributed import init_distributed, teardown
 from fsam_ds.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer, per_example_loss
 from fsam_ds.run_config import TrainConfig, load_config
 from fsam_ds.tasks import TaskSpec, UnknownTaskError, get_task
 from fsam_ds.zero import UnsupportedConfiguration
 
 KNOWN_ERRORS = (ConfigError, DataError, TrainError, UnknownTaskError, UnsupportedConfiguration)
-
-
-# ------------------------------------------------------------------------------ distributed setup
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size). torchrun and the deepspeed launcher set RANK/WORLD_SIZE/MASTER_*; a plain
-    `python` run gets a one-process group on a free local port."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed()
-    return dist.get_rank(), dist.get_world_size()
-
-
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

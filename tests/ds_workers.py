@@ -267,3 +267,17 @@ def run_checkpoint(rank: int, world: int, stage: int, sam_type: str, directory: 
     for b in batches[3:]:
         blind.train_step(split(b, rank, world), loss)
     return {"expected": expected, "got": got, "blind": full_params(blind.engine), "step": step_after_load}
+
+
+def run_shm_check(rank: int, world: int) -> tuple[list[str], float]:
+    """The group's DeepSpeed shared-memory segments still named in /dev/shm, and an all-reduce through them."""
+    import os
+
+    import deepspeed.comm as ds_comm
+
+    from fsam_ds.distributed import shm_buffer_names
+
+    left = [path.name for path in shm_buffer_names(os.environ["MASTER_PORT"])]
+    total = torch.tensor([float(rank + 1)] * 8)
+    ds_comm.inference_all_reduce(total)
+    return left, total[0].item()
