@@ -19,6 +19,7 @@ import torch
 import train_fixtures as fx
 from dist_harness import free_port
 from fsam_ds.build import lr_lambda
+from fsam_ds.distributed import shm_buffer_names
 from fsam_ds.evaluate import layer_of
 
 TIMEOUT = 300
@@ -117,11 +118,13 @@ def test_torchrun_two_ranks_zero2_bf16(assets, tmp_path):
 def test_deepspeed_launcher_two_ranks_zero3_bf16_fisher_esam(assets, tmp_path):
     out = tmp_path / "run"
     args = args_for(assets, out, zero_stage=3, precision="bf16", **{"sam.sam_type": "fisher-esam"})
-    cmd = [str(fx.BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+    port = free_port()
+    cmd = [str(fx.BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module",
            "fsam_ds.train", *args]
     result = fx.run(cmd, TIMEOUT)
     assert_finished(out, result, steps=8)
     assert "perturbed_tensors" in fx.events(out, "train")[0]
+    assert not shm_buffer_names(port)  # the launcher sets LOCAL_SIZE: DeepSpeed made one segment per rank
 
 
 @pytest.mark.slow
