@@ -151,7 +151,7 @@ class SharpnessAware:
                 support = None
                 if isinstance(mask, Tensor):
                     delta = delta * mask
-                    support = mask
+                    support = self.fisher_mask[i]  # packed: the undo holds it instead of a copy
                 delta_sq.add_(_square_norm(delta))
                 yield delta, support
 

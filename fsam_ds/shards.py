@@ -96,7 +96,8 @@ class ShardAccess(Protocol):
 
     def apply_perturbation(self, deltas: Sequence[tuple[Tensor | None, Tensor | None]]) -> None:
         """Adds e to the weights the next forward pass uses. Each item is (delta, support): a flat delta
-        (None = unperturbed) and an optional boolean support outside which delta is zero."""
+        (None = unperturbed) and an optional bit-packed (`pack_bits`) support outside which delta is
+        zero; the support is not modified until `remove_perturbation`."""
         ...
 
     def remove_perturbation(self) -> None:
@@ -108,30 +109,36 @@ class UndoablePerturbation:
     """Adds a delta to a flat weight view and takes it off again bit for bit.
 
     Subtracting e again is not exact in floating point (and loses w entirely where |e| >> |w|), so
-    the weights under the delta's support are kept verbatim: a copy only where e is non-zero, i.e.
-    the Fisher mask's entries for the fisher types. Keeping e instead would cost the same bytes.
+    the weights under the delta's support are kept verbatim: a copy only where e may be non-zero,
+    i.e. the Fisher mask's entries for the fisher types. The support is the caller's bit-packed mask
+    (held by reference, not copied); its positions are recomputed at removal rather than kept as
+    8-byte indices.
     """
 
     def __init__(self, weight: Tensor, delta: Tensor, support: Tensor | None) -> None:
         self.weight = weight
-        self.numel = weight.numel()
+        self.support = support
         if support is None:
-            self.support = None
             self.original = weight.clone()
             weight.copy_(weight.to(delta.dtype).add_(delta))
         else:
-            self.support = pack_bits(support)
-            self.original = weight[support]
-            weight[support] = (self.original.to(delta.dtype) + delta[support]).to(weight.dtype)
+            index = self._index()
+            self.original = weight.index_select(0, index)
+            perturbed = self.original.to(delta.dtype) + delta.index_select(0, index)
+            weight.index_copy_(0, index, perturbed.to(weight.dtype))
+
+    def _index(self) -> Tensor:
+        return unpack_bits(self.support, self.weight.numel()).nonzero().squeeze(1)
 
     def remove(self) -> None:
         if self.support is None:
             self.weight.copy_(self.original)
         else:
-            self.weight[unpack_bits(self.support, self.numel)] = self.original
+            self.weight.index_copy_(0, self._index(), self.original)
 
     def nbytes(self) -> int:
-        return self.original.nbytes + (0 if self.support is None else self.support.nbytes)
+        """Bytes held beyond the caller's mask."""
+        return self.original.nbytes
 
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

@@ -274,9 +274,11 @@ def run_shm_check(rank: int, world: int) -> tuple[list[str], float]:
     import os
 
     import deepspeed.comm as ds_comm
+    import torch.distributed
 
     from fsam_ds.distributed import shm_buffer_names
 
+    torch.distributed.barrier()  # every rank has released (or not) its own segment
     left = [path.name for path in shm_buffer_names(os.environ["MASTER_PORT"])]
     total = torch.tensor([float(rank + 1)] * 8)
     ds_comm.inference_all_reduce(total)
