@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from fsam_ds.bench import (MiB, CollectiveCounter, HeapPeak, PhaseProfile, fmt, heap_in_use, median, median_profile,
                            per_example_loss, random_batches, ratio, rotated, table, tiny_bert, verdict)
-from fsam_ds.distributed import free_port, release_shm_buffer, shm_buffer_names
+from fsam_ds.distributed import release_shm_buffer, run_local_ranks
 
 METHODS = ("adamw", "fisher-sam", "fisher-esam")
 REBUILD = "@rebuild"
@@ -270,77 +267,19 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def _worker(rank: int, world: int, port: int, out: str, options: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    # one thread per rank: the ranks share the machine's cores, more threads oversubscribe them
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+def _rank_bench(rank: int, world: int, options: dict) -> dict:
+    bench = RankBench(rank, world, options)  # wraps torch.distributed before DeepSpeed binds to it
+    import deepspeed
 
-    try:
-        bench = RankBench(rank, world, options)
-        import deepspeed
-
-        if not options["verbose"]:
-            _quiet()
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        release_shm_buffer()
-        result: Any = ("ok", bench.run())
-    except BaseException:  # noqa: BLE001 - the traceback goes back to the parent
-        result = ("error", traceback.format_exc())
-    torch.save(result, f"{out}.part")
-    os.replace(f"{out}.part", out)
-    try:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    finally:
-        os._exit(0)  # gloo can abort at interpreter exit after a good run
-
-
-def _failed(out: str) -> bool:
-    return os.path.exists(out) and torch.load(out, weights_only=False)[0] != "ok"
-
-
-def _wait(procs: list, outs: list[str], timeout: float) -> None:
-    """Waits for every rank; once one has reported a failure the others (likely blocked in a
-    collective) get a short grace and are then killed, as is everything still running at `timeout`."""
-    deadline = time.monotonic() + timeout
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        if any(_failed(out) for out in outs):
-            deadline = min(deadline, time.monotonic() + 10)
-        time.sleep(0.5)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join(5)
+    if not options["verbose"]:
+        _quiet()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    release_shm_buffer()
+    return bench.run()
 
 
 def spawn_ranks(options: dict, world: int, timeout: float) -> list[dict]:
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="fsam-bench-") as tmp:
-        outs = [str(Path(tmp) / f"rank{r}.pt") for r in range(world)]
-        procs = [context.Process(target=_worker, args=(r, world, port, outs[r], options)) for r in range(world)]
-        for p in procs:
-            p.start()
-        _wait(procs, outs, timeout)
-        for path in shm_buffer_names(port, world_size=world):  # left behind by a rank that was killed
-            path.unlink(missing_ok=True)
-        results = []
-        for r, out in enumerate(outs):
-            if not os.path.exists(out):
-                raise RuntimeError(f"rank {r} wrote no result (exit code {procs[r].exitcode}; timeout {timeout:.0f} s)")
-            status, value = torch.load(out, weights_only=False)
-            if status != "ok":
-                raise RuntimeError(f"rank {r} failed:\n{value}")
-            results.append(value)
-    return results
+    return run_local_ranks(_rank_bench, world, options, timeout=timeout, init=None)
 
 
 # ====================================================================== summary

@@ -1,11 +1,16 @@
-"""Process-group setup and teardown shared by the trainer, the benchmarks and the tests."""
+"""Process groups: setup and teardown for the trainer, and local multi-process runs for the benchmarks
+and the tests."""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+import traceback
 from pathlib import Path
+from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 SHM_DIR = Path("/dev/shm")
@@ -70,3 +75,93 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ local multi-process runs
+
+def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple,
+               init: str | None, release_shm: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                      OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # one thread per rank: the ranks share the machine's cores, more threads oversubscribe them
+    torch.set_num_threads(1)
+    try:
+        if init == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+            if release_shm:
+                release_shm_buffer()
+        elif init == "gloo":
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result: Any = ("ok", fn(rank, world_size, *args))
+    except BaseException:  # noqa: BLE001 - the traceback goes back to the parent
+        result = ("error", traceback.format_exc())
+    torch.save(result, f"{out}.part")
+    os.replace(f"{out}.part", out)
+    try:
+        if result[0] == "ok":
+            teardown()
+        elif dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: the other ranks may never get there
+    finally:
+        os._exit(0)  # gloo can abort at interpreter exit after a good run
+
+
+def _failed(out: str) -> bool:
+    return os.path.exists(out) and torch.load(out, weights_only=False)[0] != "ok"
+
+
+def _wait(procs: list, outs: list[str], timeout: float) -> list[int]:
+    """Waits for every rank; once one has reported a failure the others (likely blocked in a
+    collective) get a short grace and are killed, as is everything still running at `timeout`.
+    Returns the ranks that had to be killed."""
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(_failed(out) for out in outs):
+            deadline = min(deadline, time.monotonic() + 10)
+        time.sleep(0.2)
+    killed = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+    return killed
+
+
+def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240,
+                    init: str | None = "deepspeed", release_shm: bool = True,
+                    workdir: str | os.PathLike | None = None) -> list[Any]:
+    """[fn(0, world_size, *args), fn(1, ...), ...] from `world_size` spawned local processes over gloo.
+
+    `init`: "deepspeed" (`deepspeed.init_distributed`, then `release_shm_buffer` unless told not to),
+    "gloo" (a plain torch process group) or None (`fn` sets the group up itself). `fn` must be
+    importable by the spawned processes. Results travel through files, each rank tears its group
+    down and leaves with os._exit; a rank still running at `timeout`, or 10 s after another rank
+    failed, is killed. Raises with the failing rank's traceback, or says which rank timed out.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="fsam-ranks-", dir=workdir) as tmp:
+        outs = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
+        procs = [context.Process(target=_rank_main, args=(fn, r, world_size, port, outs[r], args, init, release_shm))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        killed = _wait(procs, outs, timeout)
+        for path in shm_buffer_names(port, world_size=world_size):  # left behind by a killed rank
+            path.unlink(missing_ok=True)
+        reports = [torch.load(out, weights_only=False) if os.path.exists(out) else None for out in outs]
+    for r, report in enumerate(reports):  # a traceback says more than the peers it left hanging
+        if report is not None and report[0] != "ok":
+            raise RuntimeError(f"rank {r} failed:\n{report[1]}")
+    for r, report in enumerate(reports):
+        if report is None:
+            state = f"timed out after {timeout:.0f} s" if r in killed else f"exited with code {procs[r].exitcode}"
+            raise RuntimeError(f"rank {r} wrote no result ({state})")
+    return [report[1] for report in reports]

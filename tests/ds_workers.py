@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -283,3 +284,13 @@ def run_shm_check(rank: int, world: int) -> tuple[list[str], float]:
     total = torch.tensor([float(rank + 1)] * 8)
     ds_comm.inference_all_reduce(total)
     return left, total[0].item()
+
+
+def fail_on_rank_one(rank: int, world: int) -> int:
+    """Rank 1 fails; rank 0 would go on for ten minutes."""
+    import time
+
+    if rank == 1:
+        raise ValueError("rank one gives up")
+    time.sleep(600)
+    return rank

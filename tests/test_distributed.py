@@ -16,3 +16,8 @@ def test_shared_memory_segments_are_unlinked_after_setup(tmp_path, release):
     for left, total in results:
         assert total == 3.0  # the mappings keep working after the names are gone
         assert len(left) == (0 if release else 2)  # without the release DeepSpeed leaves both behind
+
+
+def test_a_failing_rank_is_reported_and_its_blocked_peer_stopped(tmp_path):
+    with pytest.raises(RuntimeError, match="rank 1 failed:(.|\n)*rank one gives up"):
+        run_distributed(w.fail_on_rank_one, 2, tmp_path, use_deepspeed=False, timeout=120)
