@@ -199,7 +199,9 @@ def run_sweep(runs: Sequence[Run], run_root: Path, *, command_for: Callable[[lis
     results = []
     for number, run in enumerate(runs, start=1):
         run_dir = run_root / run.name
-        command = command_for(train_args(run, run_dir, base_config))
+        args = train_args(run, run_dir, base_config)
+        # a run killed before its summary continues from its newest checkpoint (or starts afresh)
+        command = command_for(args + ["--resume=true"] if resume else args)
         if dry_run:
             out(command.shell())
             results.append(Result(run, "dry-run"))
@@ -277,7 +279,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
     parser.add_argument("--python", default=sys.executable, help="interpreter for --launcher python")
     parser.add_argument("--module", default=TRAIN_MODULE)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    parser.add_argument("--resume", action="store_true", help="skip runs whose metrics.jsonl has a summary")
+    parser.add_argument("--resume", action="store_true", help="skip runs whose metrics.jsonl has a summary; the others continue "
+                        "from their newest checkpoint")
     args = parser.parse_args(argv)
     run_root = Path(args.run_root)
     try:

@@ -176,7 +176,8 @@ def test_resume_skips_finished_runs(tmp_path):
     sw.run_sweep(runs, tmp_path, command_for=_python, runner=fake_trainer({3: "crash"}), out=lambda s: None)
     again = fake_trainer({})
     results = sw.run_sweep(runs, tmp_path, command_for=_python, runner=again, resume=True, out=lambda s: None)
-    assert len(again.calls) == 1  # only the crashed run is repeated
+    assert len(again.calls) == 1  # only the crashed run is repeated, from its newest checkpoint
+    assert again.calls[0].argv[-1] == "--resume=true"
     assert results[3].status == "ok" and results[0].status == "skipped" and results[0].best_metric == 0.5
 
 
