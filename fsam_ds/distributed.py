@@ -31,6 +31,9 @@ def shm_buffer_names(port: str | int, addr: str = "127.0.0.1", world_size: int |
     return [SHM_DIR / f"{prefix}{rank}" for rank in range(world_size)]
 
 
+_released: set[Path] = set()
+
+
 def release_shm_buffer() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it.
 
@@ -39,22 +42,25 @@ def release_shm_buffer() -> None:
     never unlinks it, so every run, good or crashed, leaves them behind until /dev/shm (RAM) is full.
     Each rank maps all peers' segments during `init_distributed`; after a barrier the names are no
     longer needed, the mappings stay valid, and the memory is returned when the last process exits.
-    Collective: every rank must call it.
+    Collective: every rank must call it. Later calls for the same group return at once (every rank
+    takes the same path, so no rank waits alone in the barrier).
     """
-    if not dist.is_initialized():
+    if not dist.is_initialized() or not SHM_DIR.is_dir():
         return
-    rank = dist.get_rank()
-    path = SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    if not path.parent.is_dir():
+    names = shm_buffer_names(os.environ.get("MASTER_PORT", ""), os.environ.get("MASTER_ADDR", ""),
+                             world_size=dist.get_world_size())
+    path = names[dist.get_rank()]
+    if path in _released:
         return
     dist.barrier()
     path.unlink(missing_ok=True)
+    _released.add(path)
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, release_shm: bool = True) -> tuple[int, int]:
     """(rank, world size). torchrun and the deepspeed launcher set RANK/WORLD_SIZE/MASTER_*; a plain
-    `python` run gets a one-process group on a free local port."""
+    `python` run gets a one-process group on a free local port. `backend` None lets DeepSpeed pick
+    (and discover MPI); `release_shm=False` keeps DeepSpeed's shared-memory segment (tests only)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -67,7 +73,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
         deepspeed.init_distributed()
     else:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    release_shm_buffer()
+    if release_shm:
+        release_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -88,11 +95,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ou
     torch.set_num_threads(1)
     try:
         if init == "deepspeed":
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-            if release_shm:
-                release_shm_buffer()
+            init_distributed("gloo", release_shm=release_shm)
         elif init == "gloo":
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result: Any = ("ok", fn(rank, world_size, *args))
@@ -109,17 +112,22 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ou
         os._exit(0)  # gloo can abort at interpreter exit after a good run
 
 
-def _failed(out: str) -> bool:
-    return os.path.exists(out) and torch.load(out, weights_only=False)[0] != "ok"
+def _wait(procs: list, outs: list[str], timeout: float) -> tuple[list[tuple | None], list[int]]:
+    """Waits for every rank and reads each report once, as it appears; once a rank has reported a
+    failure the others (likely blocked in a collective) get a short grace and are killed, as is
+    everything still running at `timeout`. Returns the reports (None: none written) and the ranks
+    that had to be killed."""
+    reports: list[tuple | None] = [None] * len(outs)
 
+    def read_new() -> None:
+        for r, out in enumerate(outs):
+            if reports[r] is None and os.path.exists(out):
+                reports[r] = torch.load(out, weights_only=False)
 
-def _wait(procs: list, outs: list[str], timeout: float) -> list[int]:
-    """Waits for every rank; once one has reported a failure the others (likely blocked in a
-    collective) get a short grace and are killed, as is everything still running at `timeout`.
-    Returns the ranks that had to be killed."""
     deadline = time.monotonic() + timeout
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        if any(_failed(out) for out in outs):
+        read_new()
+        if any(report is not None and report[0] != "ok" for report in reports):
             deadline = min(deadline, time.monotonic() + 10)
         time.sleep(0.2)
     killed = [r for r, p in enumerate(procs) if p.is_alive()]
@@ -127,7 +135,8 @@ def _wait(procs: list, outs: list[str], timeout: float) -> list[int]:
         if p.is_alive():
             p.kill()
         p.join(5)
-    return killed
+    read_new()
+    return reports, killed
 
 
 def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240,
@@ -135,7 +144,7 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                     workdir: str | os.PathLike | None = None) -> list[Any]:
     """[fn(0, world_size, *args), fn(1, ...), ...] from `world_size` spawned local processes over gloo.
 
-    `init`: "deepspeed" (`deepspeed.init_distributed`, then `release_shm_buffer` unless told not to),
+    `init`: "deepspeed" (`init_distributed` over gloo, which releases the shared memory unless told not to),
     "gloo" (a plain torch process group) or None (`fn` sets the group up itself). `fn` must be
     importable by the spawned processes. Results travel through files, each rank tears its group
     down and leaves with os._exit; a rank still running at `timeout`, or 10 s after another rank
@@ -153,10 +162,9 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                  for r in range(world_size)]
         for p in procs:
             p.start()
-        killed = _wait(procs, outs, timeout)
+        reports, killed = _wait(procs, outs, timeout)
         for path in shm_buffer_names(port, world_size=world_size):  # left behind by a killed rank
             path.unlink(missing_ok=True)
-        reports = [torch.load(out, weights_only=False) if os.path.exists(out) else None for out in outs]
     for r, report in enumerate(reports):  # a traceback says more than the peers it left hanging
         if report is not None and report[0] != "ok":
             raise RuntimeError(f"rank {r} failed:\n{report[1]}")

@@ -270,15 +270,17 @@ def run_checkpoint(rank: int, world: int, stage: int, sam_type: str, directory: 
     return {"expected": expected, "got": got, "blind": full_params(blind.engine), "step": step_after_load}
 
 
-def run_shm_check(rank: int, world: int) -> tuple[list[str], float]:
-    """The group's DeepSpeed shared-memory segments still named in /dev/shm, and an all-reduce through them."""
+def run_shm_check(rank: int, world: int, released: bool) -> tuple[list[str], float]:
+    """The group's DeepSpeed shared-memory segments still named in /dev/shm, and an all-reduce through them.
+    Once released, a second release on one rank alone must return without a collective."""
     import os
 
     import deepspeed.comm as ds_comm
-    import torch.distributed
 
-    from fsam_ds.distributed import shm_buffer_names
+    from fsam_ds.distributed import release_shm_buffer, shm_buffer_names
 
+    if released and rank == 0:
+        release_shm_buffer()
     torch.distributed.barrier()  # every rank has released (or not) its own segment
     left = [path.name for path in shm_buffer_names(os.environ["MASTER_PORT"])]
     total = torch.tensor([float(rank + 1)] * 8)

@@ -12,7 +12,8 @@ from fsam_ds.distributed import SHM_DIR
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
 @pytest.mark.parametrize("release", [False, True])
 def test_shared_memory_segments_are_unlinked_after_setup(tmp_path, release):
-    results = run_distributed(w.run_shm_check, 2, tmp_path, use_deepspeed=True, release_shm=release)
+    results = run_distributed(w.run_shm_check, 2, tmp_path, release, use_deepspeed=True, release_shm=release,
+                              timeout=120)
     for left, total in results:
         assert total == 3.0  # the mappings keep working after the names are gone
         assert len(left) == (0 if release else 2)  # without the release DeepSpeed leaves both behind
