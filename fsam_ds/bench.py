@@ -450,11 +450,12 @@ def count_parameters(model: nn.Module) -> int:
 
 # ====================================================================== fsam-bench core
 
-CORE_LR = 1e-4
-CORE_WEIGHT_DECAY = 0.01
+LR = 1e-4  # both benchmarks' AdamW
+WEIGHT_DECAY = 0.01
 MEMORY_TYPES = ("sam", "fisher-sam", "esam", "gsam", "fisher-gsam")
 TIMED_CORE = ("adamw", "pytorch-optimizer-sam", "sam", "fisher-sam")
-REBUILD = "@rebuild"
+REBUILD = "@rebuild"  # suffix of a method that rebuilds its Fisher mask every step
+MASK_INTERVAL = 100  # the paper's default; rebuild costs are amortised over it
 
 
 class Probe:
@@ -580,23 +581,23 @@ def build_core_method(name: str, model_args: dict, **sam_overrides: Any) -> Core
     model = tiny_bert(**model_args)
     model.train()
     if name == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=CORE_LR,
-                                                             weight_decay=CORE_WEIGHT_DECAY)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=LR,
+                                                             weight_decay=WEIGHT_DECAY)
         step = _step_adamw
     elif name == "pytorch-optimizer-sam":
         from pytorch_optimizer import SAM
 
-        optimizer = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=CORE_LR, weight_decay=CORE_WEIGHT_DECAY)
+        optimizer = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=LR, weight_decay=WEIGHT_DECAY)
         step = _step_reference
     else:
         from fsam_ds.config import SAMConfig
         from fsam_ds.optim import SAMOptimizer
 
         sam_type = name.split("@")[0]
-        settings: dict[str, Any] = dict(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=100)
+        settings: dict[str, Any] = dict(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=MASK_INTERVAL)
         settings.update(sam_overrides)
-        optimizer = SAMOptimizer(model.named_parameters(), torch.optim.AdamW, SAMConfig(**settings), lr=CORE_LR,
-                                 weight_decay=CORE_WEIGHT_DECAY)
+        optimizer = SAMOptimizer(model.named_parameters(), torch.optim.AdamW, SAMConfig(**settings), lr=LR,
+                                 weight_decay=WEIGHT_DECAY)
         step = _step_ours_batch if sam_type.endswith("esam") else _step_ours
     method = CoreMethod(name, model, optimizer, step)
     _instrument_core(method)
@@ -673,7 +674,8 @@ def run_core(args: argparse.Namespace) -> dict:
     accumulated = build_core_method("fisher-sam@accumulated", model_args, fisher_estimator="accumulated")
     memory["fisher-sam, accumulated Fisher"] = measure_memory(accumulated, batches, args.memory_steps, base_keys)
     result = {"model": {**model_args, "batch": args.batch, "parameters": n},
-              "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup, "mask_interval": 100,
+              "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
+              "mask_interval": MASK_INTERVAL,
               "steps": steps, "adamw_state_bytes_per_param": adamw_bytes / n, "memory": memory}
     result["ratios"] = core_ratios(result)
     return result
@@ -749,16 +751,22 @@ def format_core_profile(result: dict) -> str:
 # ====================================================================== command line
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, *, hidden: int, layers: int, heads: int, vocab: int,
+                        seq: int = 64) -> None:
+    """The shape of the `tiny_bert` a benchmark builds, with that benchmark's defaults."""
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--seq", type=int, default=seq)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsam-bench", description="Step time, memory and communication "
                                      "benchmarks of the SAM family.")
     sub = parser.add_subparsers(dest="command", required=True)
     core = sub.add_parser("core", help="one process: ours vs pytorch-optimizer's SAM, on CPU")
-    core.add_argument("--hidden", type=int, default=256)
-    core.add_argument("--layers", type=int, default=4)
-    core.add_argument("--heads", type=int, default=4)
-    core.add_argument("--vocab", type=int, default=2000)
-    core.add_argument("--seq", type=int, default=64)
+    add_model_arguments(core, hidden=256, layers=4, heads=4, vocab=2000)
     core.add_argument("--batch", type=int, default=16)
     core.add_argument("--reps", type=int, default=20, help="timed repetitions (one step of every method each)")
     core.add_argument("--warmup", type=int, default=2)

@@ -29,16 +29,13 @@ from typing import Any, Callable
 
 import torch
 
-from fsam_ds.bench import (MiB, CollectiveCounter, HeapPeak, PhaseProfile, fmt, heap_in_use, median, median_profile,
-                           per_example_loss, random_batches, ratio, rotated, table, tiny_bert, verdict)
-from fsam_ds.distributed import release_shm_buffer, run_local_ranks
+from fsam_ds.bench import (LR, MASK_INTERVAL, REBUILD, WEIGHT_DECAY, MiB, CollectiveCounter, HeapPeak, PhaseProfile,
+                           add_model_arguments, fmt, heap_in_use, median, median_profile, per_example_loss,
+                           random_batches, ratio, rotated, table, tiny_bert, verdict)
+from fsam_ds.distributed import init_distributed, run_local_ranks
 
 METHODS = ("adamw", "fisher-sam", "fisher-esam")
-REBUILD = "@rebuild"
-MASK_INTERVAL = 100
 TARGETS = {"step_ratio": 2.05, "memory_ratio_stage3": 1.05, "collective_ratio": 2.05}
-LR = 1e-4
-WEIGHT_DECAY = 0.01
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3,
                         help="steps per engine before timing (memory is sampled there)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--seq", type=int, default=64)
+    add_model_arguments(parser, hidden=128, layers=2, heads=2, vocab=1000)
     parser.add_argument("--micro-batch", type=int, default=8, help="examples per rank and step")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--persistence-threshold", type=int, default=None,
@@ -269,12 +262,9 @@ def _quiet() -> None:
 
 def _rank_bench(rank: int, world: int, options: dict) -> dict:
     bench = RankBench(rank, world, options)  # wraps torch.distributed before DeepSpeed binds to it
-    import deepspeed
-
     if not options["verbose"]:
         _quiet()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    release_shm_buffer()
+    init_distributed("gloo")
     return bench.run()
 
 

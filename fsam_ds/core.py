@@ -28,6 +28,7 @@ from fsam_ds.config import SAMConfig
 from fsam_ds.fisher import global_topk, keep_count
 from fsam_ds.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
 
+
 def _square_norm(t: Tensor) -> Tensor:
     """||t||^2 accumulated in float64 (exact enough to compare sharded and single-process runs)."""
     return torch.linalg.vector_norm(t, dtype=torch.float64).square()

@@ -279,8 +279,9 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
     parser.add_argument("--python", default=sys.executable, help="interpreter for --launcher python")
     parser.add_argument("--module", default=TRAIN_MODULE)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    parser.add_argument("--resume", action="store_true", help="skip runs whose metrics.jsonl has a summary; the others continue "
-                        "from their newest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip runs whose metrics.jsonl has a summary; the others continue from their newest "
+                             "checkpoint")
     args = parser.parse_args(argv)
     run_root = Path(args.run_root)
     try:
