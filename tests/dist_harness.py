@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from fsam_ds.distributed import free_port, run_local_ranks
+from fsam_ds.zero.distributed import free_port, run_local_ranks
 
 __all__ = ["free_port", "run_distributed"]
 

@@ -8,7 +8,7 @@ import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsam_ds.config import SAMConfig
+from fsam_ds.sam.config import SAMConfig
 
 SAM_TYPES = ["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"]
 
@@ -95,7 +95,7 @@ def full_params(engine) -> list[torch.Tensor]:
 
 
 def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, **zero):
-    import fsam_ds.engine as fe
+    import fsam_ds.zero.engine as fe
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     return fe.initialize(model=model, config=ds_config(stage, dtype, micro=micro, gas=gas, **zero), sam=sam,
@@ -169,7 +169,7 @@ def module_full_params(engine) -> list[torch.Tensor]:
 
 
 def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
-    from fsam_ds.engine import allow_fp16_on_cpu
+    from fsam_ds.zero.engine import allow_fp16_on_cpu
 
     allow_fp16_on_cpu()
     batches = global_batches("mlp", 4)
@@ -277,7 +277,7 @@ def run_shm_check(rank: int, world: int, released: bool) -> tuple[list[str], flo
 
     import deepspeed.comm as ds_comm
 
-    from fsam_ds.distributed import release_shm_buffer, shm_buffer_names
+    from fsam_ds.zero.distributed import release_shm_buffer, shm_buffer_names
 
     if released and rank == 0:
         release_shm_buffer()

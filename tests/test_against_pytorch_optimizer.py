@@ -10,8 +10,8 @@ import torch.nn.functional as F
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 import pytorch_optimizer.optimizer.sam as reference_sam  # noqa: E402
 
-from fsam_ds.config import SAMConfig  # noqa: E402
-from fsam_ds.optim import SAMOptimizer  # noqa: E402
+from fsam_ds.sam.config import SAMConfig  # noqa: E402
+from fsam_ds.sam.optim import SAMOptimizer  # noqa: E402
 
 
 def float64_global_norm_sq(param_groups, device=None, *, weight_adaptive=False):

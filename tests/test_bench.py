@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsam_ds import bench, bench_zero
-from fsam_ds.bench import (CollectiveCounter, HeapPeak, PhaseProfile, held_tensor_bytes, heap_in_use, median_profile,
+from benchmarks import core as bench, zero as bench_zero
+from benchmarks.core import (CollectiveCounter, HeapPeak, PhaseProfile, held_tensor_bytes, heap_in_use, median_profile,
                            payload_bytes, rotated)
-from fsam_ds.config import SAMConfig
-from fsam_ds.optim import SAMOptimizer
+from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.optim import SAMOptimizer
 
 # torch 2.13 deprecates the all-gather / reduce-scatter names DeepSpeed still calls; the counter wraps both
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -68,7 +68,7 @@ def test_counter_counts_a_forwarding_alias_once_and_uninstalls(gloo_group):
 
 
 def test_counter_sees_calls_made_through_the_comm_of_the_library(gloo_group):
-    from fsam_ds.shards import TorchComm
+    from fsam_ds.sam.shards import TorchComm
 
     comm = TorchComm()  # built before the counter: looks the function up at call time
     with CollectiveCounter() as counter:

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsam_ds.config import SAMConfig, ConfigError
-from fsam_ds.optim import SAMOptimizer, index_batch
+from fsam_ds.sam.config import SAMConfig, ConfigError
+from fsam_ds.sam.optim import SAMOptimizer, index_batch
 
 
 @pytest.mark.parametrize("field,value,words", [

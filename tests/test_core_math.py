@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsam_ds.config import SAMConfig
-from fsam_ds.optim import SAMOptimizer
+from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.optim import SAMOptimizer
 
 
 

@@ -8,10 +8,10 @@ from datasets import ClassLabel, Dataset
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from fsam_ds import data
-from fsam_ds.data import (DataError, PadCollator, ShardSampler, build_dataloader, load_task_splits,
+from fsam_ds.trainer import data
+from fsam_ds.trainer.data import (DataError, PadCollator, ShardSampler, build_dataloader, load_task_splits,
                           sample_per_class, set_epoch, tokenize)
-from fsam_ds.tasks import get_task
+from fsam_ds.trainer.tasks import get_task
 
 WORDS = "the a cat dog sat on mat is good bad film movie bank river money word : . ?".split()
 

@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_harness import run_distributed
-from fsam_ds.config import SAMConfig
-from fsam_ds.optim import SAMOptimizer
-from fsam_ds.shards import TorchComm
+from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.optim import SAMOptimizer
+from fsam_ds.sam.shards import TorchComm
 
 TYPES = ["sam", "fisher-sam", "gsam", "esam", "fisher-esam"]
 

@@ -6,7 +6,7 @@ import pytest
 
 import ds_workers as w
 from dist_harness import run_distributed
-from fsam_ds.distributed import SHM_DIR
+from fsam_ds.zero.distributed import SHM_DIR
 
 
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")

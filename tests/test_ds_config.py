@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fsam_ds import config as sam_config
-from fsam_ds.ds_config import PRECISIONS, ConfigError, build_ds_config, resolve_ds_config
+from fsam_ds.sam import config as sam_config
+from fsam_ds.zero.ds_config import PRECISIONS, ConfigError, build_ds_config, resolve_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "ds_configs"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch.nn as nn
 
-from fsam_ds.config import ConfigError, SAMConfig
-from fsam_ds.engine import initialize
+from fsam_ds.sam.config import ConfigError, SAMConfig
+from fsam_ds.zero.engine import initialize
 
 pytest.importorskip("deepspeed")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsam_ds.fisher import global_topk, order_key
-from fsam_ds.shards import LocalComm, pack_bits, unpack_bits
+from fsam_ds.sam.fisher import global_topk, order_key
+from fsam_ds.sam.shards import LocalComm, pack_bits, unpack_bits
 
 
 def reference(values: list[torch.Tensor], bases: list[int], k: int) -> list[torch.Tensor]:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsam_ds import launch
-from fsam_ds.config import ConfigError
-from fsam_ds.launch import (HostfileError, LaunchCommand, SlurmNode, check_node_rank, deepspeed_command,
+from fsam_ds.cli import launch
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.cli.launch import (HostfileError, LaunchCommand, SlurmNode, check_node_rank, deepspeed_command,
                             hostfile_command, hostfile_text, parse_hostfile, slurm_command, slurm_hosts, slurm_node,
                             torchrun_command)
 

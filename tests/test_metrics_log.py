@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from fsam_ds.metrics_log import (
+from fsam_ds.trainer.metrics_log import (
     NullLogger, RunLogger, open_run_logger, resolve_wandb_mode, wandb_api_key_configured,
 )
-from fsam_ds.run_config import load_config
+from fsam_ds.trainer.run_config import load_config
 
 
 @pytest.fixture(autouse=True)

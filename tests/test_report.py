@@ -3,7 +3,7 @@ import json
 import matplotlib.image as mpimg
 import pytest
 
-from fsam_ds.report import ReportError, load_run, main, make_report
+from fsam_ds.cli.report import ReportError, load_run, main, make_report
 
 
 def write_run(root, name, sam_type, losses, accs, mask=None, summary=True, extra_lines=()):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fsam_ds.run_config import (
+from fsam_ds.trainer.run_config import (
     ConfigError, SAMSection, TrainConfig, config_from_dict, config_keys, config_to_dict, load_config,
 )
 
@@ -178,7 +178,7 @@ def test_sam_section_core_kwargs_cover_every_field():
 
 
 def test_every_sam_type_but_none_is_known_to_the_optimizer_core():
-    from fsam_ds.config import SAM_TYPES
+    from fsam_ds.sam.config import SAM_TYPES
     from typing import get_args, get_type_hints
 
     choices = get_args(get_type_hints(SAMSection)["sam_type"])
@@ -213,8 +213,8 @@ def test_sam_section_mirrors_the_core_config():
     """The trainer's SAM section and the core's SAMConfig must not drift apart."""
     import dataclasses
 
-    from fsam_ds.config import SAMConfig
-    from fsam_ds.run_config import SAMSection
+    from fsam_ds.sam.config import SAMConfig
+    from fsam_ds.trainer.run_config import SAMSection
 
     core = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
     section = SAMSection()

@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 
 from dist_harness import run_distributed
-from fsam_ds.config import SAMConfig
-from fsam_ds.core import SharpnessAware
-from fsam_ds.shards import Comm, LocalComm, Piece, TorchComm
+from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.core import SharpnessAware
+from fsam_ds.sam.shards import Comm, LocalComm, Piece, TorchComm
 
 SHAPES = {"enc.0.weight": (7, 9), "enc.0.bias": (9,), "enc.1.weight": (13, 5), "head.weight": (3, 5),
           "unused.weight": (4, 4)}

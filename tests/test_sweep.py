@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsam_ds import sweep as sw
-from fsam_ds.config import ConfigError
-from fsam_ds.launch import LaunchCommand
+from fsam_ds.cli import sweep as sw
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.cli.launch import LaunchCommand
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = {

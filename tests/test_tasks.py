@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsam_ds.tasks import (GLUE_TASKS, SUPERGLUE_TASKS, TASKS, UnknownTaskError, compute_metrics,
+from fsam_ds.trainer.tasks import (GLUE_TASKS, SUPERGLUE_TASKS, TASKS, UnknownTaskError, compute_metrics,
                            get_task, predicted_ids)
 
 

@@ -18,9 +18,9 @@ import torch
 
 import train_fixtures as fx
 from dist_harness import free_port
-from fsam_ds.build import lr_lambda
-from fsam_ds.distributed import shm_buffer_names
-from fsam_ds.evaluate import layer_of
+from fsam_ds.trainer.build import lr_lambda
+from fsam_ds.zero.distributed import shm_buffer_names
+from fsam_ds.trainer.evaluate import layer_of
 
 TIMEOUT = 300
 GLOO_EXIT_ABORT = "terminate called without an active exception"

@@ -7,7 +7,7 @@ import torch
 
 from dist_harness import run_distributed
 from ds_workers import SAM_TYPES, global_batches, mlp, tiny_bert, per_example_loss, run_equivalence, sam_config
-from fsam_ds.optim import SAMOptimizer
+from fsam_ds.sam.optim import SAMOptimizer
 
 pytest.importorskip("deepspeed")
 

@@ -38,7 +38,7 @@ def test_bf16_update_applied_at_unperturbed_master(stage, tmp_path):
     model = bf16_round(mlp())
     loss = per_example_loss("mlp")
     batch = global_batches("mlp", 1)[0]
-    from fsam_ds.optim import SAMOptimizer
+    from fsam_ds.sam.optim import SAMOptimizer
 
     opt = SAMOptimizer(model.named_parameters(), torch.optim.SGD, sam_config("fisher-sam"), lr=0.0)
     model.zero_grad()

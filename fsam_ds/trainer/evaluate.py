@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fsam_ds.shards import unpack_bits
-from fsam_ds.tasks import TaskSpec, compute_metrics
+from fsam_ds.sam.shards import unpack_bits
+from fsam_ds.trainer.tasks import TaskSpec, compute_metrics
 
 LossFn = Callable[[Any, Mapping[str, Tensor]], Tensor]
 

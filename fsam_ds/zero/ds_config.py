@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fsam_ds.config import ConfigError
+from fsam_ds.sam.config import ConfigError
 
 __all__ = ["ConfigError", "PRECISIONS", "FP16_SCALER_DEFAULTS", "build_ds_config", "resolve_ds_config"]
 
@@ -182,7 +182,7 @@ def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed con
     left = [path for path in _auto_paths(r.config) if path not in _NATIVE_AUTO]
     if left:
         r.fail(f'still has "auto" for {", ".join(left)}; DeepSpeed cannot fill these. Pass the config through '
-               "fsam_ds.ds_config.resolve_ds_config(...) with the training arguments, or give concrete values.")
+               "fsam_ds.zero.ds_config.resolve_ds_config(...) with the training arguments, or give concrete values.")
 
 
 def _reject_unsupported(r: _Resolver) -> None:

@@ -1,7 +1,7 @@
 """Run a wandb grid sweep locally, one training run after another, and tabulate the results.
 
-    python -m fsam_ds.sweep launch/sweeps/sam_type_rho_seed.yaml --run-root runs/sweep --dry-run
-    python -m fsam_ds.sweep launch/sweeps/sam_type_rho_seed.yaml --run-root runs/sweep --launcher torchrun --nproc 2
+    python -m fsam_ds.cli.sweep launch/sweeps/sam_type_rho_seed.yaml --run-root runs/sweep --dry-run
+    python -m fsam_ds.cli.sweep launch/sweeps/sam_type_rho_seed.yaml --run-root runs/sweep --launcher torchrun --nproc 2
 
 Each combination of the sweep's `parameters` becomes `--name=value` arguments, formatted as the
 wandb agent formats `${args}`, so a run here and a run under `wandb agent` see the same flags. No
@@ -26,8 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from fsam_ds.config import ConfigError
-from fsam_ds.launch import (DEFAULT_PORT, TRAIN_MODULE, LaunchCommand, deepspeed_command, launcher_exe,
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.cli.launch import (DEFAULT_PORT, TRAIN_MODULE, LaunchCommand, deepspeed_command, launcher_exe,
                             omp_threads_per_rank, torchrun_command)
 
 Runner = Callable[[LaunchCommand, Path], int]
@@ -269,7 +269,7 @@ def write_results(results: Sequence[Result], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fsam_ds.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fsam_ds.cli.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="wandb sweep YAML (method: grid)")
     parser.add_argument("--run-root", default="runs/sweep", help="each run writes to RUN_ROOT/<run name>")
     parser.add_argument("--config", default=None, help="base trainer config (overrides the sweep's 'config')")

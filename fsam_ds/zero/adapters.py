@@ -26,8 +26,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fsam_ds.config import ConfigError
-from fsam_ds.shards import Comm, Piece, TensorShards, TorchComm
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.sam.shards import Comm, Piece, TensorShards, TorchComm
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from fsam_ds.config import ConfigError
+from fsam_ds.sam.config import ConfigError
 
 __all__ = [
     "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",

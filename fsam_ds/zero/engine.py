@@ -9,7 +9,7 @@
 `per_example_loss(module, batch)` runs the forward through `module` (the engine) and returns the
 per-example losses. DeepSpeed's optimizer is neither subclassed nor patched: the step drives the
 public engine calls (backward, set_gradient_accumulation_boundary, step) and reads the rank's
-shards through `fsam_ds.zero`.
+shards through `fsam_ds.zero.adapters`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from fsam_ds.config import SAMConfig
-from fsam_ds.ds_config import check_sam_compatible
-from fsam_ds.distributed import release_shm_buffer
-from fsam_ds.core import SharpnessAware, StepStats
-from fsam_ds.optim import check_per_example, index_batch
-from fsam_ds.shards import TorchComm
-from fsam_ds.zero import shards_for_engine
+from fsam_ds.sam.config import SAMConfig
+from fsam_ds.zero.ds_config import check_sam_compatible
+from fsam_ds.zero.distributed import release_shm_buffer
+from fsam_ds.sam.core import SharpnessAware, StepStats
+from fsam_ds.sam.optim import check_per_example, index_batch
+from fsam_ds.sam.shards import TorchComm
+from fsam_ds.zero.adapters import shards_for_engine
 
 EngineLoss = Callable[[Any, Any], Tensor]
 

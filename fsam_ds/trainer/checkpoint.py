@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fsam_ds.config import ConfigError
+from fsam_ds.sam.config import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"

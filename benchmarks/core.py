@@ -590,8 +590,8 @@ def build_core_method(name: str, model_args: dict, **sam_overrides: Any) -> Core
         optimizer = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=LR, weight_decay=WEIGHT_DECAY)
         step = _step_reference
     else:
-        from fsam_ds.config import SAMConfig
-        from fsam_ds.optim import SAMOptimizer
+        from fsam_ds.sam.config import SAMConfig
+        from fsam_ds.sam.optim import SAMOptimizer
 
         sam_type = name.split("@")[0]
         settings: dict[str, Any] = dict(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=MASK_INTERVAL)
@@ -774,7 +774,7 @@ def _parser() -> argparse.ArgumentParser:
     core.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     core.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
-    from fsam_ds.bench_zero import add_arguments
+    from benchmarks.zero import add_arguments
 
     add_arguments(sub.add_parser("zero", help="DeepSpeed ZeRO stages on local gloo ranks (CPU)"))
     return parser
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_core_report(result))
         _write_json(args.json, result)
         return 0
-    from fsam_ds.bench_zero import format_zero_report, run_zero
+    from benchmarks.zero import format_zero_report, run_zero
 
     result = run_zero(args)
     print(format_zero_report(result))

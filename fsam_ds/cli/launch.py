@@ -3,10 +3,10 @@
 The builders are pure: they return a LaunchCommand (argv + the environment variables to add), so
 the exact command can be printed, tested and run. The CLI at the bottom prints or runs one:
 
-    python -m fsam_ds.launch deepspeed --nproc 2 -- --config launch/configs/rte.yaml --seed=1
-    python -m fsam_ds.launch torchrun --nproc 2 --dry-run -- --config launch/configs/rte.yaml
-    python -m fsam_ds.launch hostfile --hostfile launch/hostfile --master_addr 10.0.0.1 --node_rank 0 -- ...
-    srun --ntasks-per-node=1 python -m fsam_ds.launch slurm --launcher torchrun -- ...
+    python -m fsam_ds.cli.launch deepspeed --nproc 2 -- --config launch/configs/rte.yaml --seed=1
+    python -m fsam_ds.cli.launch torchrun --nproc 2 --dry-run -- --config launch/configs/rte.yaml
+    python -m fsam_ds.cli.launch hostfile --hostfile launch/hostfile --master_addr 10.0.0.1 --node_rank 0 -- ...
+    srun --ntasks-per-node=1 python -m fsam_ds.cli.launch slurm --launcher torchrun -- ...
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from fsam_ds.config import ConfigError
+from fsam_ds.sam.config import ConfigError
 
 TRAIN_MODULE = "fsam_ds.train"
 DEFAULT_PORT = 29500
@@ -263,7 +263,7 @@ def _leading_int(text: str) -> int:
 
 def launcher_exe(name: str) -> str:
     """`deepspeed`/`torchrun` from this interpreter's environment if it has one, else the name
-    (found on PATH), so that `.venv/bin/python -m fsam_ds.launch` works without activating the venv."""
+    (found on PATH), so that `.venv/bin/python -m fsam_ds.cli.launch` works without activating the venv."""
     sibling = Path(sys.executable).with_name(name)
     return str(sibling) if sibling.exists() else name
 
@@ -280,7 +280,7 @@ def _default_nproc() -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fsam_ds.launch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fsam_ds.cli.launch", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--module", default=TRAIN_MODULE, help="python module each rank runs")

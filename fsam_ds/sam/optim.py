@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fsam_ds.config import SAMConfig
-from fsam_ds.core import SharpnessAware, StepStats
-from fsam_ds.shards import Comm, LocalComm, TensorShards
+from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.core import SharpnessAware, StepStats
+from fsam_ds.sam.shards import Comm, LocalComm, TensorShards
 
 PerExampleLoss = Callable[[Any], Tensor]
 

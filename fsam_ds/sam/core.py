@@ -24,9 +24,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from fsam_ds.config import SAMConfig
-from fsam_ds.fisher import global_topk, keep_count
-from fsam_ds.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
+from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.fisher import global_topk, keep_count
+from fsam_ds.sam.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
 
 
 def _square_norm(t: Tensor) -> Tensor:

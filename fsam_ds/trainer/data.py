@@ -37,7 +37,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from fsam_ds.tasks import TaskSpec, get_task
+from fsam_ds.trainer.tasks import TaskSpec, get_task
 
 TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
 SOURCES = ("hub", "glue-tsv", "files")

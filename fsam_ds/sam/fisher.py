@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from fsam_ds.shards import Comm
+from fsam_ds.sam.shards import Comm
 
 _RADIX_BITS = 8
 _BINS = 1 << _RADIX_BITS

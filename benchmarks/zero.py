@@ -29,17 +29,17 @@ from typing import Any, Callable
 
 import torch
 
-from fsam_ds.bench import (LR, MASK_INTERVAL, REBUILD, WEIGHT_DECAY, MiB, CollectiveCounter, HeapPeak, PhaseProfile,
+from benchmarks.core import (LR, MASK_INTERVAL, REBUILD, WEIGHT_DECAY, MiB, CollectiveCounter, HeapPeak, PhaseProfile,
                            add_model_arguments, fmt, heap_in_use, median, median_profile, per_example_loss,
                            random_batches, ratio, rotated, table, tiny_bert, verdict)
-from fsam_ds.distributed import init_distributed, run_local_ranks
+from fsam_ds.zero.distributed import init_distributed, run_local_ranks
 
 METHODS = ("adamw", "fisher-sam", "fisher-esam")
 TARGETS = {"step_ratio": 2.05, "memory_ratio_stage3": 1.05, "collective_ratio": 2.05}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fsam_ds.ds_config import STAGE3_PERSISTENCE_THRESHOLD
+    from fsam_ds.zero.ds_config import STAGE3_PERSISTENCE_THRESHOLD
 
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method and stage")
@@ -64,7 +64,7 @@ def ds_config(stage: int, dtype: str, micro_batch: int, world_size: int, hidden:
     (DeepSpeed clips at 1.0 by default) and bucket sizes from the model (the Hugging Face "auto"
     rule, hidden^2 elements). DeepSpeed's default buckets (5e8 elements, 1.9 GiB in fp32) would
     be a constant far larger than this model and hide every other difference in memory."""
-    from fsam_ds.ds_config import build_ds_config, resolve_ds_config
+    from fsam_ds.zero.ds_config import build_ds_config, resolve_ds_config
 
     config = build_ds_config(dtype, stage)
     config["zero_optimization"]["reduce_bucket_size"] = "auto"
@@ -144,8 +144,8 @@ class RankBench:
     def build(self, name: str, stage: int) -> ZeroMethod:
         import deepspeed
 
-        from fsam_ds.config import SAMConfig
-        from fsam_ds.engine import initialize
+        from fsam_ds.sam.config import SAMConfig
+        from fsam_ds.zero.engine import initialize
 
         o = self.o
         model = tiny_bert(o["hidden"], o["layers"], o["heads"], o["vocab"], o["seq"])

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from fsam_ds.run_config import TrainConfig, config_to_dict
+from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 
 __all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured"]
 

@@ -1,9 +1,9 @@
 """The interface between the SAM-family math and whatever holds the parameters.
 
-The math (`fsam_ds.core`) sees only this: the local pieces of every parameter this process owns,
+The math (`fsam_ds.sam.core`) sees only this: the local pieces of every parameter this process owns,
 the matching gradient pieces, and an all-reduce. A plain tensor list (one process, or DDP where
 every rank holds everything) is one implementation; a DeepSpeed ZeRO rank's partition is another
-(`fsam_ds.zero`).
+(`fsam_ds.zero.adapters`).
 """
 
 from __future__ import annotations

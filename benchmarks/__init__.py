@@ -1,0 +1,1 @@
+"""Benchmarks of fsam-ds against baselines in the same run (`python -m benchmarks --help`)."""

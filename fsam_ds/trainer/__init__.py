@@ -1,0 +1,1 @@
+"""The fine-tuning run: configuration, tasks, data, evaluation, checkpoints, metrics log and loop."""

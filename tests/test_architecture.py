@@ -1,0 +1,89 @@
+"""The package's four parts import one way: sam <- zero <- trainer <- cli.
+
+`fsam_ds.sam` imports torch and the standard library only, so the math and the plain-PyTorch
+optimizer work without DeepSpeed or transformers; `fsam_ds.zero` never reaches into the trainer.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fsam_ds"
+
+# each part may import itself and the parts listed for it
+ALLOWED = {
+    "sam": {"sam"},
+    "zero": {"sam", "zero"},
+    "trainer": {"sam", "zero", "trainer"},
+    "cli": {"sam", "zero", "trainer", "cli"},
+}
+# third-party modules `fsam_ds.sam` may import (everything else there must be the standard library)
+SAM_THIRD_PARTY = {"torch"}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a source file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+            # `from fsam_ds import trainer` names a part too
+            if node.module == "fsam_ds":
+                found += [(node.lineno, f"fsam_ds.{alias.name}") for alias in node.names]
+    return found
+
+
+def direction_violations(package: Path) -> list[str]:
+    """Every import in `package` that goes against ALLOWED, as 'file:line imports module'."""
+    stdlib = set(sys.stdlib_module_names)
+    out = []
+    for part, allowed in ALLOWED.items():
+        for path in sorted((package / part).rglob("*.py")):
+            for line, module in _imports(path):
+                top, *rest = module.split(".")
+                where = f"{path.relative_to(package.parent)}:{line} imports {module}"
+                if top == "fsam_ds":
+                    target = rest[0] if rest else None
+                    if target in ALLOWED and target not in allowed:
+                        out.append(where)
+                    elif target not in ALLOWED:
+                        out.append(where + " (import from a part, not from the package root)")
+                elif part == "sam" and top not in stdlib and top not in SAM_THIRD_PARTY:
+                    out.append(where + " (fsam_ds.sam may import torch and the standard library only)")
+    return out
+
+
+def test_imports_follow_the_direction():
+    assert direction_violations(PACKAGE) == []
+
+
+def test_checker_catches_an_import_against_the_direction(tmp_path):
+    for part in ALLOWED:
+        (tmp_path / "fsam_ds" / part).mkdir(parents=True)
+    (tmp_path / "fsam_ds" / "zero" / "engine.py").write_text("from fsam_ds.trainer.loop import train\n")
+    (tmp_path / "fsam_ds" / "sam" / "core.py").write_text("import deepspeed\nimport math\nimport torch\n")
+    (tmp_path / "fsam_ds" / "trainer" / "loop.py").write_text("from fsam_ds.zero.engine import SAMEngine\n")
+    found = direction_violations(tmp_path / "fsam_ds")
+    assert found == ["fsam_ds/sam/core.py:1 imports deepspeed (fsam_ds.sam may import torch and the standard "
+                     "library only)", "fsam_ds/zero/engine.py:1 imports fsam_ds.trainer.loop"]
+
+
+def test_sam_imports_without_deepspeed_or_transformers():
+    code = ("import sys; sys.modules['deepspeed'] = None; sys.modules['transformers'] = None; "
+            "sys.modules['datasets'] = None; import fsam_ds.sam; import fsam_ds; "
+            "print(fsam_ds.SAMOptimizer.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SAMOptimizer"
+
+
+def test_every_module_has_a_part():
+    loose = {p.name for p in PACKAGE.glob("*.py")}
+    # the package root holds only its exports and the trainer's stable module path (`-m fsam_ds.train`)
+    assert loose == {"__init__.py", "__main__.py", "train.py"}
