@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 from fsam_ds.sam.config import SAMConfig
 
-SAM_TYPES = ["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"]
-
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)

@@ -34,6 +34,18 @@ def test_config_errors_name_field_value_and_range(field, value, words):
         assert word in str(err.value), (word, str(err.value))
 
 
+@pytest.mark.parametrize("field", ["rho", "rho_min", "lr_max", "lr_min", "beta", "gamma", "alpha", "keep_ratio",
+                                   "eps"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_config_refuses_non_finite_reals(field, value):
+    # inf passes the range checks of rho and lr_max, and then turns the step's radius or lr schedule into NaN
+    with pytest.raises(ConfigError) as err:
+        SAMConfig(**{field: value})
+    message = str(err.value)
+    assert f"'{field}'" in message and repr(value) in message and "must be a finite real number" in message
+    assert "The default is" in message
+
+
 def test_config_defaults_are_the_papers():
     cfg = SAMConfig()
     assert (cfg.rho, cfg.beta, cfg.gamma, cfg.alpha, cfg.keep_ratio, cfg.mask_interval) == (0.05, 0.5, 0.5, 0.4,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.config import SAM_TYPES, SAMConfig
 from fsam_ds.sam.optim import SAMOptimizer
 
 
@@ -70,7 +70,7 @@ def sgd_sam(config: SAMConfig, model, lr=0.1):
 
 
 # ---------------------------------------------------------------- 1. rho = 0 is the base step
-@pytest.mark.parametrize("sam_type", ["sam", "fisher-sam", "esam", "gsam", "fisher-gsam", "fisher-esam"])
+@pytest.mark.parametrize("sam_type", SAM_TYPES)
 def test_rho_zero_is_base_step(sam_type):
     batch = make_batch()
     model, ref = make_model(), make_model()

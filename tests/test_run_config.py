@@ -99,7 +99,7 @@ def test_ambiguous_flat_key_and_whole_section_are_rejected():
 
 
 @pytest.mark.parametrize("arg, key, expected", [
-    ("--sam.rho=abc", "sam.rho", "a number"),
+    ("--sam.rho=abc", "sam.rho", "a finite number"),
     ("--mask_interval=1.5", "sam.mask_interval", "an integer"),
     ("--sam.renormalize=maybe", "sam.renormalize", "true/false"),
     ("--sam_type=fisher", "sam.sam_type", "one of none, sam, esam, gsam, fisher-sam"),
@@ -213,7 +213,7 @@ def test_sam_section_mirrors_the_core_config():
     """The trainer's SAM section and the core's SAMConfig must not drift apart."""
     import dataclasses
 
-    from fsam_ds.sam.config import SAMConfig
+    from fsam_ds.sam.config import SAM_TYPES, SAMConfig
     from fsam_ds.trainer.run_config import SAMSection
 
     core = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
@@ -221,6 +221,60 @@ def test_sam_section_mirrors_the_core_config():
     for field in dataclasses.fields(SAMSection):
         assert field.name in core, f"SAMSection.{field.name} has no SAMConfig counterpart"
         assert getattr(section, field.name) == core[field.name], field.name
-    for sam_type in ("sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"):
+    for sam_type in SAM_TYPES:
         kwargs = dataclasses.replace(section, sam_type=sam_type).to_core_kwargs()
         assert SAMConfig(**kwargs).sam_type == sam_type
+
+
+@pytest.mark.parametrize("arg, key", [
+    ("--sam.rho=inf", "sam.rho"), ("--rho=nan", "sam.rho"), ("--sam.rho_min=inf", "sam.rho_min"),
+    ("--sam.lr_max=inf", "sam.lr_max"), ("--keep_ratio=-inf", "sam.keep_ratio"), ("--lr=inf", "optim.lr"),
+    ("--grad_clip=inf", "optim.grad_clip"), ("--betas=0.9,nan", "optim.betas"),
+])
+def test_non_finite_numbers_are_refused_with_key_value_and_default(arg, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE + [arg])
+    message = str(err.value)
+    assert f"'{key}'" in message and repr(arg.split("=", 1)[1]) in message and "finite" in message
+    assert "The default is" in message
+
+
+def test_non_finite_number_in_a_yaml_file_is_refused(tmp_path):
+    path = write_yaml(tmp_path, "task: t\nmodel: m\nsam:\n  rho: .inf\n")
+    with pytest.raises(ConfigError, match=r"'sam.rho' \(in .*run.yaml\): inf is not a finite number"):
+        load_config(["--config", path])
+
+
+@pytest.mark.parametrize("arg, key, words", [
+    ("--sam.beta=0", "sam.beta", ["(0, 1]", "ESAM"]),
+    ("--sam.gamma=1.5", "sam.gamma", ["(0, 1]"]),
+    ("--sam.alpha=2", "sam.alpha", ["[0, 1]", "0.4"]),
+    ("--sam.mask_interval=0", "sam.mask_interval", [">= 1", "100"]),
+    ("--sam.eps=0", "sam.eps", ["> 0"]),
+    ("--sam.lr_min=-1", "sam.lr_min", [">= 0"]),
+    ("--sam.lr_max=0", "sam.lr_max", ["must be > sam.lr_min = 0.0"]),
+])
+def test_sam_section_errors_come_from_the_core_checks_under_the_dotted_key(arg, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE + [arg])
+    message = str(err.value)
+    assert message.startswith(f"Invalid value for config key '{key}': ")
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_sam_section_is_the_core_config_and_takes_the_baseline():
+    from fsam_ds.sam.config import SAMConfig
+    from fsam_ds.trainer.run_config import BASELINE_SAM_TYPE
+
+    cfg = load_config(BASE + ["--sam.lr_max=1e-4", "--sam.rho_min=0.01"])
+    assert isinstance(cfg.sam, SAMConfig) and cfg.sam.rho_at(1e-4, 2e-5) == pytest.approx(0.05)
+    assert cfg.sam.rho_at(0.5e-4, 2e-5) == pytest.approx(0.01 + 0.04 * 0.5)
+    assert load_config(BASE + [f"--sam_type={BASELINE_SAM_TYPE}"]).sam.sam_type == BASELINE_SAM_TYPE
+    with pytest.raises(ConfigError, match=BASELINE_SAM_TYPE):
+        SAMConfig(sam_type=BASELINE_SAM_TYPE)  # the core has no baseline: only the trainer runs one
+
+
+def test_list_as_the_wandb_agent_writes_it():
+    cfg = load_config(BASE + ["--candidate_exclude=['bias', 'LayerNorm']", "--betas=[0.9, 0.999]"])
+    assert cfg.sam.candidate_exclude == ("bias", "LayerNorm") and cfg.optim.betas == (0.9, 0.999)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from ds_workers import SAM_TYPES, global_batches, mlp, tiny_bert, per_example_loss, run_equivalence, sam_config
+from ds_workers import global_batches, mlp, tiny_bert, per_example_loss, run_equivalence, sam_config
+from fsam_ds.sam.config import SAM_TYPES
 from fsam_ds.sam.optim import SAMOptimizer
 
 pytest.importorskip("deepspeed")

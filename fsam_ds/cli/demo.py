@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fsam_ds.cli.assets import minilm_path, polarity_splits
+from fsam_ds.trainer.run_config import BASELINE_SAM_TYPE
 
 # Chosen by measurement on this task (README, "Demo"): the paper's rho 0.05 was tuned on
 # RoBERTa-large; on this 22.7M-parameter model 0.02 beat 0.05 on each of three seeds.
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     root = Path(args.output_dir)
     results = {}
-    for sam_type in ["fisher-sam"] + (["none"] if args.compare else []):
+    for sam_type in ["fisher-sam"] + ([BASELINE_SAM_TYPE] if args.compare else []):
         run_dir = root / sam_type
         command = [sys.executable, "-m", "fsam_ds.train", *demo_args(run_dir, sam_type, extra)]
         print(f"== {sam_type}: {' '.join(command[:3])} ... --output_dir={run_dir}", flush=True)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         results[sam_type] = best_accuracy(run_dir)
     print("\ndev accuracy (Pang & Lee polarity, 800 held-out sentences)")
     for sam_type, accuracy in results.items():
-        name = "AdamW" if sam_type == "none" else sam_type
+        name = "AdamW" if sam_type == BASELINE_SAM_TYPE else sam_type
         print(f"  {name:<11} {'failed' if accuracy is None else f'{accuracy:.4f}'}")
     return 0 if all(a is not None for a in results.values()) else 1
 

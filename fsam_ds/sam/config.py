@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, ClassVar, Literal, get_args, get_type_hints
 
-SAM_TYPES = ("sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam")
-FISHER_ESTIMATORS = ("batch", "accumulated")
-NON_CANDIDATE_MODES = ("dense", "none")
+SamType = Literal["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"]
+FisherEstimator = Literal["batch", "accumulated"]
+NonCandidateMode = Literal["dense", "none"]
+SAM_TYPES: tuple[str, ...] = get_args(SamType)
+"""Every step this package implements; the one list the trainer, tests and launch tools read."""
 
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field, the value and the fix."""
 
 
-def _fail(field: str, value: object, allowed: str, hint: str = "") -> None:
-    message = f"SAMConfig.{field} = {value!r} is invalid: {allowed}."
-    if hint:
-        message += f" {hint}"
-    raise ConfigError(message)
+def invalid_value(key: str, value: object, requirement: str, fix: str = "") -> ConfigError:
+    """The one wording of a bad value: the key, the value, what it must be, and how to fix it."""
+    message = f"Invalid value for config key '{key}': {value!r} {requirement}."
+    return ConfigError(f"{message} {fix}" if fix else message)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,12 @@ class SAMConfig:
     steps, ESAM beta = gamma = 0.5, GSAM alpha 0.4), with its defects fixed (see README).
     """
 
-    sam_type: Literal["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"] = "fisher-sam"
+    sam_types: ClassVar[tuple[str, ...]] = SAM_TYPES
+    """The values `sam_type` may take (the trainer's section adds its AdamW baseline)."""
+    key_prefix: ClassVar[str] = ""
+    """Put before field names in error messages (the trainer's section reports `sam.rho`)."""
+
+    sam_type: SamType = "fisher-sam"
     rho: float = 0.05
     """Perturbation radius ||e|| (at the peak learning rate when `rho_min` is set)."""
     rho_min: float | None = None
@@ -51,10 +64,10 @@ class SAMConfig:
     """Fisher types: the mask is rebuilt at steps 0, T, 2T, ... from that step's first pass."""
     candidate_exclude: tuple[str, ...] = ("bias", "embed")
     """Regular expressions (re.search) on parameter names: matching tensors are not Fisher candidates."""
-    fisher_estimator: Literal["batch", "accumulated"] = "batch"
+    fisher_estimator: FisherEstimator = "batch"
     """'batch': g^2 of the rebuild step's batch (the paper's code). 'accumulated': sum of g^2 over
     every first pass since the previous rebuild (costs one fp32 buffer per candidate entry)."""
-    non_candidates: Literal["dense", "none"] = "dense"
+    non_candidates: NonCandidateMode = "dense"
     """Tensors outside the candidate set are perturbed densely (the paper's code) or not at all."""
     renormalize: bool = False
     """If true, the masked perturbation is rescaled so that ||e|| = rho exactly."""
@@ -83,45 +96,49 @@ class SAMConfig:
     def uses_gsam(self) -> bool:
         return self.sam_type.endswith("gsam")
 
+    def _check(self, ok: bool, name: str, requirement: str, fix: str = "") -> None:
+        if not ok:
+            raise invalid_value(self.key_prefix + name, getattr(self, name), requirement, fix)
+
     def validate(self) -> None:
-        if self.sam_type not in SAM_TYPES:
-            _fail("sam_type", self.sam_type, f"must be one of {', '.join(SAM_TYPES)}")
-        for name in ("rho", "beta", "gamma", "alpha", "keep_ratio", "eps", "lr_min"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                _fail(name, value, "must be a real number")
-        if self.rho < 0:
-            _fail("rho", self.rho, "must be >= 0", "The paper uses 0.05; 0 turns the step into the base optimizer.")
-        if self.rho_min is not None and not (0 <= self.rho_min <= self.rho):
-            _fail("rho_min", self.rho_min, f"must lie in [0, rho] = [0, {self.rho}]", "Use None for a constant rho.")
-        if self.lr_min < 0:
-            _fail("lr_min", self.lr_min, "must be >= 0")
-        if self.lr_max is not None and not self.lr_max > self.lr_min:
-            _fail("lr_max", self.lr_max, f"must be > lr_min = {self.lr_min}", "Use None for the optimizer's initial lr.")
-        if not 0 < self.beta <= 1:
-            _fail("beta", self.beta, "must lie in (0, 1]", "ESAM perturbs each tensor with probability beta; 1 = all.")
-        if not 0 < self.gamma <= 1:
-            _fail("gamma", self.gamma, "must lie in (0, 1]", "ESAM keeps this fraction of the batch; 1 = all.")
-        if not 0 <= self.alpha <= 1:
-            _fail("alpha", self.alpha, "must lie in [0, 1]", "GSAM's paper uses 0.4; 0 gives plain SAM.")
-        if not 0 < self.keep_ratio <= 1:
-            _fail("keep_ratio", self.keep_ratio, "must lie in (0, 1]",
-                  "It is the fraction of candidate entries perturbed (1 - the paper's sparsity); the paper uses 0.1.")
-        if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:
-            _fail("mask_interval", self.mask_interval, "must be an integer >= 1", "The paper rebuilds every 100 steps.")
-        if self.fisher_estimator not in FISHER_ESTIMATORS:
-            _fail("fisher_estimator", self.fisher_estimator, f"must be one of {', '.join(FISHER_ESTIMATORS)}")
-        if self.non_candidates not in NON_CANDIDATE_MODES:
-            _fail("non_candidates", self.non_candidates, f"must be one of {', '.join(NON_CANDIDATE_MODES)}")
-        if not self.eps > 0:
-            _fail("eps", self.eps, "must be > 0")
+        """Range checks of every field; raises ConfigError naming the first bad field, its value and the fix."""
+        check, key = self._check, self.key_prefix
+        check(self.sam_type in self.sam_types, "sam_type", f"must be one of {', '.join(self.sam_types)}")
+        for f in fields(self):
+            value, hint = getattr(self, f.name), _field_types(type(self))[f.name]
+            if hint is float or (hint == float | None and value is not None):
+                # inf passes every range check below (rho >= 0, lr_max > lr_min) yet makes the step NaN.
+                real = isinstance(value, (int, float)) and not isinstance(value, bool)
+                check(real and math.isfinite(value), f.name, "must be a finite real number",
+                      f"The default is {f.default!r}.")
+        check(self.rho >= 0, "rho", "must be >= 0", "The paper uses 0.05; 0 turns the step into the base optimizer.")
+        if self.rho_min is not None:
+            check(0 <= self.rho_min <= self.rho, "rho_min", f"must lie in [0, {key}rho] = [0, {self.rho}]",
+                  "Leave it unset (none) for a constant rho.")
+        check(self.lr_min >= 0, "lr_min", "must be >= 0")
+        if self.lr_max is not None:
+            check(self.lr_max > self.lr_min, "lr_max", f"must be > {key}lr_min = {self.lr_min}",
+                  "Leave it unset (none) for the optimizer's initial lr.")
+        check(0 < self.beta <= 1, "beta", "must lie in (0, 1]", "ESAM perturbs each tensor with probability beta; 1 = all.")
+        check(0 < self.gamma <= 1, "gamma", "must lie in (0, 1]", "ESAM keeps this fraction of the batch; 1 = all.")
+        check(0 <= self.alpha <= 1, "alpha", "must lie in [0, 1]", "GSAM's paper uses 0.4; 0 gives plain SAM.")
+        check(0 < self.keep_ratio <= 1, "keep_ratio", "must lie in (0, 1]",
+              "It is the fraction of candidate entries perturbed (1 - the paper's sparsity); the paper uses 0.1.")
+        check(isinstance(self.mask_interval, int) and not isinstance(self.mask_interval, bool)
+              and self.mask_interval >= 1, "mask_interval", "must be an integer >= 1",
+              "The paper rebuilds every 100 steps.")
+        check(self.fisher_estimator in get_args(FisherEstimator), "fisher_estimator",
+              f"must be one of {', '.join(get_args(FisherEstimator))}")
+        check(self.non_candidates in get_args(NonCandidateMode), "non_candidates",
+              f"must be one of {', '.join(get_args(NonCandidateMode))}")
+        check(self.eps > 0, "eps", "must be > 0")
         for pattern in self.candidate_exclude:
             try:
                 re.compile(pattern)
             except (re.error, TypeError) as err:
-                _fail("candidate_exclude", pattern, f"each entry must be a regular expression ({err})")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            _fail("seed", self.seed, "must be an integer")
+                raise invalid_value(key + "candidate_exclude", pattern, f"is not a regular expression ({err})",
+                                    "Escape special characters with a backslash.") from None
+        check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an integer")
 
     def is_candidate(self, name: str) -> bool:
         """Whether the tensor called `name` takes part in the Fisher top-k."""
@@ -137,6 +154,3 @@ class SAMConfig:
         fraction = min(max((lr - self.lr_min) / (lr_max - self.lr_min), 0.0), 1.0)
         return self.rho_min + (self.rho - self.rho_min) * fraction
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

@@ -1,7 +1,8 @@
 """The trainer's run configuration: typed sections, parsed from YAML/JSON and command-line overrides.
 
 One dataclass per component; `load_config` is the only entry point that builds a `TrainConfig`
-from user input, so every value is converted and range-checked there and nowhere else.
+from user input, so every value is converted and range-checked there and nowhere else. The SAM
+section is the optimizer core's `SAMConfig` itself, so its fields and checks are written once.
 """
 
 from __future__ import annotations
@@ -10,43 +11,36 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from fsam_ds.sam.config import ConfigError
+from fsam_ds.sam.config import SAM_TYPES, ConfigError, SAMConfig, invalid_value
 
 __all__ = [
-    "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",
+    "BASELINE_SAM_TYPE", "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",
     "TrainConfig", "load_config", "config_from_dict", "config_to_dict", "config_keys", "format_help",
 ]
 
+BASELINE_SAM_TYPE = "none"
+"""`sam.sam_type` of the baseline: DeepSpeed's own AdamW step, no perturbation."""
+TRAINER_SAM_TYPES = (BASELINE_SAM_TYPE, *SAM_TYPES)
 
-@dataclass
-class SAMSection:
-    """The sharpness-aware step; `sam_type: none` trains with plain AdamW as the baseline."""
 
-    sam_type: Literal["none", "sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"] = "fisher-sam"
-    rho: float = 0.05
-    rho_min: float | None = None
-    beta: float = 0.5
-    gamma: float = 0.5
-    alpha: float = 0.4
-    keep_ratio: float = 0.1
-    mask_interval: int = 100
-    candidate_exclude: tuple[str, ...] = ("bias", "embed")
-    fisher_estimator: Literal["batch", "accumulated"] = "batch"
-    non_candidates: Literal["dense", "none"] = "dense"
-    renormalize: bool = False
-    adaptive: bool = False
-    eps: float = 1e-12
-    seed: int = 0
+@dataclass(frozen=True)
+class SAMSection(SAMConfig):
+    """The core's SAMConfig (same fields, defaults and checks, errors named `sam.<field>`), plus the baseline."""
+
+    sam_types: ClassVar[tuple[str, ...]] = TRAINER_SAM_TYPES
+    key_prefix: ClassVar[str] = "sam."
+    sam_type: Literal[TRAINER_SAM_TYPES] = SAMConfig.sam_type  # type: ignore[valid-type]
 
     def to_core_kwargs(self) -> dict[str, Any]:
         """Every field as keyword arguments for the optimizer core's `SAMConfig` (sam_type unchanged)."""
@@ -135,7 +129,9 @@ SECTIONS: dict[str, type] = {
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Field name -> resolved type, for the dataclass fields only (not ClassVars)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 @functools.cache
@@ -190,14 +186,13 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in args)
     if origin in (Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
-        text = " or ".join(parts)
+        text = " or ".join(_describe(a) for a in args if a is not type(None))
         return text + " or none" if type(None) in args else text
     if origin in (tuple, list):
-        if len(args) == 2 and args[1] is Ellipsis:
+        if origin is list or args[1:] == (Ellipsis,):
             return f"a list of {_describe(args[0])} (comma list or JSON list)"
         return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
 class _Mismatch(Exception):
@@ -207,10 +202,8 @@ class _Mismatch(Exception):
 def _coerce(value: Any, tp: Any) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            if type(None) in args:
-                return None
-            raise _Mismatch
+        if type(None) in args and (value is None or str(value).strip().lower() in _NONE):
+            return None
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, option)
@@ -218,57 +211,38 @@ def _coerce(value: Any, tp: Any) -> Any:
                 continue
         raise _Mismatch
     if origin is Literal:
-        for choice in args:
-            if value == choice or (isinstance(value, str) and value.strip() == str(choice)):
-                return choice
+        for choice in (c for c in args if str(c) == str(value).strip()):
+            return choice
         raise _Mismatch
     if origin in (tuple, list):
         items = _split_list(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            converted = [_coerce(v, args[0]) for v in items]
-        else:
-            if len(items) != len(args):
-                raise _Mismatch
-            converted = [_coerce(v, a) for v, a in zip(items, args)]
+        item_types = [args[0]] * len(items) if origin is list or args[1:] == (Ellipsis,) else list(args)
+        if len(items) != len(item_types):
+            raise _Mismatch
+        converted = [_coerce(v, t) for v, t in zip(items, item_types)]
         return tuple(converted) if origin is tuple else converted
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, bool):
+        text = str(value).strip().lower() if isinstance(value, (int, str)) else ""
+        if text not in _TRUE + _FALSE:
             raise _Mismatch
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, bool):
+        return text in _TRUE
+    if tp in (int, float):
+        if isinstance(value, float) and tp is int and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str) if tp is int else (int, float, str)):
             raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "2e-5" (no dot) as a string, so numbers from files land here too.
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    raise TypeError(f"unsupported config field type {tp!r}")
+        try:
+            number = tp(value)  # YAML 1.1 reads "2e-5" (no dot) as a string, so numbers from files land here too
+        except ValueError:
+            raise _Mismatch from None
+        if not math.isfinite(number):  # inf passes every range check (lr > 0, rho >= 0) yet wrecks the run
+            raise _Mismatch
+        return number
+    if tp is str and isinstance(value, str):
+        return value
+    raise _Mismatch
 
 
 def _split_list(value: Any) -> list[Any]:
@@ -278,10 +252,10 @@ def _split_list(value: Any) -> list[Any]:
         raise _Mismatch
     text = value.strip()
     if text.startswith("["):
-        # JSON first (sweep agents write lists that way); a regex like "[Ll]ayer" falls through.
+        # JSON, or Python's str() of a list as the wandb agent writes it; a regex like "[Ll]ayer" falls through.
         try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
             parsed = None
         if isinstance(parsed, list):
             return parsed
@@ -294,7 +268,14 @@ def _convert(key: str, value: Any, source: str) -> Any:
         return _coerce(value, tp)
     except _Mismatch:
         raise ConfigError(f"Invalid value for config key '{key}' ({source}): {value!r} is not "
-                          f"{_describe(tp)}.") from None
+                          f"{_describe(tp)}. The default is {json.dumps(_default(key))}.") from None
+
+
+def _default(key: str) -> Any:
+    value: Any = config_to_dict(TrainConfig())
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,15 +353,13 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]
 
 
 def _build(items: list[tuple[str, Any, str]]) -> TrainConfig:
-    cfg = TrainConfig()
+    values: dict[str, dict[str, Any]] = {section: {} for section in ("", *SECTIONS)}  # "": top-level fields
     for raw, value, source in items:
         key = _resolve_key(raw, source)
-        converted = _convert(key, value, source)
-        target: Any = cfg
-        *parents, name = key.split(".")
-        for parent in parents:
-            target = getattr(target, parent)
-        setattr(target, name, converted)
+        section, _, name = key.rpartition(".")
+        values[section][name] = _convert(key, value, source)
+    # Sections are built whole (the SAM section is frozen and checks itself on construction).
+    cfg = TrainConfig(**values[""], **{section: cls(**values[section]) for section, cls in SECTIONS.items()})
     _fill_defaults(cfg)
     _validate(cfg)
     return cfg
@@ -435,14 +414,10 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def format_help() -> str:
-    defaults = config_to_dict(TrainConfig())
     lines = ["Usage: fsam-train [--config FILE.yaml|.json] [--key=value ...]", "",
              "Keys (flat names work where unique across sections, e.g. --rho for sam.rho):"]
     for key, tp in _all_keys().items():
-        value: Any = defaults
-        for part in key.split("."):
-            value = value[part]
-        lines.append(f"  --{key:<28} {_describe(tp)}  [default: {json.dumps(value)}]")
+        lines.append(f"  --{key:<28} {_describe(tp)}  [default: {json.dumps(_default(key))}]")
     return "\n".join(lines)
 
 
@@ -450,14 +425,13 @@ def format_help() -> str:
 # Range validation
 
 
-def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
+def _check(ok: bool, key: str, value: Any, requirement: str, fix: str = "") -> None:
     if not ok:
-        message = f"Invalid value for config key '{key}': {value!r} {requirement}."
-        raise ConfigError(message + (f" {hint}" if hint else ""))
+        raise invalid_value(key, value, requirement, fix)
 
 
 def _validate(cfg: TrainConfig) -> None:
-    s, o, d, lg, e = cfg.sam, cfg.optim, cfg.data, cfg.log, cfg.eval
+    o, d, lg, e = cfg.optim, cfg.data, cfg.log, cfg.eval  # cfg.sam checked itself when it was built
     _check(bool(cfg.task), "task", cfg.task, "is empty; a task name is required", "e.g. --task=sst2")
     _check(bool(cfg.model), "model", cfg.model, "is empty; a model is required",
            "Give a hub id (e.g. --model=roberta-base) or a local checkpoint folder.")
@@ -470,23 +444,6 @@ def _validate(cfg: TrainConfig) -> None:
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0",
            "0 saves a checkpoint at each evaluation.")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
-
-    _check(s.rho >= 0, "sam.rho", s.rho, "must be >= 0", "The FSAM paper uses 0.05.")
-    if s.rho_min is not None:
-        _check(0 <= s.rho_min <= s.rho, "sam.rho_min", s.rho_min, f"must lie in [0, sam.rho] = [0, {s.rho}]",
-               "Use none for a constant rho.")
-    _check(0 < s.beta <= 1, "sam.beta", s.beta, "must lie in (0, 1]")
-    _check(0 < s.gamma <= 1, "sam.gamma", s.gamma, "must lie in (0, 1]")
-    _check(0 <= s.alpha <= 1, "sam.alpha", s.alpha, "must lie in [0, 1]")
-    _check(0 < s.keep_ratio <= 1, "sam.keep_ratio", s.keep_ratio, "must lie in (0, 1]",
-           "It is the fraction of candidate entries perturbed; the paper uses 0.1.")
-    _check(s.mask_interval >= 1, "sam.mask_interval", s.mask_interval, "must be >= 1")
-    _check(s.eps > 0, "sam.eps", s.eps, "must be > 0")
-    for pattern in s.candidate_exclude:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            _check(False, "sam.candidate_exclude", pattern, f"is not a regular expression ({err})")
 
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
