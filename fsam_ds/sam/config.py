@@ -119,7 +119,8 @@ class SAMConfig:
         if self.lr_max is not None:
             check(self.lr_max > self.lr_min, "lr_max", f"must be > {key}lr_min = {self.lr_min}",
                   "Leave it unset (none) for the optimizer's initial lr.")
-        check(0 < self.beta <= 1, "beta", "must lie in (0, 1]", "ESAM perturbs each tensor with probability beta; 1 = all.")
+        check(0 < self.beta <= 1, "beta", "must lie in (0, 1]",
+              "ESAM perturbs each tensor with probability beta; 1 = all.")
         check(0 < self.gamma <= 1, "gamma", "must lie in (0, 1]", "ESAM keeps this fraction of the batch; 1 = all.")
         check(0 <= self.alpha <= 1, "alpha", "must lie in [0, 1]", "GSAM's paper uses 0.4; 0 gives plain SAM.")
         check(0 < self.keep_ratio <= 1, "keep_ratio", "must lie in (0, 1]",

@@ -3,6 +3,8 @@
 One dataclass per component; `load_config` is the only entry point that builds a `TrainConfig`
 from user input, so every value is converted and range-checked there and nowhere else. The SAM
 section is the optimizer core's `SAMConfig` itself, so its fields and checks are written once.
+Hand-written rather than OmegaConf, jsonargparse or pydantic: none of them takes the flat names the
+wandb agent passes (`--rho`), comma lists or `none`, and each would reword our one-line errors.
 """
 
 from __future__ import annotations
