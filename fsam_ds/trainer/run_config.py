@@ -328,16 +328,12 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"Unexpected argument '{token}': arguments must look like --key=value or "
                               f"--key value (e.g. --sam.rho=0.02).")
-        body = token[2:]
-        if "=" in body:
-            key, value = body.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, value = body, argv[i + 1]
-            i += 2
-        else:
-            key, value = body, "true"  # a bare flag switches a boolean on
-            i += 1
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            takes_next = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if takes_next else "true"  # a bare flag switches a boolean on
+            i += takes_next
+        i += 1
         if key.replace("-", "_") in _IGNORED:
             continue
         if key == "config":
