@@ -423,9 +423,9 @@ def format_help() -> str:
 # Range validation
 
 
-def _check(ok: bool, key: str, value: Any, requirement: str, fix: str = "") -> None:
+def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
     if not ok:
-        raise invalid_value(key, value, requirement, fix)
+        raise invalid_value(key, value, requirement, hint)
 
 
 def _validate(cfg: TrainConfig) -> None:
