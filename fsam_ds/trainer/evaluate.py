@@ -1,50 +1,20 @@
-"""What the trainer computes around the step: the per-example loss, dev metrics across ranks, and
-the Fisher mask's density per layer."""
+"""What the trainer computes around the step: dev metrics across ranks (through the task's
+`Objective`) and the Fisher mask's density per layer."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections import defaultdict
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from fsam_ds.sam.shards import unpack_bits
-from fsam_ds.trainer.tasks import TaskSpec, compute_metrics
-
-LossFn = Callable[[Any, Mapping[str, Tensor]], Tensor]
-
-
-def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _forward(engine: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Logits in fp32 (whatever the model's dtype) and the labels, on the engine's device."""
-    batch = _to_device(batch, engine.device)
-    labels = batch.pop("labels")
-    return engine(**batch).logits.float(), labels
-
-
-def _losses(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
-    if regression:  # one output, mean squared error, as the Hugging Face head computes it
-        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
-def per_example_loss(regression: bool) -> LossFn:
-    """`loss_fn(engine, batch)` for SAMEngine.train_step: one loss per example (ESAM ranks them)."""
-
-    def loss_fn(engine: Any, batch: Mapping[str, Tensor]) -> Tensor:
-        logits, labels = _forward(engine, batch)
-        return _losses(logits, labels, regression)
-
-    return loss_fn
+from fsam_ds.trainer.objectives import Objective
 
 
 def _gather(local: Any) -> list[Any]:
@@ -56,31 +26,26 @@ def _gather(local: Any) -> list[Any]:
 
 
 @torch.no_grad()
-def _predict(engine: Any, loader: DataLoader, regression: bool) -> tuple[Tensor, Tensor, Tensor]:
-    logits, labels, losses = [], [], []
+def _outputs(engine: Any, loader: DataLoader, objective: Objective) -> dict[str, Tensor]:
+    rows: dict[str, list[Tensor]] = defaultdict(list)
     for batch in loader:
-        out, gold = _forward(engine, batch)
-        logits.append(out.cpu())
-        labels.append(gold.cpu())
-        losses.append(_losses(out, gold, regression).cpu())
+        for name, value in objective.eval_outputs(engine, batch).items():
+            rows[name].append(value.cpu())
     # the evaluation sampler pads every rank's shard to the same length (ZeRO-3 needs the same
     # number of forward passes everywhere); the padding is not part of the dev set
     keep = loader.sampler.num_real
-    return torch.cat(logits)[:keep], torch.cat(labels)[:keep], torch.cat(losses)[:keep]
+    return {name: torch.cat(values)[:keep] for name, values in rows.items()}
 
 
-def evaluate(engine: Any, loaders: Mapping[str, DataLoader], task: TaskSpec) -> dict[str, dict[str, float]]:
-    """Each dev split's metrics plus its mean loss; collective, every rank gets the same result."""
+def evaluate(engine: Any, loaders: Mapping[str, DataLoader], objective: Objective) -> dict[str, dict[str, float]]:
+    """Each dev split's metrics; collective, every rank gets the same result."""
     was_training = engine.training
     engine.eval()
     results: dict[str, dict[str, float]] = {}
     try:
         for split, loader in loaders.items():
-            parts = _gather(_predict(engine, loader, task.is_regression))
-            logits, labels, losses = (torch.cat([p[i] for p in parts]) for i in range(3))
-            metrics = compute_metrics(task, logits, labels)
-            metrics["loss"] = float(losses.double().mean())
-            results[split] = metrics
+            parts = _gather(_outputs(engine, loader, objective))
+            results[split] = objective.metrics({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
     finally:
         engine.train(was_training)
     return results

@@ -8,6 +8,7 @@ summary), checkpoints/step<N>/ (exact resume), best/ and final/ (Hugging Face mo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -31,7 +32,8 @@ from fsam_ds.trainer.checkpoint import (TrainerState, discard_after, export_mode
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.core import StepStats
 from fsam_ds.trainer.data import DataError, set_epoch
-from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer, per_example_loss
+from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
+from fsam_ds.trainer.objectives import Objective, objective_for
 from fsam_ds.trainer.run_config import TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec, UnknownTaskError, get_task
 from fsam_ds.zero.adapters import UnsupportedConfiguration
@@ -78,6 +80,10 @@ class Run:
     @property
     def engine(self) -> Any:
         return self.sam_engine.engine
+
+    @functools.cached_property
+    def objective(self) -> Objective:
+        return objective_for(self.task)
 
 
 class _Skip(Sampler[int]):
@@ -135,7 +141,7 @@ def log_step(run: Run, out: Any, lr: float, examples: int, epoch: float) -> None
 
 def run_eval(run: Run, epoch: float) -> None:
     cfg, state, task = run.cfg, run.state, run.task
-    results = evaluate(run.engine, run.data.dev, task)
+    results = evaluate(run.engine, run.data.dev, run.objective)
     metrics = flatten_metrics(results, task.select_split)
     state.last_eval_step, state.last_metrics = state.step, metrics
     run.logger.log_eval(state.step, metrics, metric_name=task.select_metric, epoch=round(epoch, 4))
@@ -162,7 +168,7 @@ def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
 
 def train_loop(run: Run, rng: dict | None) -> None:
     cfg, state, data = run.cfg, run.state, run.data
-    loss_fn = per_example_loss(run.task.is_regression)
+    loss_fn = run.objective.per_example_loss
     gas, world = cfg.data.grad_accum, dist.get_world_size()
     while state.step < state.total_steps:
         batches = _batches(run, state.epoch, state.step_in_epoch)
@@ -181,7 +187,7 @@ def train_loop(run: Run, rng: dict | None) -> None:
             epoch_done = state.step_in_epoch == data.steps_per_epoch
             if epoch_done:  # the checkpoint then records the start of the next epoch
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            examples = sum(len(b["labels"]) for b in micro) * world
+            examples = sum(run.objective.batch_size(b) for b in micro) * world
             log_step(run, out, lr, examples, epoch)
             after_step(run, epoch_done, epoch)
 

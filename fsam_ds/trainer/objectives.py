@@ -1,0 +1,96 @@
+"""What the model learns: the seam between the training loop and the task.
+
+An objective turns a batch into per-example losses (both SAM passes use their mean, and ESAM ranks
+the examples by them, so the loss must be per example) and a dev split's per-example outputs into
+metrics. The loop, the evaluation and the engines know nothing else about the task, so a new kind
+of fine-tuning (regression, seq2seq, causal-LM) is a new `Objective`, not a change to the loop.
+
+Evaluation is collective: `eval_outputs` gives rows (dim 0 = examples) that are cut to the real
+examples, gathered from every rank and concatenated before `metrics` sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fsam_ds.trainer.tasks import TaskSpec, compute_metrics
+
+Model = Callable[..., Any]
+"""The module or DeepSpeed engine: called with the batch's model inputs as keyword arguments."""
+
+
+class Objective(Protocol):
+    """How one kind of task trains and is scored."""
+
+    select_metric: str
+    """The metric (higher is better) that picks the best checkpoint."""
+
+    def per_example_loss(self, model: Model, batch: Mapping[str, Tensor]) -> Tensor:
+        """A 1-D tensor with one loss per example of `batch`."""
+        ...
+
+    def eval_outputs(self, model: Model, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-example rows `metrics` needs, including "loss"; computed without gradients."""
+        ...
+
+    def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """A dev split's metrics from its concatenated `eval_outputs`."""
+        ...
+
+    def batch_size(self, batch: Mapping[str, Tensor]) -> int:
+        """Examples in `batch` (throughput logging)."""
+        ...
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _device(model: Model) -> torch.device:
+    device = getattr(model, "device", None)  # a DeepSpeed engine or a transformers model
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+class SequenceClassification:
+    """Classification (cross-entropy) or regression (mean squared error, one output) of a sequence
+    or a sequence pair, scored with the task's metrics (`fsam_ds.trainer.tasks`)."""
+
+    def __init__(self, task: TaskSpec) -> None:
+        self.task = task
+        self.select_metric = task.select_metric
+
+    def _logits(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Logits in fp32 (whatever the model's dtype) and the labels, on the model's device."""
+        inputs = to_device(batch, _device(model))
+        labels = inputs.pop("labels")
+        return model(**inputs).logits.float(), labels
+
+    def _losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.task.is_regression:  # one output, mean squared error, as the Hugging Face head computes it
+            return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def per_example_loss(self, model: Model, batch: Mapping[str, Tensor]) -> Tensor:
+        return self._losses(*self._logits(model, batch))
+
+    @torch.no_grad()
+    def eval_outputs(self, model: Model, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        logits, labels = self._logits(model, batch)
+        return {"logits": logits, "labels": labels, "loss": self._losses(logits, labels)}
+
+    def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        metrics = compute_metrics(self.task, outputs["logits"], outputs["labels"])
+        metrics["loss"] = float(outputs["loss"].double().mean())
+        return metrics
+
+    def batch_size(self, batch: Mapping[str, Tensor]) -> int:
+        return len(batch["labels"])
+
+
+def objective_for(task: TaskSpec) -> Objective:
+    """The objective that trains and scores `task`."""
+    return SequenceClassification(task)
