@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.sam.core import StepStats
-from fsam_ds.trainer.data import DataError, PadCollator, build_dataloader, load_task_splits, tokenize_splits
+from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
+                                  tokenize_splits)
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec
 
@@ -123,7 +124,7 @@ def build_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any, rank: int, worl
     splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed,
                               **_load_kwargs(cfg, task))
     tokens = tokenize_splits(splits, tokenizer, max_length=d.max_length)
-    collate = PadCollator.from_tokenizer(tokenizer)
+    collate = padding_collator(tokenizer)
     common = {"rank": rank, "world_size": world, "num_workers": d.num_workers, "seed": cfg.seed}
     train = build_dataloader(tokens[task.train_split], collate, batch_size=d.micro_batch_size, train=True, **common)
     dev = {s: build_dataloader(tokens[s], collate, batch_size=d.eval_batch_size, train=False, **common)
