@@ -411,7 +411,7 @@ def test_collator_needs_a_pad_token():
 
 # --------------------------------------------------------------------------------- sharded loading
 
-INDEX_TOKENIZER = make_tokenizer(True)  # pads the index datasets below
+INDEX_COLLATE = padding_collator(make_tokenizer(True))  # pads the index datasets below
 
 
 def index_dataset(n):
@@ -424,7 +424,7 @@ def loader_labels(loader):
 
 @pytest.mark.parametrize("n, world", [(24, 4), (23, 4), (10, 3)])
 def test_training_shards_are_disjoint_equal_and_cover(n, world):
-    collate = padding_collator(INDEX_TOKENIZER)
+    collate = INDEX_COLLATE
     shards = [loader_labels(build_dataloader(index_dataset(n), collate, batch_size=2, train=True, seed=3,
                                              rank=r, world_size=world)) for r in range(world)]
     seen = [i for s in shards for i in s]
@@ -435,7 +435,7 @@ def test_training_shards_are_disjoint_equal_and_cover(n, world):
 
 def test_training_shuffle_is_seeded_and_changes_per_epoch():
     def epoch_order(seed, epoch):
-        loader = build_dataloader(index_dataset(32), padding_collator(INDEX_TOKENIZER), batch_size=4, train=True, seed=seed,
+        loader = build_dataloader(index_dataset(32), INDEX_COLLATE, batch_size=4, train=True, seed=seed,
                                   rank=1, world_size=2)
         set_epoch(loader, epoch)
         return loader_labels(loader)
@@ -448,7 +448,7 @@ def test_training_shuffle_is_seeded_and_changes_per_epoch():
 
 @pytest.mark.parametrize("n, world", [(10, 4), (12, 4), (3, 4)])
 def test_eval_shards_cover_every_example_once_with_equal_lengths(n, world):
-    loaders = [build_dataloader(index_dataset(n), padding_collator(INDEX_TOKENIZER), batch_size=1, train=False, rank=r,
+    loaders = [build_dataloader(index_dataset(n), INDEX_COLLATE, batch_size=1, train=False, rank=r,
                                 world_size=world) for r in range(world)]
     real = [loader_labels(loader)[:loader.sampler.num_real] for loader in loaders]
     assert sorted(i for s in real for i in s) == list(range(n))
@@ -462,9 +462,9 @@ def test_shard_sampler_without_padding():
 
 def test_loader_argument_errors():
     with pytest.raises(ValueError, match=r"rank = 2 must be an integer in \[0, world_size\)"):
-        build_dataloader(index_dataset(4), padding_collator(INDEX_TOKENIZER), batch_size=1, train=True, rank=2, world_size=2)
+        build_dataloader(index_dataset(4), INDEX_COLLATE, batch_size=1, train=True, rank=2, world_size=2)
     with pytest.raises(DataError, match="cannot fill 4 ranks"):
-        build_dataloader(index_dataset(3), padding_collator(INDEX_TOKENIZER), batch_size=1, train=True, world_size=4)
+        build_dataloader(index_dataset(3), INDEX_COLLATE, batch_size=1, train=True, world_size=4)
 
 
 def test_end_to_end_files_to_batches(tmp_path, bert_tokenizer):
@@ -507,3 +507,81 @@ def test_float_written_class_labels_are_accepted(tmp_path):
     polarity = write(tmp_path / "polarity.csv", "text,label\na,1.0\nb,-1.0\n")
     assert labels_of(load_task_splits("polarity", "files", data_files={"train": polarity},
                                       splits=("train",))["train"]) == [1, 0]
+
+
+# --------------------------------------------------------------------- data errors users hit, one paragraph each
+
+def test_header_only_csv_names_the_file_and_the_fix(tmp_path):
+    train = write(tmp_path / "train.csv", "sentence,label\na good film,1\n")
+    dev = write(tmp_path / "dev.csv", "sentence,label\n")
+    with pytest.raises(DataError) as err:
+        load_task_splits("sst2", "files", data_files={"train": train, "validation": dev})
+    message = str(err.value)
+    assert f"File {str(dev)!r} has no examples (only a header row" in message
+    assert "data.dev_file" in message and "\n" not in message
+
+
+def test_split_left_empty_after_skipping_every_row(tmp_path):
+    write(tmp_path / "train.tsv", "sentence\tlabel\nbroken\nalso broken\n")
+    write(tmp_path / "dev.tsv", "sentence\tlabel\ngood\t1\n")
+    with pytest.warns(UserWarning, match="skipped 2 row"), pytest.raises(DataError, match=r"train.tsv' has no examples"):
+        load_task_splits("sst2", "glue-tsv", data_dir=tmp_path)
+
+
+def test_latin1_csv_names_the_file_and_the_encoding_option(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("sentence,label\ncafé crème,1\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",))
+    message = str(err.value)
+    assert str(path) in message and "is not valid utf-8 text" in message
+    assert "--data.encoding=latin-1" in message and "encoding='latin-1'" in message
+    train = load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",), encoding="latin-1")
+    assert list(train["train"]["text_a"]) == ["café crème"]
+    lines = tmp_path / "train.jsonl"
+    lines.write_bytes('{"sentence": "café", "label": 0}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"train.jsonl is not valid utf-8 text"):
+        load_task_splits("sst2", "files", data_files={"train": lines}, splits=("train",))
+    assert list(load_task_splits("sst2", "files", data_files={"train": lines}, splits=("train",),
+                                 encoding="latin-1")["train"]["text_a"]) == ["café"]
+    with pytest.raises(DataError, match=r"data.encoding = 'latin-9' is not a text encoding"):
+        load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",), encoding="latin-9")
+
+
+@pytest.fixture
+def no_hub_download(monkeypatch):
+    """datasets.load_dataset fails the test if called: the error must come before any download attempt."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was called; it retries an unreachable hub for ~25 s")
+
+    monkeypatch.setattr("datasets.load_dataset", refuse)
+
+
+def test_unreachable_hub_fails_fast_and_offers_local_files(monkeypatch, no_hub_download):
+    import datasets
+    from dist_harness import free_port
+
+    # nothing listens on a just-freed local port: the connection is refused at once, without the network
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(DataError) as err:
+        load_task_splits("sst2", "hub")
+    message = str(err.value)
+    assert "Cannot load the hub dataset 'nyu-mll/glue', config 'sst2' (task 'sst2')" in message
+    assert "does not answer (URLError: " in message and "HF_HUB_OFFLINE=1" in message
+    assert "data.source=local with data.train_file and data.dev_file" in message and "\n" not in message
+
+
+def test_offline_hub_without_the_dataset_in_the_cache(monkeypatch, tmp_path):
+    import datasets
+    import huggingface_hub.constants
+
+    def unreachable():
+        raise AssertionError("offline: the hub must not be probed")
+
+    monkeypatch.setattr(data, "_hub_unreachable", unreachable)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"the hub is switched off \(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE\) and "
+                                        r"the dataset is not in the datasets cache.*data.source=local"):
+        load_task_splits("sst2", "hub", hub_kwargs={"cache_dir": str(tmp_path)})

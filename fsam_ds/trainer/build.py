@@ -121,7 +121,7 @@ def build_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any, rank: int, worl
     if isinstance(limit, int) and limit < d.max_length:
         raise ConfigError(f"data.max_length = {d.max_length} exceeds the {limit} tokens the model "
                           f"{cfg.tokenizer or cfg.model!r} accepts; pass --data.max_length={limit} or less.")
-    splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed,
+    splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed, encoding=d.encoding,
                               **_load_kwargs(cfg, task))
     tokens = tokenize_splits(splits, tokenizer, max_length=d.max_length)
     collate = padding_collator(tokenizer)

@@ -26,6 +26,8 @@ import csv
 import math
 import os
 import tempfile
+import urllib.error
+import urllib.request
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -266,13 +268,14 @@ LOCAL_FILES_HINT = ("Or train on local files: data.source=local with data.train_
 def _hub_unreachable() -> str | None:
     """Why the hub cannot be reached (one request, no retries), or None when it answers at all."""
     import datasets
-    import httpx
-    from huggingface_hub import get_session
 
     try:
-        get_session().head(datasets.config.HF_ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-    except httpx.TransportError as err:
-        return f"{type(err).__name__}: {err}"
+        urllib.request.urlopen(urllib.request.Request(datasets.config.HF_ENDPOINT, method="HEAD"),
+                               timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # an error status is still an answer
+    except OSError as err:  # URLError (refused, no route, no name) and timeouts
+        return f"{type(err).__name__}: {getattr(err, 'reason', err)}"
     return None
 
 
