@@ -17,6 +17,11 @@ GLUE TSV folders (`source="glue-tsv"`) are read in the layouts of the GLUE distr
 Any other task reads a headered TSV whose columns carry the task's own names. Files are
 train.tsv and dev.tsv (or `<split>.tsv` for a split not called validation). Fields are split on
 tabs with no quote handling, as the GLUE files require.
+
+Files are read by datasets' csv, json and parquet builders, in the encoding given (utf-8 unless
+told); our checks on top name the file and the fix: rows of the wrong width, missing columns,
+labels outside the task's set, an empty split, undecodable text. The hub is probed once before a
+hub dataset is loaded, so that an unreachable hub fails at once instead of after datasets' retries.
 """
 
 from __future__ import annotations
@@ -98,12 +103,10 @@ class _Raw:
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
     """`err` and the errors it was raised from (datasets wraps a reader's error in its own)."""
-    seen: set[int] = set()
     current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    while current is not None:
         yield current
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
 
 
 def _encoding_error(path: Path, encoding: str, err: UnicodeError) -> DataError:
@@ -135,16 +138,12 @@ def _load_file(builder: str, path: Path, encoding: str, fix: str = "", **options
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
                                          keep_in_memory=True, **options).to_dict()
         except Exception as err:  # datasets raises its own DatasetGenerationError around the reader's error
-            for cause in _causes(err):
-                if isinstance(cause, UnicodeError):
-                    raise _encoding_error(path, encoding, cause) from None
-                if isinstance(cause, DataError):
-                    raise cause from None
-            detail = next((c for c in _causes(err) if c is not err), err)
-            raise DataError(f"{path} could not be read ({type(detail).__name__}: "
-                            f"{str(detail).strip()}). "
-                            f"{fix or 'Repair the file, or save it in one of the formats ' + ', '.join(FILE_FORMATS)}."
-                            ) from err
+            *_, detail = _causes(err)
+            if isinstance(detail, UnicodeError):
+                raise _encoding_error(path, encoding, detail) from None
+            fix = fix or f"Repair the file, or save it in one of the formats {', '.join(FILE_FORMATS)}"
+            raise DataError(f"{path} could not be read ({type(detail).__name__}: {str(detail).strip()}). "
+                            f"{fix}.") from err
 
 
 def _as_written(field: str | None) -> str | None:
@@ -191,19 +190,18 @@ def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str
         if not issubclass(w.category, pd.errors.ParserWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     short = [i for i in range(len(data[columns[0]])) if any(data[name][i] is None for name in columns)]
-    shown = ", ".join(str(i + 1) for i in short[:10]) + (", ..." if len(short) > 10 else "")
     if short and bad_rows == "error":
-        raise DataError(f"{path}: row(s) {shown} (counted after the header) have fewer fields than the header's "
+        rows = ", ".join(str(i + 1) for i in short[:10]) + (", ..." if len(short) > 10 else "")
+        raise DataError(f"{path}: row(s) {rows} (counted after the header) have fewer fields than the header's "
                         f"{len(columns)} ({', '.join(columns)}). Repair them, or pass bad_rows='warn' to skip such "
                         "rows with a warning.")
-    if short or long_rows:
-        parts = ([f"{len(short)} with fewer fields (rows {shown} after the header)"] if short else []) + \
-            ([f"{len(long_rows)} with more ({'; '.join(long_rows[:5])}{'; ...' if len(long_rows) > 5 else ''})"]
-             if long_rows else [])
-        warnings.warn(f"{path}: skipped {len(short) + len(long_rows)} row(s) whose field count differs from the "
-                      f"header's {len(columns)}: {', '.join(parts)}.", stacklevel=3)
-        keep = sorted(set(range(len(data[columns[0]]))) - set(short))
-        data = {name: [values[i] for i in keep] for name, values in data.items()}
+    skipped = [f"row {i + 1} after the header has fewer fields" for i in short] + long_rows
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} row(s) whose field count differs from the header's "
+                      f"{len(columns)}: {'; '.join(skipped[:10])}{'; ...' if len(skipped) > 10 else ''}.",
+                      stacklevel=3)
+        dropped = set(short)
+        data = {name: [v for i, v in enumerate(values) if i not in dropped] for name, values in data.items()}
     return data
 
 
