@@ -299,6 +299,19 @@ def test_data_files_keys_must_be_split_names(tmp_path):
         load_task_splits("sst2", "files", data_files={"train": path, "dev": path})
 
 
+def test_broken_json_lines_name_the_file_and_the_expected_form(tmp_path):
+    path = write(tmp_path / "train.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": 0\n')
+    with pytest.raises(DataError, match=r"train.jsonl could not be read \(ArrowInvalid: JSON parse error.*\). "
+                                        r"Each line of a JSON lines file must hold one complete object"):
+        load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",))
+    columns = write(tmp_path / "train.json", json.dumps({"sentence": ["a", "b"], "label": [1]}))
+    with pytest.raises(DataError, match=r"column lists have different lengths \({'sentence': 2, 'label': 1}\)"):
+        load_task_splits("sst2", "files", data_files={"train": columns}, splits=("train",))
+    nested = write(tmp_path / "nested.json", json.dumps({"data": [{"sentence": "good", "label": 1}]}))
+    assert list(load_task_splits("sst2", "files", data_files={"train": nested},
+                                 splits=("train",))["train"]["text_a"]) == ["good"]
+
+
 def test_unsupported_extension(tmp_path):
     path = write(tmp_path / "train.txt", "a\t1\n")
     with pytest.raises(DataError, match=r"unsupported file type '.txt'"):

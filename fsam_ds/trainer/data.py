@@ -207,7 +207,8 @@ def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str
 
 def _read_json(path: Path, encoding: str) -> dict[str, list]:
     """A JSON lines file, a JSON list of objects, an object of column lists or {"data": [objects]}."""
-    data = _load_file("json", path, encoding)
+    data = _load_file("json", path, encoding, fix="Each line of a JSON lines file must hold one complete object; a "
+                      ".json file may instead hold one list of objects or one object of column lists")
     # datasets reads one top-level object as one example; these two forms hold the whole split
     if data and all(len(values) == 1 and isinstance(values[0], list) for values in data.values()):
         row = {name: values[0] for name, values in data.items()}
