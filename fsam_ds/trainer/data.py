@@ -278,32 +278,40 @@ def _hub_unreachable() -> str | None:
     return None
 
 
+def _hub_name(spec: TaskSpec) -> str:
+    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
+    return f"the hub dataset {spec.hub_id!r}{config} (task {spec.name!r})"
+
+
+def _check_hub(spec: TaskSpec) -> None:
+    """Fails at once when the hub cannot be reached; datasets would retry for about half a minute."""
+    import datasets
+
+    why = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
+    if why is not None:
+        raise DataError(f"Cannot load {_hub_name(spec)}: the Hugging Face hub at {datasets.config.HF_ENDPOINT} does "
+                        f"not answer ({why}). Check the network, or, if the dataset is already in your datasets "
+                        f"cache, set HF_HUB_OFFLINE=1 to load it from there. {LOCAL_FILES_HINT}")
+
+
 def _read_hub(spec: TaskSpec, split: str, hub_kwargs: Mapping[str, Any], rename: Mapping[str, str]) -> _Raw:
     import datasets
 
     if spec.hub_id is None:
         raise DataError(f"Task {spec.name!r} has no hub dataset; load it with source='files' or 'glue-tsv'.")
-    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
-    where = f"the hub dataset {spec.hub_id!r}{config} (task {spec.name!r})"
-    offline = datasets.config.HF_HUB_OFFLINE
-    # datasets retries an unreachable hub for about half a minute before failing; one short probe fails fast
-    why = None if offline else _hub_unreachable()
-    if why is not None:
-        raise DataError(f"Cannot load {where}: the Hugging Face hub at {datasets.config.HF_ENDPOINT} does not "
-                        f"answer ({why}). Check the network, or, if the dataset is already in your datasets cache, "
-                        f"set HF_HUB_OFFLINE=1 to load it from there. {LOCAL_FILES_HINT}")
     try:
         ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split, **dict(hub_kwargs))
     except ConnectionError as err:
-        if not offline:
+        if not datasets.config.HF_HUB_OFFLINE:
             raise
-        raise DataError(f"Cannot load {where}: the hub is switched off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) "
-                        f"and the dataset is not in the datasets cache ({type(err).__name__}: "
+        raise DataError(f"Cannot load {_hub_name(spec)}: the hub is switched off (HF_HUB_OFFLINE or "
+                        f"HF_DATASETS_OFFLINE) and the dataset is not in the datasets cache ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}). Unset the variable to download it "
                         f"once. {LOCAL_FILES_HINT}") from None
     wanted = set(spec.required_columns) | set(rename)
     present = list(ds.column_names)
     ds = ds.select_columns([c for c in present if c in wanted])
+    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
     return _Raw(f"Hub dataset {spec.hub_id!r}{config}, split {split!r},", ds.to_dict(), present=present)
 
 
@@ -487,6 +495,8 @@ def load_task_splits(
     if source != "files" and data_files:
         raise DataError(f"data_files is only read with source='files', not {source!r}.")
 
+    if source == "hub" and spec.hub_id is not None:
+        _check_hub(spec)
     out: dict[str, Dataset] = {}
     for split in wanted:
         split_spec = spec.task_for_split(split)
