@@ -41,7 +41,6 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
-import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
