@@ -11,7 +11,7 @@ import torch
 from transformers import get_scheduler
 
 from fsam_ds.trainer.build import build_scheduler
-from fsam_ds.trainer.run_config import OptimSection
+from fsam_ds.trainer.run_config import ConfigError, OptimSection, load_config
 
 LR, TOTAL = 0.5, 20
 
@@ -99,3 +99,24 @@ def test_scheduler_state_round_trips_through_torch_save_and_resumes_the_curve():
     # warning's promise): 40 updates warm up over 8, so the 9th update runs at the peak
     longer, _ = rates(optim, total=2 * TOTAL, updates=2, state=state)
     assert longer == pytest.approx([whole[7], LR]) and whole[8] < 0.95 * LR
+
+
+@pytest.mark.parametrize("arg, key, requirement", [
+    ("--optim.power=0", "optim.power", "must be > 0"),
+    ("--optim.lr_end=2e-5", "optim.lr_end", "must lie in [0, optim.lr) = [0, 2e-05)"),
+    ("--optim.lr_end=-1", "optim.lr_end", "must lie in [0, optim.lr)"),
+    ("--optim.schedule=cosine_with_restarts", "optim.schedule", "linear"),
+])
+def test_schedule_settings_are_checked_by_name(arg, key, requirement):
+    with pytest.raises(ConfigError) as err:
+        load_config(["--task=sst2", "--model=roberta-base", arg])
+    message = str(err.value)
+    assert f"'{key}'" in message and requirement in message
+
+
+def test_cosine_polynomial_settings_and_encoding_are_read():
+    cfg = load_config(["--task=sst2", "--model=m", "--optim.schedule=polynomial", "--optim.power=2",
+                       "--optim.lr_end=1e-6", "--data.encoding=latin-1"])
+    assert (cfg.optim.schedule, cfg.optim.power, cfg.optim.lr_end) == ("polynomial", 2.0, 1e-6)
+    assert cfg.data.encoding == "latin-1"
+    assert load_config(["--task=sst2", "--model=m", "--optim.schedule=cosine"]).optim.schedule == "cosine"
