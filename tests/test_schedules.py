@@ -1,5 +1,5 @@
 """The trainer's learning-rate schedules (transformers' curves, warmup from the first update) against
-their formulas, and their checkpoint round trip."""
+their formulas, their checkpoint round trip and the checks on their settings."""
 
 from __future__ import annotations
 
