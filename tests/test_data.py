@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import PreTrainedTokenizerFast
 
 from fsam_ds.trainer import data
-from fsam_ds.trainer.data import (DataError, PadCollator, ShardSampler, build_dataloader, load_task_splits,
-                          sample_per_class, set_epoch, tokenize)
+from fsam_ds.trainer.data import (DataError, ShardSampler, build_dataloader, load_task_splits, padding_collator,
+                                  sample_per_class, set_epoch, tokenize)
 from fsam_ds.trainer.tasks import get_task
 
 WORDS = "the a cat dog sat on mat is good bad film movie bank river money word : . ?".split()
@@ -132,12 +132,23 @@ def test_qnli_and_qqp_tsv_layouts(tmp_path):
 
 
 def test_rows_of_the_wrong_width_warn_or_raise(tmp_path):
-    write(tmp_path / "train.tsv", "sentence\tlabel\ngood film\t1\nbroken\n bad\t0\n")
+    write(tmp_path / "train.tsv", "sentence\tlabel\ngood film\t1\nbroken\n bad\t0\ntoo\tmany\tfields\nblank\t\n")
     write(tmp_path / "dev.tsv", "sentence\tlabel\ngood\t1\n")
-    with pytest.warns(UserWarning, match=r"skipped 1 row.*lines 3"):
+    with pytest.warns(UserWarning, match=r"skipped 2 row.*header's 2: row 2 after the header has fewer fields; "
+                                         r"Skipping line 5: Expected 2 fields in line 5, saw 3\.$"):
+        with pytest.raises(DataError, match=r"label.*'' \(1 row\)"):  # a blank field is there, not missing
+            load_task_splits("sst2", "glue-tsv", data_dir=tmp_path)
+    write(tmp_path / "train.tsv", "sentence\tlabel\ngood film\t1\nbroken\n bad\t0\ntoo\tmany\tfields\n")
+    with pytest.warns(UserWarning, match=r"skipped 2 row"):
         train = load_task_splits("sst2", "glue-tsv", data_dir=tmp_path)["train"]
-    assert len(train) == 2
-    with pytest.raises(DataError, match=r"train.tsv, line 3: 1 field\(s\) where the header has 2"):
+    assert list(train["text_a"]) == ["good film", " bad"] and labels_of(train) == [1, 0]
+    write(tmp_path / "train.tsv", "sentence\tlabel\ngood film\t1\nbroken\n bad\t0\n")
+    with pytest.raises(DataError, match=r"train.tsv: row\(s\) 2 \(counted after the header\) have fewer fields than "
+                                        r"the header's 2 \(sentence, label\).*bad_rows='warn'"):
+        load_task_splits("sst2", "glue-tsv", data_dir=tmp_path, bad_rows="error")
+    write(tmp_path / "train.tsv", "sentence\tlabel\ngood film\t1\ntoo\tmany\tfields\n")
+    with pytest.raises(DataError, match=r"train.tsv could not be read \(ParserError: Expected 2 fields in "
+                                        r"line 3, saw 3\).*bad_rows='warn'"):
         load_task_splits("sst2", "glue-tsv", data_dir=tmp_path, bad_rows="error")
 
 
@@ -212,7 +223,13 @@ def test_axb_trains_on_rte_columns_and_tests_on_its_own(tmp_path):
     assert list(splits["test"]["text_a"]) == ["The dog."]
 
 
-def test_hub_path_calls_load_dataset_with_the_task_config(monkeypatch):
+@pytest.fixture
+def hub_answers(monkeypatch):
+    """The hub probe answers, without a request (each test fakes datasets.load_dataset itself)."""
+    monkeypatch.setattr(data, "_hub_unreachable", lambda: None)
+
+
+def test_hub_path_calls_load_dataset_with_the_task_config(monkeypatch, hub_answers):
     calls = []
 
     def fake_load_dataset(path, name=None, split=None, **kwargs):
@@ -227,7 +244,7 @@ def test_hub_path_calls_load_dataset_with_the_task_config(monkeypatch):
     assert labels_of(splits["validation"]) == [0, 1] and list(splits["train"]["text_b"]) == ["Cat.", "Dog?"]
 
 
-def test_hub_test_split_minus_one_labels_are_explained(monkeypatch):
+def test_hub_test_split_minus_one_labels_are_explained(monkeypatch, hub_answers):
     monkeypatch.setattr("datasets.load_dataset",
                         lambda path, name=None, split=None, **kw: Dataset.from_dict({"sentence": ["x"], "label": [-1]}))
     with pytest.raises(DataError, match="unlabelled test examples"):
@@ -280,6 +297,19 @@ def test_data_files_keys_must_be_split_names(tmp_path):
     path = write(tmp_path / "train.csv", "sentence,label\na,1\n")
     with pytest.raises(DataError, match=r"missing: 'validation'"):
         load_task_splits("sst2", "files", data_files={"train": path, "dev": path})
+
+
+def test_broken_json_lines_name_the_file_and_the_expected_form(tmp_path):
+    path = write(tmp_path / "train.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": 0\n')
+    with pytest.raises(DataError, match=r"train.jsonl could not be read \(ArrowInvalid: JSON parse error.*\). "
+                                        r"Each line of a JSON lines file must hold one complete object"):
+        load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",))
+    columns = write(tmp_path / "train.json", json.dumps({"sentence": ["a", "b"], "label": [1]}))
+    with pytest.raises(DataError, match=r"column lists have different lengths \({'sentence': 2, 'label': 1}\)"):
+        load_task_splits("sst2", "files", data_files={"train": columns}, splits=("train",))
+    nested = write(tmp_path / "nested.json", json.dumps({"data": [{"sentence": "good", "label": 1}]}))
+    assert list(load_task_splits("sst2", "files", data_files={"train": nested},
+                                 splits=("train",))["train"]["text_a"]) == ["good"]
 
 
 def test_unsupported_extension(tmp_path):
@@ -364,7 +394,7 @@ def test_collator_pads_to_the_batch_max_not_a_global_max(bert_tokenizer):
     ds = Dataset.from_dict({"text_a": ["cat", "the cat sat", "the cat sat on the mat is good bad film"],
                             "label": [0, 1, 0]}).cast_column("label", ClassLabel(names=["a", "b"]))
     tokens = tokenize(ds, bert_tokenizer, max_length=64)
-    collate = PadCollator.from_tokenizer(bert_tokenizer)
+    collate = padding_collator(bert_tokenizer)
     short = collate([tokens[0], tokens[1]])
     assert short["input_ids"].shape == (2, 5)  # longest of the two is [CLS] the cat sat [SEP]
     assert short["input_ids"][0].tolist() == [2, bert_tokenizer.convert_tokens_to_ids("cat"), 3, 0, 0]
@@ -372,17 +402,30 @@ def test_collator_pads_to_the_batch_max_not_a_global_max(bert_tokenizer):
     assert short["token_type_ids"].shape == (2, 5)
     assert short["labels"].tolist() == [0, 1] and short["labels"].dtype == torch.int64
     assert collate([tokens[0], tokens[2]])["input_ids"].shape == (2, 12)
-    assert PadCollator(0, pad_to_multiple_of=8)([tokens[0], tokens[1]])["input_ids"].shape == (2, 8)
+    assert padding_collator(bert_tokenizer, pad_to_multiple_of=8)([tokens[0], tokens[1]])["input_ids"].shape == (2, 8)
 
 
-def test_collator_left_padding():
-    batch = PadCollator(pad_token_id=9, padding_side="left")(
-        [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [5], "attention_mask": [1]}])
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 9, 5]]
+def test_collator_left_padding_and_regression_labels():
+    tokenizer = make_tokenizer(True)
+    tokenizer.padding_side = "left"
+    batch = padding_collator(tokenizer)([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 0.5},
+                                         {"input_ids": [5], "attention_mask": [1], "labels": 4.25}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 5]]  # [PAD] is id 0
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [0.5, 4.25]
+
+
+def test_collator_needs_a_pad_token():
+    tokenizer = make_tokenizer(False)
+    tokenizer.pad_token = None
+    with pytest.raises(DataError, match="has no pad token.*set tokenizer.pad_token"):
+        padding_collator(tokenizer)
 
 
 # --------------------------------------------------------------------------------- sharded loading
+
+INDEX_COLLATE = padding_collator(make_tokenizer(True))  # pads the index datasets below
+
 
 def index_dataset(n):
     return [{"input_ids": [i + 1], "labels": i} for i in range(n)]
@@ -394,7 +437,7 @@ def loader_labels(loader):
 
 @pytest.mark.parametrize("n, world", [(24, 4), (23, 4), (10, 3)])
 def test_training_shards_are_disjoint_equal_and_cover(n, world):
-    collate = PadCollator(0)
+    collate = INDEX_COLLATE
     shards = [loader_labels(build_dataloader(index_dataset(n), collate, batch_size=2, train=True, seed=3,
                                              rank=r, world_size=world)) for r in range(world)]
     seen = [i for s in shards for i in s]
@@ -405,7 +448,7 @@ def test_training_shards_are_disjoint_equal_and_cover(n, world):
 
 def test_training_shuffle_is_seeded_and_changes_per_epoch():
     def epoch_order(seed, epoch):
-        loader = build_dataloader(index_dataset(32), PadCollator(0), batch_size=4, train=True, seed=seed,
+        loader = build_dataloader(index_dataset(32), INDEX_COLLATE, batch_size=4, train=True, seed=seed,
                                   rank=1, world_size=2)
         set_epoch(loader, epoch)
         return loader_labels(loader)
@@ -418,7 +461,7 @@ def test_training_shuffle_is_seeded_and_changes_per_epoch():
 
 @pytest.mark.parametrize("n, world", [(10, 4), (12, 4), (3, 4)])
 def test_eval_shards_cover_every_example_once_with_equal_lengths(n, world):
-    loaders = [build_dataloader(index_dataset(n), PadCollator(0), batch_size=1, train=False, rank=r,
+    loaders = [build_dataloader(index_dataset(n), INDEX_COLLATE, batch_size=1, train=False, rank=r,
                                 world_size=world) for r in range(world)]
     real = [loader_labels(loader)[:loader.sampler.num_real] for loader in loaders]
     assert sorted(i for s in real for i in s) == list(range(n))
@@ -432,9 +475,9 @@ def test_shard_sampler_without_padding():
 
 def test_loader_argument_errors():
     with pytest.raises(ValueError, match=r"rank = 2 must be an integer in \[0, world_size\)"):
-        build_dataloader(index_dataset(4), PadCollator(0), batch_size=1, train=True, rank=2, world_size=2)
+        build_dataloader(index_dataset(4), INDEX_COLLATE, batch_size=1, train=True, rank=2, world_size=2)
     with pytest.raises(DataError, match="cannot fill 4 ranks"):
-        build_dataloader(index_dataset(3), PadCollator(0), batch_size=1, train=True, world_size=4)
+        build_dataloader(index_dataset(3), INDEX_COLLATE, batch_size=1, train=True, world_size=4)
 
 
 def test_end_to_end_files_to_batches(tmp_path, bert_tokenizer):
@@ -443,7 +486,7 @@ def test_end_to_end_files_to_batches(tmp_path, bert_tokenizer):
     train = load_task_splits("polarity", "files", data_files={"train": path}, splits=("train",),
                              train_per_class=4, seed=0)["train"]
     tokens = tokenize(train, bert_tokenizer, max_length=16)
-    loader = build_dataloader(tokens, PadCollator.from_tokenizer(bert_tokenizer), batch_size=4, train=True,
+    loader = build_dataloader(tokens, padding_collator(bert_tokenizer), batch_size=4, train=True,
                               world_size=2, rank=0)
     batches = list(loader)
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 4
@@ -462,7 +505,7 @@ def test_sample_per_class_draw_of_a_class_ignores_the_other_classes():
                 == [t for t, y in zip(picks_after["text_a"], picks_after["label"]) if y == class_id])
 
 
-def test_hub_missing_column_lists_every_column_of_the_hub_split(monkeypatch):
+def test_hub_missing_column_lists_every_column_of_the_hub_split(monkeypatch, hub_answers):
     monkeypatch.setattr("datasets.load_dataset", lambda path, name=None, split=None, **kw: Dataset.from_dict(
         {"premise": ["a"], "hypothesis": ["b"], "label": [0], "idx": [0]}))
     with pytest.raises(DataError, match=r"'nyu-mll/glue', config 'rte', split 'train', has no column 'sentence1'"
@@ -477,3 +520,82 @@ def test_float_written_class_labels_are_accepted(tmp_path):
     polarity = write(tmp_path / "polarity.csv", "text,label\na,1.0\nb,-1.0\n")
     assert labels_of(load_task_splits("polarity", "files", data_files={"train": polarity},
                                       splits=("train",))["train"]) == [1, 0]
+
+
+# --------------------------------------------------------------------- data errors users hit, one paragraph each
+
+def test_header_only_csv_names_the_file_and_the_fix(tmp_path):
+    train = write(tmp_path / "train.csv", "sentence,label\na good film,1\n")
+    dev = write(tmp_path / "dev.csv", "sentence,label\n")
+    with pytest.raises(DataError) as err:
+        load_task_splits("sst2", "files", data_files={"train": train, "validation": dev})
+    message = str(err.value)
+    assert f"File {str(dev)!r} has no examples (only a header row" in message
+    assert "data.dev_file" in message and "\n" not in message
+
+
+def test_split_left_empty_after_skipping_every_row(tmp_path):
+    write(tmp_path / "train.tsv", "sentence\tlabel\nbroken\nalso broken\n")
+    write(tmp_path / "dev.tsv", "sentence\tlabel\ngood\t1\n")
+    with pytest.warns(UserWarning, match="skipped 2 row"):
+        with pytest.raises(DataError, match=r"train.tsv' has no examples"):
+            load_task_splits("sst2", "glue-tsv", data_dir=tmp_path)
+
+
+def test_latin1_csv_names_the_file_and_the_encoding_option(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("sentence,label\ncafé crème,1\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",))
+    message = str(err.value)
+    assert str(path) in message and "is not valid utf-8 text" in message
+    assert "--data.encoding=latin-1" in message and "encoding='latin-1'" in message
+    train = load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",), encoding="latin-1")
+    assert list(train["train"]["text_a"]) == ["café crème"]
+    lines = tmp_path / "train.jsonl"
+    lines.write_bytes('{"sentence": "café", "label": 0}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"train.jsonl is not valid utf-8 text"):
+        load_task_splits("sst2", "files", data_files={"train": lines}, splits=("train",))
+    assert list(load_task_splits("sst2", "files", data_files={"train": lines}, splits=("train",),
+                                 encoding="latin-1")["train"]["text_a"]) == ["café"]
+    with pytest.raises(DataError, match=r"data.encoding = 'latin-9' is not a text encoding"):
+        load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",), encoding="latin-9")
+
+
+@pytest.fixture
+def no_hub_download(monkeypatch):
+    """datasets.load_dataset fails the test if called: the error must come before any download attempt."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was called; it retries an unreachable hub for ~25 s")
+
+    monkeypatch.setattr("datasets.load_dataset", refuse)
+
+
+def test_unreachable_hub_fails_fast_and_offers_local_files(monkeypatch, no_hub_download):
+    import datasets
+    from dist_harness import free_port
+
+    # nothing listens on a just-freed local port: the connection is refused at once, without the network
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(DataError) as err:
+        load_task_splits("sst2", "hub")
+    message = str(err.value)
+    assert "Cannot load the hub dataset 'nyu-mll/glue', config 'sst2' (task 'sst2')" in message
+    assert "does not answer (URLError: " in message and "HF_HUB_OFFLINE=1" in message
+    assert "data.source=local with data.train_file and data.dev_file" in message and "\n" not in message
+
+
+def test_offline_hub_without_the_dataset_in_the_cache(monkeypatch, tmp_path):
+    import datasets
+    import huggingface_hub.constants
+
+    def unreachable():
+        raise AssertionError("offline: the hub must not be probed")
+
+    monkeypatch.setattr(data, "_hub_unreachable", unreachable)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"the hub is switched off \(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE\) and "
+                                        r"the dataset is not in the datasets cache.*data.source=local"):
+        load_task_splits("sst2", "hub", hub_kwargs={"cache_dir": str(tmp_path)})

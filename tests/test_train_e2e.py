@@ -9,7 +9,6 @@ may abort at exit after a good run. The model is a config-built 2-layer, hidden-
 
 from __future__ import annotations
 
-import math
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import torch
 
 import train_fixtures as fx
 from dist_harness import free_port
-from fsam_ds.trainer.build import lr_lambda
 from fsam_ds.zero.distributed import shm_buffer_names
 from fsam_ds.trainer.evaluate import layer_of
 
@@ -237,15 +235,6 @@ def test_missing_model_folder_and_too_little_data(assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------ pieces
-
-def test_learning_rate_schedules():
-    linear = [lr_lambda("linear", 4, 20)(s) for s in range(20)]
-    assert linear[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]  # the k-th update uses k / warmup
-    assert linear[-1] == pytest.approx(1 / 16) and all(a >= b for a, b in zip(linear[3:], linear[4:]))
-    assert lr_lambda("polynomial", 4, 20)(10) == lr_lambda("linear", 4, 20)(10)
-    assert [lr_lambda("constant", 2, 20)(s) for s in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 1.0]
-    assert lr_lambda("linear", 0, 10)(0) == 1.0 and math.isclose(lr_lambda("linear", 0, 10, power=2.0)(5), 0.25)
-
 
 def test_layer_names_for_the_mask_log():
     assert layer_of("roberta.encoder.layer.11.attention.self.query.weight", "roberta") == "layer.11"

@@ -2,16 +2,19 @@
 learning-rate schedule, DeepSpeed config and the engine (SAM-family or the plain AdamW baseline).
 
 The optimizer is torch AdamW without weight decay on biases and other 1-D parameters (LayerNorm
-weights), the usual choice for BERT-style fine-tuning. The learning rate warms up linearly over
-int(warmup_ratio x total steps) steps (the k-th update uses lr x k / warmup), then decays linearly
-to 0 at the last step (`linear`; `polynomial` is fairseq's polynomial_decay with power 1 and end
-lr 0, the same curve) or stays at lr (`constant`).
+weights), the usual choice for BERT-style fine-tuning. The learning-rate schedule is transformers'
+`get_scheduler` curve named by optim.schedule (linear, polynomial with optim.power and optim.lr_end,
+cosine, constant), after a linear warmup over int(warmup_ratio x total steps) updates in which the
+k-th update uses lr x k / warmup. `linear` then decays to 0 one update after the last, so the k-th of
+T updates (k > warmup) uses lr x (T - k + 1) / (T - warmup); `polynomial` with power 1 and end lr 0
+is the same curve.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +23,8 @@ import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.sam.core import StepStats
-from fsam_ds.trainer.data import DataError, PadCollator, build_dataloader, load_task_splits, tokenize_splits
+from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
+                                  tokenize_splits)
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec
 
@@ -117,10 +121,10 @@ def build_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any, rank: int, worl
     if isinstance(limit, int) and limit < d.max_length:
         raise ConfigError(f"data.max_length = {d.max_length} exceeds the {limit} tokens the model "
                           f"{cfg.tokenizer or cfg.model!r} accepts; pass --data.max_length={limit} or less.")
-    splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed,
+    splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed, encoding=d.encoding,
                               **_load_kwargs(cfg, task))
     tokens = tokenize_splits(splits, tokenizer, max_length=d.max_length)
-    collate = PadCollator.from_tokenizer(tokenizer)
+    collate = padding_collator(tokenizer)
     common = {"rank": rank, "world_size": world, "num_workers": d.num_workers, "seed": cfg.seed}
     train = build_dataloader(tokens[task.train_split], collate, batch_size=d.micro_batch_size, train=True, **common)
     dev = {s: build_dataloader(tokens[s], collate, batch_size=d.eval_batch_size, train=False, **common)
@@ -153,17 +157,33 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.
                              eps=optim.eps)
 
 
-def lr_lambda(schedule: str, warmup: int, total: int, power: float = 1.0) -> Callable[[int], float]:
-    """Multiplier of the peak lr for the update that follows `step` updates."""
+SCHEDULES = {"linear": "linear", "polynomial": "polynomial", "cosine": "cosine", "constant": "constant_with_warmup"}
+"""optim.schedule -> transformers' scheduler name."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup)) ** power
 
-    return factor
+def _warmup_from_first_update(step: int, *, curve: Callable[[int], float], warmup: int) -> float:
+    # transformers gives the update after `step` updates curve(step), so its first update runs at lr 0 and
+    # the peak comes at update warmup + 1; reading the warmup one update ahead makes the k-th update use
+    # k / warmup. Past the warmup the library's curve is used as it is.
+    return curve(step + 1 if step < warmup else step)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule over `total_steps` updates (see the module doc).
+
+    Its multiplier is a functools.partial, whose state_dict entry is empty: a checkpoint keeps the
+    step count and base lrs, and a resumed run rebuilds the curve from its own configuration.
+    """
+    from transformers import get_scheduler
+
+    warmup = int(optim.warmup_ratio * total_steps)
+    extra = {"power": optim.power, "lr_end": optim.lr_end} if optim.schedule == "polynomial" else None
+    library = get_scheduler(SCHEDULES[optim.schedule], optimizer, num_warmup_steps=warmup,
+                            num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+    # a second LambdaLR on the same optimizer starts from the same base lrs (the `initial_lr` the first set)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [partial(_warmup_from_first_update, curve=curve, warmup=warmup) for curve in library.lr_lambdas])
 
 
 # --------------------------------------------------------------------------------------- engine
@@ -217,8 +237,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, tota
     import fsam_ds.zero.engine as fe
 
     optimizer = build_optimizer(model, cfg.optim)
-    warmup = int(cfg.optim.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.schedule, warmup, total_steps))
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     if cfg.sam.sam_type == "none":
         import deepspeed
 

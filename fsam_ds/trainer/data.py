@@ -17,14 +17,22 @@ GLUE TSV folders (`source="glue-tsv"`) are read in the layouts of the GLUE distr
 Any other task reads a headered TSV whose columns carry the task's own names. Files are
 train.tsv and dev.tsv (or `<split>.tsv` for a split not called validation). Fields are split on
 tabs with no quote handling, as the GLUE files require.
+
+Files are read by datasets' csv, json and parquet builders, in the encoding given (utf-8 unless
+told); our checks on top name the file and the fix: rows of the wrong width, missing columns,
+labels outside the task's set, an empty split, undecodable text. The hub is probed once before a
+hub dataset is loaded, so that an unreachable hub fails at once instead of after datasets' retries.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import json
 import math
 import os
+import tempfile
+import urllib.error
+import urllib.request
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +41,6 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
-import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
@@ -93,83 +100,128 @@ class _Raw:
 
 # ----------------------------------------------------------------------------------------- reading
 
-def _read_delimited(path: Path, *, tsv: bool, names: Sequence[str] = (), required: Sequence[str] = (),
-                    bad_rows: str) -> dict[str, list]:
-    """Rows of a CSV (quoted) or TSV (no quoting); rows whose width differs from the header are bad."""
-    options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, **options)
-        rows: list[list[str]] = []
-        header: list[str] | None = None
-        bad: list[int] = []
-        for row in reader:
-            if not row:
-                continue
-            if header is None:
-                # A headerless layout may still be given a header naming the task's columns.
-                if not names or set(required) <= set(row):
-                    header = [c.strip() for c in row]
-                    continue
-                header = list(names)
-            if len(row) != len(header):
-                if bad_rows == "error":
-                    raise DataError(
-                        f"{path}, line {reader.line_num}: {len(row)} field(s) where the header has "
-                        f"{len(header)} ({', '.join(header)}). Repair the line, or pass bad_rows='warn' "
-                        "to skip such rows with a warning.")
-                bad.append(reader.line_num)
-                continue
-            rows.append(row)
-    if header is None:
-        raise DataError(f"{path} is empty; give a file with a header row and at least one example.")
-    if bad:
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} row(s) whose field count differs from the header's "
-                      f"{len(header)} (lines {shown}).", stacklevel=3)
-    return {name: [r[i] for r in rows] for i, name in enumerate(header)}
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """`err` and the errors it was raised from (datasets wraps a reader's error in its own)."""
+    current: BaseException | None = err
+    while current is not None:
+        yield current
+        current = current.__cause__
 
 
-def _records_to_columns(records: list, path: Path) -> dict[str, list]:
-    names: dict[str, None] = {}
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: record {i} is {type(rec).__name__}, not an object; each example must "
-                            "be a JSON object mapping column names to values.")
-        names.update(dict.fromkeys(rec))
-    return {n: [rec.get(n) for rec in records] for n in names}
+def _encoding_error(path: Path, encoding: str, err: UnicodeError) -> DataError:
+    return DataError(
+        f"{path} is not valid {encoding} text ({err}). Save the file as UTF-8, or give its encoding: "
+        "--data.encoding=latin-1 (or cp1252, utf-16, ...) for fsam-train, encoding='latin-1' for "
+        "load_task_splits.")
 
 
-def _read_json(path: Path, *, lines: bool) -> dict[str, list]:
-    text = path.read_text(encoding="utf-8-sig")
-    if not lines:
+def _check_encoding(encoding: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"data.encoding = {encoding!r} is not a text encoding Python knows; use e.g. utf-8, "
+                        "latin-1 or cp1252 (the names of Python's codecs module).") from None
+
+
+def _load_file(builder: str, path: Path, encoding: str, fix: str = "", **options: Any) -> dict[str, list]:
+    """The columns of one file as read by datasets' `builder` ("csv", "json" or "parquet"); `fix` is
+    what a read error tells the user to do."""
+    import datasets
+
+    if builder != "parquet":
+        options["encoding"] = encoding
+    # a private cache for each read: a changed file is never answered from an earlier read, a second
+    # read warns about bad rows again, and nothing is left behind
+    with tempfile.TemporaryDirectory(prefix="fsam-data-") as cache:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            lines = True  # JSON lines saved under a .json name
-        else:
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if isinstance(data, list):
-                return _records_to_columns(data, path)
-            if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-                if len({len(v) for v in data.values()}) > 1:
-                    raise DataError(f"{path}: the column lists have different lengths "
-                                    f"({ {k: len(v) for k, v in data.items()} }); every column needs one "
-                                    "value per example.")
-                return dict(data)
-            raise DataError(f"{path}: expected a list of objects, an object of column lists, or JSON lines.")
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}). Each line of a JSON "
-                                "lines file must hold one complete object.") from err
-    return _records_to_columns(records, path)
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                         keep_in_memory=True, **options).to_dict()
+        except Exception as err:  # datasets raises its own DatasetGenerationError around the reader's error
+            *_, detail = _causes(err)
+            if isinstance(detail, UnicodeError):
+                raise _encoding_error(path, encoding, detail) from None
+            fix = fix or f"Repair the file, or save it in one of the formats {', '.join(FILE_FORMATS)}"
+            raise DataError(f"{path} could not be read ({type(detail).__name__}: {str(detail).strip()}). "
+                            f"{fix}.") from err
 
 
-def _read_file(path: Path, *, required: Sequence[str], bad_rows: str) -> dict[str, list]:
+def _as_written(field: str | None) -> str | None:
+    # a converter keeps every field the text it was in the file: pandas' python engine would otherwise
+    # turn "1.0" into "1" and "5.000" into "5"
+    return field
+
+
+def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str] = (),
+                    required: Sequence[str] = (), bad_rows: str) -> dict[str, list]:
+    """A CSV (quoted) or TSV (no quoting) file read by datasets' csv builder, every column as text.
+
+    Rows with more fields than the header are pandas' bad lines; rows with fewer come back with
+    missing (None) fields. Both are skipped with one warning, or raise (`bad_rows`).
+    """
+    import pandas as pd
+
+    # pandas' python engine, unlike its C engine, leaves the fields missing from a short row empty (None),
+    # so that they can be told apart from fields that are there and blank; index_col=False stops it from
+    # taking a row with one field too many as the sign of an unnamed index column
+    options: dict[str, Any] = {"sep": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"sep": ","}
+    options.update(engine="python", keep_default_na=False, index_col=False)
+    try:
+        first = pd.read_csv(path, header=None, nrows=2, dtype=str, encoding=encoding, **options)
+    except UnicodeError as err:
+        raise _encoding_error(path, encoding, err) from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty; give a file with a header row and at least one example.") from None
+    header = [str(c).strip() for c in first.iloc[0]]
+    # a headerless layout may still be given a header naming the task's columns
+    headerless = bool(names) and not set(required) <= set(header)
+    columns = list(names) if headerless else header
+    if len(first) < 2 and not headerless:
+        return {name: [] for name in columns}  # a header only: load_task_splits says what to add
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        data = _load_file("csv", path, encoding, header=None if headerless else 0, names=columns,
+                          converters=dict.fromkeys(columns, _as_written),
+                          on_bad_lines="error" if bad_rows == "error" else "warn",
+                          fix="Repair the line, or pass bad_rows='warn' to skip rows of the wrong width with a warning",
+                          **options)
+    long_rows = [str(w.message).strip() for w in caught if issubclass(w.category, pd.errors.ParserWarning)]
+    for w in caught:
+        if not issubclass(w.category, pd.errors.ParserWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    short = [i for i in range(len(data[columns[0]])) if any(data[name][i] is None for name in columns)]
+    if short and bad_rows == "error":
+        rows = ", ".join(str(i + 1) for i in short[:10]) + (", ..." if len(short) > 10 else "")
+        raise DataError(f"{path}: row(s) {rows} (counted after the header) have fewer fields than the header's "
+                        f"{len(columns)} ({', '.join(columns)}). Repair them, or pass bad_rows='warn' to skip such "
+                        "rows with a warning.")
+    skipped = [f"row {i + 1} after the header has fewer fields" for i in short] + long_rows
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} row(s) whose field count differs from the header's "
+                      f"{len(columns)}: {'; '.join(skipped[:10])}{'; ...' if len(skipped) > 10 else ''}.",
+                      stacklevel=3)
+        dropped = set(short)
+        data = {name: [v for i, v in enumerate(values) if i not in dropped] for name, values in data.items()}
+    return data
+
+
+def _read_json(path: Path, encoding: str) -> dict[str, list]:
+    """A JSON lines file, a JSON list of objects, an object of column lists or {"data": [objects]}."""
+    data = _load_file("json", path, encoding, fix="Each line of a JSON lines file must hold one complete object; a "
+                      ".json file may instead hold one list of objects or one object of column lists")
+    # datasets reads one top-level object as one example; these two forms hold the whole split
+    if data and all(len(values) == 1 and isinstance(values[0], list) for values in data.values()):
+        row = {name: values[0] for name, values in data.items()}
+        if list(row) == ["data"] and all(isinstance(r, dict) for r in row["data"]):
+            names = dict.fromkeys(name for record in row["data"] for name in record)
+            return {name: [record.get(name) for record in row["data"]] for name in names}
+        if len({len(values) for values in row.values()}) > 1:
+            raise DataError(f"{path}: the column lists have different lengths "
+                            f"({ {k: len(v) for k, v in row.items()} }); every column needs one value per example.")
+        return row
+    return data
+
+
+def _read_file(path: Path, *, required: Sequence[str], bad_rows: str, encoding: str) -> dict[str, list]:
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of "
@@ -177,12 +229,10 @@ def _read_file(path: Path, *, required: Sequence[str], bad_rows: str) -> dict[st
     if not path.is_file():
         raise DataError(f"{path} not found; check the path given for this split.")
     if fmt in ("csv", "tsv"):
-        return _read_delimited(path, tsv=fmt == "tsv", required=required, bad_rows=bad_rows)
+        return _read_delimited(path, tsv=fmt == "tsv", encoding=encoding, required=required, bad_rows=bad_rows)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pydict()
-    return _read_json(path, lines=fmt == "jsonl")
+        return _load_file("parquet", path, encoding)
+    return _read_json(path, encoding)
 
 
 def _glue_tsv_path(data_dir: Path, spec: TaskSpec, split: str) -> Path:
@@ -194,17 +244,53 @@ def _glue_tsv_path(data_dir: Path, spec: TaskSpec, split: str) -> Path:
     return data_dir / name
 
 
-def _read_glue_tsv(data_dir: Path, spec: TaskSpec, split: str, bad_rows: str) -> _Raw:
+def _read_glue_tsv(data_dir: Path, spec: TaskSpec, split: str, bad_rows: str, encoding: str) -> _Raw:
     path = _glue_tsv_path(data_dir, spec, split)
     if not path.is_file():
         raise DataError(f"{path} not found. A GLUE-style folder for task {spec.name!r} holds "
                         f"train.tsv and {', '.join(_glue_tsv_path(data_dir, spec, s).name for s in spec.dev_splits)}; "
                         "point data_dir at that folder, or use source='files' with data_files={split: path}.")
     layout = GLUE_TSV_LAYOUTS.get(spec.name, TsvLayout())
-    columns = _read_delimited(path, tsv=True, names=() if layout.header else layout.names,
+    columns = _read_delimited(path, tsv=True, encoding=encoding, names=() if layout.header else layout.names,
                               required=spec.required_columns, bad_rows=bad_rows)
     columns = _renamed(columns, layout.rename)
     return _Raw(f"File {str(path)!r}", columns)
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+LOCAL_FILES_HINT = ("Or train on local files: data.source=local with data.train_file and data.dev_file (CSV, TSV, "
+                    "JSON lines or Parquet with the task's columns), or data.data_dir for a GLUE-style folder "
+                    "(load_task_splits: source='files' with data_files, or source='glue-tsv' with data_dir).")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (one request, no retries), or None when it answers at all."""
+    import datasets
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(datasets.config.HF_ENDPOINT, method="HEAD"),
+                               timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # an error status is still an answer
+    except OSError as err:  # URLError (refused, no route, no name) and timeouts
+        return f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+    return None
+
+
+def _hub_name(spec: TaskSpec) -> str:
+    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
+    return f"the hub dataset {spec.hub_id!r}{config} (task {spec.name!r})"
+
+
+def _check_hub(spec: TaskSpec) -> None:
+    """Fails at once when the hub cannot be reached; datasets would retry for about half a minute."""
+    import datasets
+
+    why = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
+    if why is not None:
+        raise DataError(f"Cannot load {_hub_name(spec)}: the Hugging Face hub at {datasets.config.HF_ENDPOINT} does "
+                        f"not answer ({why}). Check the network, or, if the dataset is already in your datasets "
+                        f"cache, set HF_HUB_OFFLINE=1 to load it from there. {LOCAL_FILES_HINT}")
 
 
 def _read_hub(spec: TaskSpec, split: str, hub_kwargs: Mapping[str, Any], rename: Mapping[str, str]) -> _Raw:
@@ -212,7 +298,15 @@ def _read_hub(spec: TaskSpec, split: str, hub_kwargs: Mapping[str, Any], rename:
 
     if spec.hub_id is None:
         raise DataError(f"Task {spec.name!r} has no hub dataset; load it with source='files' or 'glue-tsv'.")
-    ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split, **dict(hub_kwargs))
+    try:
+        ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split, **dict(hub_kwargs))
+    except ConnectionError as err:
+        if not datasets.config.HF_HUB_OFFLINE:
+            raise
+        raise DataError(f"Cannot load {_hub_name(spec)}: the hub is switched off (HF_HUB_OFFLINE or "
+                        f"HF_DATASETS_OFFLINE) and the dataset is not in the datasets cache ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}). Unset the variable to download it "
+                        f"once. {LOCAL_FILES_HINT}") from None
     wanted = set(spec.required_columns) | set(rename)
     present = list(ds.column_names)
     ds = ds.select_columns([c for c in present if c in wanted])
@@ -316,6 +410,12 @@ def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
     missing = [c for c in spec.required_columns if c not in columns]
     if missing:
         raise _missing_columns(raw, spec, missing, rename)
+    if not columns[spec.label_column]:
+        raise DataError(
+            f"{raw.origin} has no examples (only a header row, or every row was skipped; see any warning above), "
+            f"so task {spec.name!r} has nothing to train or evaluate on in this split. Add examples, one per row, "
+            "below the header, or give this split a file that has them (data.train_file / data.dev_file; "
+            "data_files in load_task_splits).")
     for name in spec.required_columns:
         empty = [i for i, v in enumerate(columns[name]) if v is None]
         if empty and name != spec.label_column:
@@ -358,6 +458,7 @@ def load_task_splits(
     seed: int = 0,
     bad_rows: Literal["warn", "error"] = "warn",
     hub_kwargs: Mapping[str, Any] | None = None,
+    encoding: str = "utf-8",
 ) -> dict[str, Dataset]:
     """The task's train split and every dev split, keyed by split name, normalised and checked.
 
@@ -366,7 +467,8 @@ def load_task_splits(
     or "files" (`data_files` maps each split to a .csv/.tsv/.json/.jsonl/.parquet file with the
     task's column names). `columns` renames data columns to task columns. `train_per_class`
     keeps that many training examples per class, chosen by `seed` (see `sample_per_class`).
-    `bad_rows`: CSV/TSV rows of the wrong width are skipped with a warning, or raise.
+    `bad_rows`: CSV/TSV rows of the wrong width are skipped with a warning, or raise. `encoding`:
+    the text encoding of CSV/TSV/JSON files. Files are read by datasets' csv/json/parquet builders.
     """
     spec = get_task(task)
     rename = dict(columns or {})
@@ -375,6 +477,7 @@ def load_task_splits(
         raise DataError(f"source = {source!r} is not one of {', '.join(SOURCES)}.")
     if bad_rows not in ("warn", "error"):
         raise DataError(f"bad_rows = {bad_rows!r} must be 'warn' or 'error'.")
+    _check_encoding(encoding)
     if source == "glue-tsv" and data_dir is None:
         raise DataError("source='glue-tsv' needs data_dir, the folder holding train.tsv and the dev file(s).")
     if source == "files":
@@ -391,17 +494,19 @@ def load_task_splits(
     if source != "files" and data_files:
         raise DataError(f"data_files is only read with source='files', not {source!r}.")
 
+    if source == "hub" and spec.hub_id is not None:
+        _check_hub(spec)
     out: dict[str, Dataset] = {}
     for split in wanted:
         split_spec = spec.task_for_split(split)
         if source == "hub":
             raw = _read_hub(split_spec, split, hub_kwargs or {}, rename)
         elif source == "glue-tsv":
-            raw = _read_glue_tsv(Path(data_dir), split_spec, split, bad_rows)  # type: ignore[arg-type]
+            raw = _read_glue_tsv(Path(data_dir), split_spec, split, bad_rows, encoding)  # type: ignore[arg-type]
         else:
             path = Path(data_files[split])  # type: ignore[index]
             raw = _Raw(f"File {str(path)!r}", _read_file(path, required=split_spec.required_columns,
-                                                        bad_rows=bad_rows))
+                                                        bad_rows=bad_rows, encoding=encoding))
             if path.suffix.lower() == ".tsv" and split_spec.name in GLUE_TSV_LAYOUTS:
                 raw.hint = " For the GLUE distribution's own TSV files use source='glue-tsv' with data_dir."
         out[split] = _normalize(raw, split_spec, rename)
@@ -473,45 +578,17 @@ def tokenize_splits(splits: Mapping[str, Dataset], tokenizer: Any, *,
     return {name: tokenize(ds, tokenizer, max_length=max_length) for name, ds in splits.items()}
 
 
-@dataclass(frozen=True)
-class PadCollator:
-    """Pads each batch to its own longest sequence (optionally rounded up to a multiple)."""
+def padding_collator(tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> Callable[[list], dict]:
+    """transformers' DataCollatorWithPadding: each batch padded to its own longest sequence (optionally
+    rounded up to a multiple) with the tokenizer's pad token, token type and padding side; labels keep
+    their dtype (int64 classes, float32 scores)."""
+    from transformers import DataCollatorWithPadding
 
-    pad_token_id: int
-    pad_token_type_id: int = 0
-    padding_side: Literal["right", "left"] = "right"
-    pad_to_multiple_of: int | None = None
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> PadCollator:
-        if tokenizer.pad_token_id is None:
-            raise ValueError(f"{type(tokenizer).__name__} has no pad token; set tokenizer.pad_token "
-                             "(e.g. to its eos token) before building the collator.")
-        return cls(int(tokenizer.pad_token_id), int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
-                   tokenizer.padding_side, pad_to_multiple_of)
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("PadCollator got an empty batch.")
-        width = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": self.pad_token_type_id}
-        batch: dict[str, torch.Tensor] = {}
-        for key, fill in fills.items():
-            if key not in features[0]:
-                continue
-            out = torch.full((len(features), width), fill, dtype=torch.long)
-            for row, f in enumerate(features):
-                seq = torch.as_tensor(f[key], dtype=torch.long)
-                if self.padding_side == "left":
-                    out[row, width - len(seq):] = seq
-                else:
-                    out[row, :len(seq)] = seq
-            batch[key] = out
-        if "labels" in features[0]:
-            batch["labels"] = torch.stack([torch.as_tensor(f["labels"]) for f in features])
-        return batch
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"{type(tokenizer).__name__} has no pad token, so batches cannot be padded; set "
+                        "tokenizer.pad_token (e.g. to its eos token) before building the collator.")
+    return DataCollatorWithPadding(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of,
+                                   return_tensors="pt")
 
 
 # ---------------------------------------------------------------------------------------- batching

@@ -56,7 +56,9 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_ratio: float = 0.06
-    schedule: Literal["linear", "polynomial", "constant"] = "linear"
+    schedule: Literal["linear", "polynomial", "cosine", "constant"] = "linear"
+    power: float = 1.0  # polynomial: exponent of the decay
+    lr_end: float = 0.0  # polynomial: the lr the decay ends at
     max_steps: int = 0  # 0: derived from epochs
     epochs: int = 3
     grad_clip: float = 0.0  # 0: no clipping
@@ -74,6 +76,7 @@ class DataSection:
     grad_accum: int = 1
     limit_per_class: int = 0  # 0: every example
     num_workers: int = 0
+    encoding: str = "utf-8"  # text encoding of local CSV/TSV/JSON files, e.g. latin-1
 
 
 @dataclass
@@ -448,6 +451,8 @@ def _validate(cfg: TrainConfig) -> None:
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "must both lie in [0, 1)")
     _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
     _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must lie in [0, 1)")
+    _check(o.power > 0, "optim.power", o.power, "must be > 0")
+    _check(0 <= o.lr_end < o.lr, "optim.lr_end", o.lr_end, f"must lie in [0, optim.lr) = [0, {o.lr})")
     _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be >= 0", "0 derives it from optim.epochs.")
     _check(o.epochs >= 1 or o.max_steps > 0, "optim.epochs", o.epochs, "must be >= 1 when optim.max_steps is 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0", "0 turns clipping off.")
