@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Sampler
 from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_model_path, hub_error, load_model,
                            load_tokenizer, resolve_config)
 from fsam_ds.trainer.checkpoint import (TrainerState, discard_after, export_model, find_checkpoint, load_checkpoint,
-                                save_checkpoint, set_rng_state, trim_metrics)
+                                save_checkpoint, set_rng_state)
+from fsam_ds.trainer.metrics_log import trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.core import StepStats
 from fsam_ds.trainer.data import DataError, set_epoch
