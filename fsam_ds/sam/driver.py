@@ -52,6 +52,20 @@ class _NullObserver:
 NULL_OBSERVER: StepObserver = _NullObserver()
 
 
+class ObservedThroughCore:
+    """`.observer` of a stepper that keeps it on its core, so the core's own phases are measured too."""
+
+    core: SharpnessAware
+
+    @property
+    def observer(self) -> StepObserver:
+        return self.core.observer
+
+    @observer.setter
+    def observer(self, observer: StepObserver | None) -> None:
+        self.core.observer = observer or NULL_OBSERVER
+
+
 @dataclass
 class StepOutput:
     """What one training step did, the same for every engine."""

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
-from fsam_ds.sam.driver import (NULL_OBSERVER, PerExampleLoss, StepObserver, StepOutput, check_per_example,
+from fsam_ds.sam.driver import (ObservedThroughCore, PerExampleLoss, StepObserver, StepOutput, check_per_example,
                                 finish_step, index_batch, two_pass_step)
 from fsam_ds.sam.shards import Comm, LocalComm, TensorShards
 
@@ -87,7 +87,7 @@ class _TorchBackend:
         return 1.0
 
 
-class SAMOptimizer(Optimizer):
+class SAMOptimizer(ObservedThroughCore, Optimizer):
     """Sharpness-aware wrapper around a base optimizer; `param_groups` and `state` are the base's.
 
     Args:
@@ -129,19 +129,11 @@ class SAMOptimizer(Optimizer):
                                    [self.config.is_candidate(n) for n, _ in trainable])
         lr = self.param_groups[0].get("initial_lr", self.param_groups[0].get("lr", 0.0))
         self.core = SharpnessAware(self.config, self.shards.pieces, len(trainable), lr)
-        self.core.observer = observer or NULL_OBSERVER
+        self.observer = observer
         self.example_comm = comm or LocalComm()
         self.skipped_steps = 0
         self._backend = _TorchBackend(self)
         self._perturbed = False
-
-    @property
-    def observer(self) -> StepObserver:
-        return self.core.observer
-
-    @observer.setter
-    def observer(self, observer: StepObserver | None) -> None:
-        self.core.observer = observer or NULL_OBSERVER
 
     @property
     def step_count(self) -> int:

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
-from fsam_ds.sam.driver import NULL_OBSERVER, StepObserver, StepOutput, TrainStepper, check_per_example, two_pass_step
+from fsam_ds.sam.driver import (NULL_OBSERVER, ObservedThroughCore, StepObserver, StepOutput, TrainStepper,
+                                check_per_example, two_pass_step)
 from fsam_ds.sam.shards import TorchComm
 from fsam_ds.zero.adapters import EngineShards, shards_for_engine
 from fsam_ds.zero.distributed import release_shm_buffer
@@ -116,7 +117,7 @@ class _EngineBackend:
         return self.shards.loss_scale()
 
 
-class SAMEngine:
+class SAMEngine(ObservedThroughCore):
     """Runs SAM-family training steps on a DeepSpeed engine (`.engine`); an `EngineStepper`.
 
     `observer` measures the step's phases (`fsam_ds.sam.driver.StepObserver`); settable as `.observer`."""
@@ -133,17 +134,9 @@ class SAMEngine:
         initial_lr = engine.optimizer.param_groups[0]
         self.core = SharpnessAware(config, self.shards.pieces, len(params),
                                    float(initial_lr.get("initial_lr", initial_lr["lr"])))
-        self.core.observer = observer or NULL_OBSERVER
+        self.observer = observer
         self.skipped_steps = 0
         self._backend = _EngineBackend(engine, self.core, self.shards, self.data_comm)
-
-    @property
-    def observer(self) -> StepObserver:
-        return self.core.observer
-
-    @observer.setter
-    def observer(self, observer: StepObserver | None) -> None:
-        self.core.observer = observer or NULL_OBSERVER
 
     def train_step(self, micro_batches: Sequence[Any], loss_fn: EngineLoss) -> StepOutput:
         """One full step: both passes over all `micro_batches` (gradient accumulation), one update.
