@@ -36,6 +36,7 @@ from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_
 from fsam_ds.trainer.run_config import TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec, UnknownTaskError, get_task
 from fsam_ds.zero.adapters import UnsupportedConfiguration
+from fsam_ds.zero.engine import EngineStepper
 
 KNOWN_ERRORS = (ConfigError, DataError, TrainError, UnknownTaskError, UnsupportedConfiguration)
 
@@ -69,7 +70,7 @@ class Run:
     cfg: TrainConfig
     task: TaskSpec
     data: Data
-    sam_engine: Any
+    sam_engine: EngineStepper
     tokenizer: Any
     logger: Any
     state: TrainerState
