@@ -113,7 +113,8 @@ def test_a_cut_short_last_line_is_skipped_with_a_warning(tmp_path):
         assert read_events(path) == [{"event": "train", "step": 1, "loss": 0.5}]
 
 
-@pytest.mark.parametrize("bad, problem", [('{"event": "tr', "not valid JSON"), ("[1, 2]", "a JSON list, not an object")])
+@pytest.mark.parametrize("bad, problem", [('{"event": "tr', "not valid JSON"),
+                                          ("[1, 2]", "a JSON list, not an object")])
 def test_a_bad_line_elsewhere_is_an_error_naming_file_and_line(tmp_path, bad, problem):
     path = _write_lines(tmp_path / "metrics.jsonl", [{"event": "start"}, bad, {"event": "summary", "best_metric": 1}])
     with pytest.raises(MetricsFileError, match=rf"metrics.jsonl:2 is {problem}.*Delete or repair line 2"):
