@@ -301,3 +301,14 @@ def test_unreachable_server_falls_back_to_offline_quickly(tmp_path, monkeypatch)
         logger.train_step(2, 1.0, examples=4)
     history, _ = wandb_history_and_summary(tmp_path / "run")
     assert any("train/loss" in h for h in history), history
+
+
+def test_the_demo_reads_its_accuracy_from_the_summary_line(tmp_path):
+    from fsam_ds.cli.demo import best_accuracy
+
+    assert best_accuracy(tmp_path) is None  # no metrics.jsonl: the run never started
+    _write_lines(tmp_path / "metrics.jsonl", [{"event": "eval", "step": 4, "accuracy": 0.9}])
+    assert best_accuracy(tmp_path) is None  # no summary: the run did not finish
+    _write_lines(tmp_path / "metrics.jsonl", [{"event": "summary", "best_metric": 0.5},
+                                              {"event": "summary", "best_metric": 0.75}])
+    assert best_accuracy(tmp_path) == 0.75

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 
 __all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured",
-           "MetricsFileError", "METRICS_FILE", "read_events", "read_summary", "trim_metrics"]
+           "MetricsFileError", "METRICS_FILE", "encode_event", "read_events", "read_summary", "trim_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 WandbMode = Literal["online", "offline", "disabled"]
