@@ -1,7 +1,40 @@
-"""`python -m benchmarks core|zero ...` from the repository root."""
+"""`python -m benchmarks core|zero ...`, from the repository root.
 
+    python -m benchmarks core --threads 1                 # one process: ours vs pytorch-optimizer's SAM
+    python -m benchmarks zero --stages 1 2 3 --steps 30   # 2 DeepSpeed ZeRO ranks over gloo (CPU)
+
+`core` compares against pytorch-optimizer, which the dev extra installs (`pip install -e '.[dev]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
-from benchmarks.core import main
+from benchmarks import core, zero
+from benchmarks.measure import write_json
 
-sys.exit(main())
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Step time, memory and "
+                                     "communication benchmarks of the SAM family.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    core.add_arguments(sub.add_parser("core", help="one process: ours vs pytorch-optimizer's SAM, on CPU"))
+    zero.add_arguments(sub.add_parser("zero", help="DeepSpeed ZeRO stages on local gloo ranks (CPU)"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "core":
+        result = core.run_core(args)
+        print(core.format_core_report(result))
+    else:
+        result = zero.run_zero(args)
+        print(zero.format_zero_report(result))
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
-"""`fsam-bench zero`: DeepSpeed AdamW vs fisher-sam vs fisher-esam on ZeRO stages, local gloo ranks.
+"""`python -m benchmarks zero`: DeepSpeed AdamW vs fisher-sam vs fisher-esam on ZeRO stages, local gloo ranks.
 
-    fsam-bench zero --stages 1 2 3 --steps 30 [--dtype bf16] [--json FILE]
+    python -m benchmarks zero --stages 1 2 3 --steps 30 [--dtype bf16] [--json FILE]
 
 The ranks are spawned here (no launcher needed) with one thread each. Per stage, every rank
 builds one engine per method from the same tiny BERT config, then runs the methods' steps
@@ -9,12 +9,13 @@ alternately, with a barrier before each step. Per method:
 * step time: per step the slower rank's time, then the median over steps;
 * mask rebuild: a second engine of the fisher type with mask_interval = 1 (every step rebuilds);
   (rebuild step - normal step) / 100 is the amortised cost, shown as a fraction of the AdamW step;
-* memory: heap (mallinfo2) sampled at every forward, backward, optimizer step and collective
-  during the first steps after the engine is built; peak minus the heap before the model and engine
-  were built (and, in the JSON, minus the heap after `initialize`, and the total);
-* collective bytes per step: `fsam_ds.bench.CollectiveCounter`, per rank, median over steps;
-* a profile: time and collective bytes per part of the step (forward, backward, first_pass,
-  rebuild, perturbation, second_pass, engine step).
+* memory: heap (mallinfo2) sampled at the edges of every phase and at every collective during the
+  warm-up steps after the engine is built; peak minus the heap before the model and engine were
+  built (and, in the JSON, minus the heap after `initialize`, and the total);
+* collective bytes per step: `benchmarks.measure.CollectiveCounter`, per rank, median over steps;
+* a profile: time and collective bytes per phase of the step, as the engine reports its phases to
+  its observer (`SAMEngine` and the AdamW baseline `PlainEngine` take `observer=`).
+The targets (`benchmarks.targets.TARGETS`) are printed with their verdicts.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from benchmarks.core import (LR, MASK_INTERVAL, REBUILD, WEIGHT_DECAY, MiB, CollectiveCounter, HeapPeak, PhaseProfile,
-                           add_model_arguments, fmt, heap_in_use, median, median_profile, per_example_loss,
-                           random_batches, ratio, rotated, table, tiny_bert, verdict)
+from benchmarks import targets
+from benchmarks.measure import (LR, MASK_INTERVAL, REBUILD, WEIGHT_DECAY, MiB, CollectiveCounter, HeapPeak,
+                                PhaseProfile, add_model_arguments, count_parameters, fmt, heap_in_use, median,
+                                median_profile, per_example_loss, profile_rows, random_batches, ratio, rotated, table,
+                                tiny_bert)
 from fsam_ds.zero.distributed import init_distributed, run_local_ranks
 
 METHODS = ("adamw", "fisher-sam", "fisher-esam")
-TARGETS = {"step_ratio": 2.05, "memory_ratio_stage3": 1.05, "collective_ratio": 2.05}
+MODEL_SHAPE = ("hidden", "layers", "heads", "vocab", "seq")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "keep every matrix of this small model but the embeddings whole on every rank)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds before the ranks are killed")
     parser.add_argument("--verbose", action="store_true", help="keep DeepSpeed's log output")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def ds_config(stage: int, dtype: str, micro_batch: int, world_size: int, hidden: int,
@@ -85,22 +87,15 @@ def ds_config(stage: int, dtype: str, micro_batch: int, world_size: int, hidden:
 @dataclass
 class ZeroMethod:
     name: str
-    engine: Any
-    sam: Any  # fsam_ds.engine.SAMEngine, or None for plain AdamW
+    stepper: Any  # fsam_ds.zero.engine.SAMEngine, or PlainEngine for DeepSpeed's own AdamW step
     profile: PhaseProfile
-    loss: Callable
     times: list[float] = field(default_factory=list)
     collectives: list[dict] = field(default_factory=list)
     profiles: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
 
     def step(self, batch: dict) -> None:
-        if self.sam is None:
-            loss = self.loss(self.engine, batch).mean()
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            self.sam.train_step([batch], self.loss)
+        self.stepper.train_step([batch], per_example_loss)
 
 
 class RankBench:
@@ -121,50 +116,25 @@ class RankBench:
         self.current.profile.note_bytes(nbytes)
 
     # ---------------------------------------------------------------- building
-    def _timed_loss(self, profile: PhaseProfile) -> Callable:
-        def loss(module: Any, batch: dict) -> torch.Tensor:
-            with profile.phase("forward"):
-                out = per_example_loss(module, batch)
-            self.heap.sample("after forward")
-            return out
-        return loss
-
-    def _instrument(self, method: ZeroMethod) -> None:
-        """Times the parts of the step on this instance only, sampling the heap at their edges."""
-        parts = [(method.engine, "backward"), (method.engine, "step")]
-        if method.sam is not None:
-            core, shards = method.sam.core, method.sam.shards
-            parts += [(core, "first_pass"), (core, "_rebuild_mask"), (shards, "apply_perturbation"),
-                      (core, "select_examples"), (core, "second_pass"), (method.sam, "_zero_grads")]
-        for obj, attribute in parts:
-            name = attribute.lstrip("_")
-            original = getattr(obj, attribute)
-            setattr(obj, attribute, method.profile.timed(_sampled(original, self.heap.sample, name), name))
-
     def build(self, name: str, stage: int) -> ZeroMethod:
         import deepspeed
 
         from fsam_ds.sam.config import SAMConfig
-        from fsam_ds.zero.engine import initialize
+        from fsam_ds.zero.engine import PlainEngine, initialize
 
         o = self.o
-        model = tiny_bert(o["hidden"], o["layers"], o["heads"], o["vocab"], o["seq"])
+        model = tiny_bert(*(o[k] for k in MODEL_SHAPE))
         config = ds_config(stage, o["dtype"], o["micro_batch"], self.world, o["hidden"], o["persistence_threshold"])
         # a client torch optimizer: DeepSpeed's own AdamW would JIT-compile fused_adam first
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        profile = PhaseProfile(self.heap)
         sam_type = name.split("@")[0]
         if sam_type == "adamw":
             engine, _, _, _ = deepspeed.initialize(model=model, config=config, optimizer=optimizer)
-            sam = None
-        else:
-            interval = 1 if name.endswith(REBUILD) else MASK_INTERVAL
-            sam = initialize(model, config, SAMConfig(sam_type=sam_type, rho=0.05, keep_ratio=0.1,
-                                                      mask_interval=interval), optimizer=optimizer)
-            engine = sam.engine
-        profile = PhaseProfile()
-        method = ZeroMethod(name, engine, sam, profile, self._timed_loss(profile))
-        self._instrument(method)
-        return method
+            return ZeroMethod(name, PlainEngine(engine, observer=profile), profile)
+        interval = 1 if name.endswith(REBUILD) else MASK_INTERVAL
+        sam = SAMConfig(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=interval)
+        return ZeroMethod(name, initialize(model, config, sam, optimizer=optimizer, observer=profile), profile)
 
     # ---------------------------------------------------------------- running
     def _run_step(self, method: ZeroMethod, batch: dict) -> tuple[float, dict, dict]:
@@ -234,18 +204,7 @@ class RankBench:
 
 def _destroy(method: ZeroMethod) -> None:
     """Removes the engine's hooks (ZeRO-3 registers them on the module) so the next engine runs alone."""
-    if hasattr(method.engine, "destroy"):
-        method.engine.destroy()
-
-
-def _sampled(function: Callable, sample: Callable[[str], None], name: str) -> Callable:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        sample(f"before {name}")
-        try:
-            return function(*args, **kwargs)
-        finally:
-            sample(f"after {name}")
-    return run
+    method.stepper.engine.destroy()
 
 
 def _minus(a: int | None, b: int | None) -> int | None:
@@ -322,21 +281,8 @@ def summarise_stage(stage: int, per_rank: list[dict]) -> dict:
             "memory_ratio_total": ratio(m["peak_total"], adamw["peak_total"]),
             "collective_ratio": ratio(m["collective_bytes"], adamw["collective_bytes"]),
         }
-    out["targets"] = _targets(stage, out)
+    out["targets"] = targets.check(stage, out)
     return out
-
-
-def _targets(stage: int, s: dict) -> dict[str, dict]:
-    """The targets that apply at this stage, each with its measured value and verdict."""
-    checks: list[tuple[str, float | None, float]] = []
-    for name in METHODS[1:]:
-        if stage in (2, 3):
-            checks.append((f"{name} step / AdamW", s[name]["step_ratio"], TARGETS["step_ratio"]))
-        checks.append((f"{name} collective bytes / AdamW", s[name]["collective_ratio"], TARGETS["collective_ratio"]))
-    if stage == 3:
-        checks.append(("fisher-sam peak memory / AdamW", s["fisher-sam"]["memory_ratio"],
-                       TARGETS["memory_ratio_stage3"]))
-    return {label: {"value": value, "limit": limit, "verdict": verdict(value, limit)} for label, value, limit in checks}
 
 
 def run_zero(args: argparse.Namespace) -> dict:
@@ -348,13 +294,9 @@ def run_zero(args: argparse.Namespace) -> dict:
     zero = {s: ds_config(int(s), args.dtype, args.micro_batch, args.world_size, args.hidden,
                          args.persistence_threshold)["zero_optimization"] for s in stages}
     return {"config": {**options, "world_size": args.world_size, "mask_interval": MASK_INTERVAL,
-                       "parameters": _parameter_count(options), "zero_optimization": zero},
-            "targets": TARGETS, "stages": stages, "wall_seconds": time.perf_counter() - started}
-
-
-def _parameter_count(o: dict) -> int:
-    model = tiny_bert(o["hidden"], o["layers"], o["heads"], o["vocab"], o["seq"])
-    return sum(p.numel() for p in model.parameters())
+                       "parameters": count_parameters(tiny_bert(*(options[k] for k in MODEL_SHAPE))),
+                       "zero_optimization": zero},
+            "stages": stages, "wall_seconds": time.perf_counter() - started}
 
 
 # ====================================================================== printing
@@ -366,11 +308,11 @@ def _mib(nbytes: float | None) -> float | None:
 
 def format_zero_report(result: dict) -> str:
     c = result["config"]
-    head = (f"fsam-bench zero: {c['world_size']} gloo ranks (1 thread each), tiny BERT hidden {c['hidden']}, "
+    head = (f"benchmarks zero: {c['world_size']} gloo ranks (1 thread each), tiny BERT hidden {c['hidden']}, "
             f"{c['layers']} layers, vocab {c['vocab']}, seq {c['seq']} ({c['parameters'] / 1e6:.2f} M parameters), "
             f"micro-batch {c['micro_batch']} per rank, {c['dtype']}; median of {c['steps']} interleaved steps\n"
             + _format_zero_config(c["zero_optimization"]))
-    header = ["stage", "AdamW ms", "fsam ms", "fesam ms", "fsam/AdamW", "fesam/AdamW", "rebuild/100",
+    header = ["stage", "AdamW ms", "fsam ms", "fesam ms", "fsam/AdamW", "fesam/AdamW", f"rebuild/{MASK_INTERVAL}",
               "mem AdamW MiB", "mem fsam MiB", "mem ratio", "AdamW coll MiB", "fsam coll", "fesam coll"]
     rows = []
     for stage, s in result["stages"].items():
@@ -384,12 +326,14 @@ def format_zero_report(result: dict) -> str:
                      fmt(s["fisher-sam"]["memory_ratio"], ".3f"),
                      fmt(_mib(m["adamw"]["collective_bytes"]), ".2f"), fmt(s["fisher-sam"]["collective_ratio"], ".3f"),
                      fmt(s["fisher-esam"]["collective_ratio"], ".3f")])
-    legend = ("fsam = fisher-sam, fesam = fisher-esam (keep_ratio 0.1, mask_interval 100). Targets: step ratio <= 2.05 "
-              "at stages 2 and 3; memory ratio <= 1.05 at stage 3; collective bytes ratio <= 2.05.\n"
-              "rebuild/100: (rebuild step - normal step) / 100 as % of the AdamW step. mem: per-rank heap peak "
-              "(mallinfo2, sampled) above the heap before model and engine were built, the larger rank. coll: "
-              "collective bytes per step and rank (inputs; all-gathers: outputs), AdamW in MiB, SAM types as ratio.")
-    return "\n".join([head, "", table(header, rows), legend, "", _format_targets(result), "",
+    legend = (f"fsam = fisher-sam, fesam = fisher-esam (keep_ratio 0.1, mask_interval {MASK_INTERVAL}). "
+              f"{targets.describe()}\n"
+              f"rebuild/{MASK_INTERVAL}: (rebuild step - normal step) / {MASK_INTERVAL} as % of the AdamW step. "
+              "mem: per-rank heap peak (mallinfo2, sampled) above the heap before model and engine were built, "
+              "the larger rank. coll: collective bytes per step and rank (inputs; all-gathers: outputs), "
+              "AdamW in MiB, SAM types as ratio.")
+    verdicts = targets.format_verdicts({stage: s["targets"] for stage, s in result["stages"].items()})
+    return "\n".join([head, "", table(header, rows), legend, "", verdicts, "",
                       _format_memory_views(result), "", _format_profiles(result)])
 
 
@@ -408,12 +352,6 @@ def _percent(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
-def _format_targets(result: dict) -> str:
-    rows = [[stage, name, fmt(t["value"], ".3f"), fmt(t["limit"]), t["verdict"]]
-            for stage, s in result["stages"].items() for name, t in s["targets"].items()]
-    return table(["stage", "target", "measured", "limit", "verdict"], rows)
-
-
 def _format_memory_views(result: dict) -> str:
     rows = []
     for stage, s in result["stages"].items():
@@ -428,22 +366,17 @@ def _format_memory_views(result: dict) -> str:
                      "peak sampled at (rank 0)"], rows))
 
 
-# parts of a step, outermost first; an indented name runs inside the one above it
+# phases of a step, outermost first; an indented name runs inside the one above it
 ZERO_PARTS = ["forward", "backward", "first_pass", "  rebuild_mask", "  apply_perturbation", "zero_grads",
-              "select_examples", "second_pass", "step", "other", "step total"]
+              "select_examples", "second_pass", "restore", "step", "other", "step total"]
 
 
 def _format_profiles(result: dict) -> str:
     blocks = []
     for stage, s in result["stages"].items():
-        names = list(s["methods"])
-        rows = []
-        for part in ZERO_PARTS:
-            cells = [s["methods"][n]["profile_rank0"].get(part.strip()) for n in names]
-            if any(c is not None for c in cells):
-                rows.append([part] + ["-" if c is None else f"{c['ms']:.1f} ms {c['bytes'] / MiB:.2f} MiB"
-                                      for c in cells])
+        profiles = {name: m["profile_rank0"] for name, m in s["methods"].items()}
+        rows = profile_rows(profiles, ZERO_PARTS, lambda c: f"{c['ms']:.1f} ms {c['bytes'] / MiB:.2f} MiB")
         blocks.append(f"profile, stage {stage}: rank 0, median per step of time and collective bytes; an indented "
-                      "part is included in the one above it, bytes go to the innermost part\n"
-                      + table(["part"] + names, rows))
+                      "phase is included in the one above it, bytes go to the innermost phase\n"
+                      + table(["phase", *profiles], rows))
     return "\n\n".join(blocks)

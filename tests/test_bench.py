@@ -1,11 +1,16 @@
-"""The measurement helpers behind `fsam-bench`: counters, memory views, profile and report maths.
+"""The measurement behind `python -m benchmarks`: counters, memory views, the phase observer, targets
+and report maths.
 
 No timing is asserted anywhere; the benchmarks themselves are commands, not tests.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +18,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks import core as bench, zero as bench_zero
-from benchmarks.core import (CollectiveCounter, HeapPeak, PhaseProfile, held_tensor_bytes, heap_in_use, median_profile,
-                           payload_bytes, rotated)
+from benchmarks import core as bench, targets, zero as bench_zero
+from benchmarks.__main__ import build_parser
+from benchmarks.measure import (CollectiveCounter, HeapPeak, PhaseProfile, base_state_tensors, held_tensor_bytes,
+                                heap_in_use, median_profile, payload_bytes, random_batches, rotated)
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.optim import SAMOptimizer
+
+REPO = Path(__file__).resolve().parents[1]
+# runs `python -m benchmarks ARGS` from the repository root as if pytorch-optimizer were not installed
+WITHOUT_PYTORCH_OPTIMIZER = ("import runpy, sys; sys.modules['pytorch_optimizer'] = None; "
+                             "runpy.run_module('benchmarks', run_name='__main__')")
+TINY = dict(hidden=16, layers=1, heads=2, vocab=50, seq=8)
 
 # torch 2.13 deprecates the all-gather / reduce-scatter names DeepSpeed still calls; the counter wraps both
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -139,7 +151,7 @@ def _bytes_between_passes(sam_type: str) -> tuple[int, int, SAMOptimizer]:
     def closure():
         nonlocal calls
         if calls:  # the second call runs at w + e: the perturbation is held now
-            base = bench.base_state_tensors(model.parameters(), optimizer.state, ("step", "exp_avg", "exp_avg_sq"))
+            base = base_state_tensors(model.parameters(), optimizer.state, ("step", "exp_avg", "exp_avg_sq"))
             seen.append((held_tensor_bytes(optimizer, base), optimizer.shards.perturbation_nbytes()))
         calls += 1
         loss = F.cross_entropy(model(x), y)
@@ -161,6 +173,112 @@ def test_extra_bytes_of_fisher_sam_are_its_mask_plus_perturbation():
     extra, perturbation, optimizer = _bytes_between_passes("fisher-sam")
     mask = sum(m.nbytes for m in optimizer.core.fisher_mask if m is not None)
     assert mask > 0 and extra == mask + perturbation
+
+
+# ---------------------------------------------------------------- measured through the observer hook
+BASE_KEYS = {"step", "exp_avg", "exp_avg_sq"}
+
+
+def _probed(sam_type: str) -> tuple[dict, SAMOptimizer]:
+    """One step measured by the benchmark's MemoryProbe, an observer of the optimizer's phases."""
+    method = bench.build_core_method(sam_type, TINY, mask_interval=1)
+    batches = random_batches(1, 4, TINY["seq"], TINY["vocab"], seed=0)
+    return bench.measure_memory(method, batches, 1, BASE_KEYS), method.optimizer
+
+
+def _held_in_the_closure(sam_type: str) -> tuple[int, int]:
+    """The same step, measured without the hook: inside step(closure)'s second call, at w + e."""
+    method = bench.build_core_method(sam_type, TINY, mask_interval=1)
+    optimizer, batch, seen = method.optimizer, random_batches(1, 4, TINY["seq"], TINY["vocab"], seed=0)[0], []
+
+    def closure():
+        if optimizer.shards.perturbation_nbytes():
+            base = base_state_tensors(method.model.parameters(), optimizer.state, BASE_KEYS)
+            seen.append((held_tensor_bytes(optimizer, base), optimizer.shards.perturbation_nbytes()))
+        loss = bench.per_example_loss(method.model, batch).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return seen[0]
+
+
+@pytest.mark.parametrize("sam_type", ["sam", "fisher-sam", "gsam"])
+def test_memory_probe_measures_between_the_passes_through_the_observer(sam_type):
+    memory, optimizer = _probed(sam_type)
+    extra, perturbation = _held_in_the_closure(sam_type)
+    n = sum(p.numel() for p in optimizer.shards.params)
+    assert memory["extra_bytes"] == extra and memory["perturbation_bytes_per_param"] * n == perturbation
+    mask = sum(m.nbytes for m in optimizer.core.fisher_mask if m is not None) if sam_type == "fisher-sam" else 0
+    # gsam keeps the first gradient (fp32, 4 B per entry) for its correction after the second pass
+    first_gradient = 4 * n if sam_type == "gsam" else 0
+    assert extra == perturbation + mask + first_gradient and (mask > 0) == (sam_type == "fisher-sam")
+    assert perturbation >= (4 * n if sam_type != "fisher-sam" else 1)
+
+
+def test_memory_probe_sees_nothing_held_by_plain_adamw():
+    memory, _ = _probed("adamw")
+    assert memory["extra_bytes"] == 0 and memory["perturbation_bytes_per_param"] is None  # no first_pass phase
+
+
+def test_phase_profile_as_the_optimizers_observer_sees_the_step_phases():
+    methods = [bench.build_core_method(name, TINY, mask_interval=1) for name in ("adamw", "sam", "fisher-sam", "esam")]
+    steps = bench.time_interleaved(methods, random_batches(2, 4, TINY["seq"], TINY["vocab"], seed=0), reps=2,
+                                   warmup=0)
+    phases = {name: set(result["profile"]) - {"other", "step total"} for name, result in steps.items()}
+    two_pass = {"zero_grads", "forward", "backward", "first_pass", "apply_perturbation", "second_pass", "restore",
+                "step"}
+    assert phases["adamw"] == {"zero_grads", "forward", "backward", "step"}
+    assert phases["sam"] == two_pass
+    assert phases["fisher-sam"] == two_pass | {"rebuild_mask"}  # mask_interval 1: every step rebuilds
+    assert phases["esam"] == two_pass | {"select_examples"}
+    profile = steps["fisher-sam"]["profile"]
+    assert profile["first_pass"]["ms"] >= profile["rebuild_mask"]["ms"]  # nested, inclusive time
+    assert profile["step total"]["ms"] >= profile["forward"]["ms"] + profile["backward"]["ms"]
+
+
+def test_the_reference_reports_the_same_phase_names():
+    pytest.importorskip("pytorch_optimizer")
+    method = bench.build_core_method(bench.REFERENCE, TINY)
+    steps = bench.time_interleaved([method], random_batches(1, 4, TINY["seq"], TINY["vocab"], seed=0), 1, 0)
+    assert set(steps[bench.REFERENCE]["profile"]) == {"zero_grads", "forward", "backward", "first_pass", "step",
+                                                      "other", "step total"}
+    memory = bench.measure_memory(method, random_batches(1, 4, TINY["seq"], TINY["vocab"], seed=0), 1, BASE_KEYS)
+    assert memory["extra_bytes_per_param"] == 4.0  # its copy of the weights, old_p
+
+
+def test_the_command_starts_without_pytorch_optimizer_and_core_says_what_to_install():
+    run = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "core", "--reps", "1", "--warmup", "0",
+                          "--memory-steps", "1", *(f"--{k}={v}" for k, v in TINY.items()), "--batch", "2"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 1 and "pip install -e '.[dev]'" in run.stderr, run.stderr[-2000:]
+    help_text = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "--help"], cwd=REPO,
+                               capture_output=True, text=True)
+    assert help_text.returncode == 0 and "{core,zero}" in help_text.stdout, help_text.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_zero_command_end_to_end_without_pytorch_optimizer(tmp_path):
+    """Two gloo ranks at stage 1, fp32: the bytes the engine's phases report match the gradient size."""
+    out = tmp_path / "zero.json"
+    run = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "zero", "--stages", "1", "--steps", "1",
+                          "--warmup", "1", "--micro-batch", "2", *(f"--{k}={v}" for k, v in TINY.items()),
+                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    gradient = 4 * result["config"]["parameters"]  # fp32: one gradient's bytes, reduced once per backward
+    methods = result["stages"]["1"]["methods"]
+    for name, method in methods.items():
+        profile = method["profile_rank0"]
+        passes = 1 if name == "adamw" else 2
+        assert profile["backward"]["bytes"] == passes * gradient, name
+        assert profile["step total"]["bytes"] == method["collective_bytes"], name  # every byte has a phase
+        assert ("rebuild_mask" in profile) == name.endswith("@rebuild"), name
+        assert ("select_examples" in profile) == ("esam" in name), name
+        assert ("second_pass" in profile) == (name != "adamw"), name
+    assert set(result["stages"]["1"]["targets"]) == {"fisher-sam collective bytes / AdamW",
+                                                     "fisher-esam collective bytes / AdamW"}
+    assert "verdict" in run.stdout and "benchmarks zero:" in run.stdout
 
 
 # ---------------------------------------------------------------- profile and ordering
@@ -253,6 +371,20 @@ def test_zero_summary_ratios_and_verdicts_from_given_numbers():
     assert "fisher-sam step / AdamW" not in _zero_stage(1)["targets"]  # the step target is for stages 2 and 3
 
 
+def test_targets_table_decides_the_verdicts():
+    ratios = {"fisher-sam": {"step_ratio": 2.05, "collective_ratio": None, "memory_ratio": 1.0501},
+              "fisher-esam": {"step_ratio": 2.0, "collective_ratio": 3.0, "memory_ratio": 9.0}}
+    checked = targets.check(3, ratios)
+    assert {k: v["verdict"] for k, v in checked.items()} == {
+        "fisher-sam step / AdamW": "met", "fisher-esam step / AdamW": "met",
+        "fisher-sam collective bytes / AdamW": "n/a", "fisher-esam collective bytes / AdamW": "MISSED",
+        "fisher-sam peak memory / AdamW": "MISSED"}  # fisher-esam has no memory target
+    assert set(targets.check(0, ratios)) == {"fisher-sam collective bytes / AdamW",
+                                              "fisher-esam collective bytes / AdamW"}
+    text = targets.describe()
+    assert all(f"{t.label} <= {t.limit}" in text for t in targets.TARGETS)
+
+
 def test_zero_report_prints_the_table_and_the_misses():
     result = {"config": {"world_size": 2, "hidden": 8, "layers": 1, "vocab": 10, "seq": 4, "parameters": 100,
                          "micro_batch": 2, "dtype": "fp32", "steps": 3, "persistence_threshold": None,
@@ -266,7 +398,7 @@ def test_zero_report_prints_the_table_and_the_misses():
 
 
 def test_zero_command_line_parses_the_documented_form():
-    args = bench._parser().parse_args(["zero", "--stages", "1", "2", "3", "--steps", "30", "--dtype", "bf16"])
+    args = build_parser().parse_args(["zero", "--stages", "1", "2", "3", "--steps", "30", "--dtype", "bf16"])
     assert (args.command, args.stages, args.steps, args.dtype) == ("zero", [1, 2, 3], 30, "bf16")
     config = bench_zero.ds_config(3, "fp32", 8, 2, 128, None)
     assert config["gradient_clipping"] == 0.0

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from fsam_ds.cli import sweep as sw
-from fsam_ds.sam.config import ConfigError
 from fsam_ds.cli.launch import LaunchCommand
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.trainer.metrics_log import encode_event
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = {
@@ -91,16 +92,21 @@ def test_make_command_per_launcher():
 
 
 def _write_metrics(run_dir: Path, lines: list) -> None:
+    """Lines as the trainer's writer encodes them; a str is written as given (a damaged line)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("".join(
-        (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+        (line if isinstance(line, str) else encode_event(line)) + "\n" for line in lines))
 
 
-def test_read_summary_takes_the_last_summary_and_skips_bad_lines(tmp_path):
-    _write_metrics(tmp_path, [{"event": "eval", "acc": 0.5}, {"event": "summary", "best_metric": 0.6},
-                              {"event": "summary", "best_metric": 0.7, "metric_name": "acc"}, '{"event": "summ'])
-    assert sw.read_summary(tmp_path / "metrics.jsonl") == {"event": "summary", "best_metric": 0.7, "metric_name": "acc"}
-    assert sw.read_summary(tmp_path / "missing.jsonl") is None
+def test_run_summary_takes_the_last_summary_and_survives_a_damaged_file(tmp_path):
+    _write_metrics(tmp_path / "a", [{"event": "eval", "acc": 0.5}, {"event": "summary", "best_metric": 0.6},
+                                    {"event": "summary", "best_metric": 0.7, "metric_name": "acc"}, '{"event": "summ'])
+    with pytest.warns(UserWarning, match="cut short"):
+        assert sw.run_summary(tmp_path / "a") == {"event": "summary", "best_metric": 0.7, "metric_name": "acc"}
+    assert sw.run_summary(tmp_path / "missing") is None
+    _write_metrics(tmp_path / "b", ['{"event": "summ', {"event": "summary", "best_metric": 0.7}])
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:1 is not valid JSON"):
+        assert sw.run_summary(tmp_path / "b") is None  # a damaged run is a failed run, not the sweep's end
 
 
 def fake_trainer(outcomes: dict[int, object]):

@@ -137,7 +137,7 @@ def final_weights(out: Path) -> dict:
 # stop, as a preempted job sees it (no cleanup, no final save).
 KILLER = """
 import os, signal, sys
-import fsam_ds.trainer.build, fsam_ds.zero.engine, fsam_ds.cli.train
+import fsam_ds.zero.engine, fsam_ds.cli.train
 stop, done = int(os.environ["FSAM_TEST_KILL_AT"]), [0]
 
 def killing(real):
@@ -148,7 +148,7 @@ def killing(real):
         return real(self, *args, **kwargs)
     return train_step
 
-for cls in (fsam_ds.zero.engine.SAMEngine, fsam_ds.trainer.build.PlainEngine):
+for cls in (fsam_ds.zero.engine.SAMEngine, fsam_ds.zero.engine.PlainEngine):
     cls.train_step = killing(cls.train_step)
 sys.argv[0] = "fsam-train"
 fsam_ds.cli.train.main()

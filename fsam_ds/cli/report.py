@@ -19,12 +19,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["ReportError", "RunData", "Report", "load_run", "make_report", "format_table", "main"]
+from fsam_ds.trainer.metrics_log import METRICS_FILE, MetricsFileError, read_events  # noqa: E402
 
-# Keys of an eval line that are bookkeeping, never the dev metric.
-_NOT_METRICS = {"event", "step", "epoch", "time", "metric_name", "loss"}
-# Preferred dev metrics when a run never said which one it selects on (e.g. it crashed early).
-_PREFERRED = ("accuracy", "f1", "mcc", "matthews_correlation", "pearson", "spearmanr", "combined_score")
+__all__ = ["ReportError", "RunData", "Report", "load_run", "make_report", "format_table", "main"]
 
 Series = tuple[list[int], list[float]]
 
@@ -59,31 +56,11 @@ class Report:
     table: str
 
 
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    events = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-write may leave one truncated last line; the rest is still good.
-                warnings.warn(f"{path}:{number}: skipping a line that is not valid JSON.", stacklevel=2)
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-    return events
-
-
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    """A finite number, else None (metrics_log reads non-finite values back as float nan/inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
+    return float(value) if math.isfinite(value) else None
 
 
 def _by_step(events: list[dict[str, Any]], key: str) -> Series:
@@ -97,25 +74,25 @@ def _by_step(events: list[dict[str, Any]], key: str) -> Series:
     return steps, [points[s] for s in steps]
 
 
-def _metric_name(evals: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> str | None:
-    for event in reversed(summaries + evals):
-        if isinstance(event.get("metric_name"), str):
+def _metric_name(events: list[dict[str, Any]]) -> str | None:
+    """The model-selection metric the trainer named on its eval and summary lines (the newest wins)."""
+    for event in reversed(events):
+        if event.get("event") in ("eval", "summary") and isinstance(event.get("metric_name"), str):
             return event["metric_name"]
-    keys = [k for e in evals for k, v in e.items() if k not in _NOT_METRICS and _number(v) is not None]
-    for preferred in _PREFERRED:
-        if preferred in keys:
-            return preferred
-    return keys[0] if keys else None
+    return None
 
 
 def load_run(run_dir: str | Path) -> RunData:
     """Parse one run directory written by the trainer's RunLogger."""
     path = Path(run_dir)
-    metrics = path / "metrics.jsonl"
+    metrics = path / METRICS_FILE
     if not metrics.is_file():
-        raise ReportError(f"{path} has no metrics.jsonl; give the output_dir of a training run "
-                          f"(the folder that holds metrics.jsonl and config.json).")
-    events = _read_events(metrics)
+        raise ReportError(f"{path} has no {METRICS_FILE}; give the output_dir of a training run "
+                          f"(the folder that holds {METRICS_FILE} and config.json).")
+    try:
+        events = read_events(metrics)
+    except MetricsFileError as err:
+        raise ReportError(str(err)) from None
     config: dict[str, Any] = {}
     config_path = path / "config.json"
     if config_path.is_file():
@@ -128,16 +105,15 @@ def load_run(run_dir: str | Path) -> RunData:
     for event in events:
         kinds.setdefault(str(event.get("event")), []).append(event)
     evals, summaries = kinds.get("eval", []), kinds.get("summary", [])
-    metric_name = _metric_name(evals, summaries)
+    metric_name = _metric_name(events)
     dev = _by_step(evals, metric_name) if metric_name else ([], [])
 
     best, best_step = None, None
-    if dev[1]:
+    if summaries:  # the trainer's own choice
+        best, best_step = _number(summaries[-1].get("best_metric")), summaries[-1].get("best_step")
+    elif dev[1]:  # a run that never finished: the best of its dev curve so far
         index = max(range(len(dev[1])), key=dev[1].__getitem__)
         best, best_step = dev[1][index], dev[0][index]
-    if summaries and _number(summaries[-1].get("best_metric")) is not None:
-        best = _number(summaries[-1]["best_metric"])  # the trainer's own choice beats our max()
-        best_step = summaries[-1].get("best_step", best_step)
 
     masks = [e for e in kinds.get("mask", []) if isinstance(e.get("density"), dict)]
     mask = {str(k): float(v) for k, v in masks[-1]["density"].items()} if masks else None

@@ -6,7 +6,7 @@
 Each combination of the sweep's `parameters` becomes `--name=value` arguments, formatted as the
 wandb agent formats `${args}`, so a run here and a run under `wandb agent` see the same flags. No
 wandb server is involved. Each run writes to RUN_ROOT/<run name>; the table at the end reads the
-`{"event": "summary", ...}` line of each run's metrics.jsonl.
+summary line of each run's metrics.jsonl (`fsam_ds.trainer.metrics_log.read_summary`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from fsam_ds.sam.config import ConfigError
 from fsam_ds.cli.launch import (DEFAULT_PORT, TRAIN_MODULE, LaunchCommand, deepspeed_command, launcher_exe,
-                            omp_threads_per_rank, torchrun_command)
+                                omp_threads_per_rank, torchrun_command)
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.trainer.metrics_log import METRICS_FILE, MetricsFileError, read_summary
 
 Runner = Callable[[LaunchCommand, Path], int]
 """Runs one command with its output going to the given log file; returns the exit status."""
@@ -153,25 +155,18 @@ def make_command(args: list[str], *, launcher: str = "python", nproc: int = 1, p
     raise ConfigError(f"launcher is {launcher!r}; it must be python, torchrun or deepspeed.")
 
 
-def read_summary(metrics_path: Path) -> dict[str, Any] | None:
-    """The last {"event": "summary"} record of a metrics.jsonl, or None; bad lines are skipped."""
+def run_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary line of a run's metrics.jsonl; None without one, or (with a warning) if the file is damaged."""
     try:
-        lines = metrics_path.read_text(errors="replace").splitlines()
-    except OSError:
+        return read_summary(run_dir / METRICS_FILE)
+    except MetricsFileError as err:  # one damaged run must not stop the sweep
+        warnings.warn(str(err), stacklevel=2)
         return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write leaves a partial last line
-        if isinstance(record, dict) and record.get("event") == "summary":
-            return record
-    return None
 
 
 def collect(run: Run, run_dir: Path, status_if_ok: str = "ok", returncode: int | None = None,
             seconds: float | None = None) -> Result:
-    summary = read_summary(run_dir / "metrics.jsonl")
+    summary = run_summary(run_dir)
     if summary is None:
         return Result(run, "failed", returncode=returncode, seconds=seconds)
     best = summary.get("best_metric")
@@ -206,7 +201,7 @@ def run_sweep(runs: Sequence[Run], run_root: Path, *, command_for: Callable[[lis
             out(command.shell())
             results.append(Result(run, "dry-run"))
             continue
-        if resume and read_summary(run_dir / "metrics.jsonl") is not None:
+        if resume and run_summary(run_dir) is not None:
             results.append(collect(run, run_dir, "skipped"))
             out(f"[{number}/{len(runs)}] {run.name}: finished before, skipped")
             continue

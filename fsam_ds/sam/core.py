@@ -9,7 +9,8 @@ One step of every type (Foret et al. 2021; FSAM: Zhong et al. 2022, Eq. 5-7):
    T = |w| for ASAM (adaptive) and 1 otherwise, and m is 1 outside the Fisher candidates;
 3. second pass: h = grad L_mean(w + e) is in place;
 4. `second_pass()` applies GSAM's correction h <- h - alpha * (g - proj_h g) for the gsam types;
-5. the driver restores w exactly and steps the base optimizer with h; `end_step()`.
+5. the driver (`fsam_ds.sam.driver`) restores w exactly and steps the base optimizer with h;
+   `end_step()`, or `discard_step()` when the update was not applied.
 
 Every global quantity (norms, inner products, the Fisher threshold, ESAM's example ranking) is a
 sum of local sums reduced by `shards.comm`, so the same code is exact on ZeRO shards.
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.driver import NULL_OBSERVER, StepObserver
 from fsam_ds.sam.fisher import global_topk, keep_count
 from fsam_ds.sam.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
 
@@ -76,6 +78,11 @@ class SharpnessAware:
         self.fisher_sum: list[Tensor | None] | None = None
         self.generator = torch.Generator().manual_seed(config.seed)
         self._first_grads: list[Tensor | None] | None = None
+        # A step is committed by end_step or rolled back by discard_step (an overflow in the second pass
+        # or in the base step). Until then the step's Fisher contribution and the mask it replaced wait:
+        self._step_fisher: list[Tensor | None] | None = None  # the step's g^2 (accumulated estimator)
+        self._replaced_mask: tuple[list[Tensor | None] | None, float | None] | None = None
+        self.observer: StepObserver = NULL_OBSERVER
 
     # ---------------------------------------------------------------- first pass
     def mask_due(self) -> bool:
@@ -96,9 +103,13 @@ class SharpnessAware:
             packed = self.fisher_mask[i] if self.fisher_mask is not None else None
             yield dense if packed is None else unpack_bits(packed, piece.size)
 
-    @torch.no_grad()
     def first_pass(self, shards: ShardAccess, lr: float) -> StepStats:
         """Rebuilds the mask when due and perturbs the weights (through `shards`)."""
+        with self.observer.phase("first_pass"):
+            return self._first_pass(shards, lr)
+
+    @torch.no_grad()
+    def _first_pass(self, shards: ShardAccess, lr: float) -> StepStats:
         cfg, comm = self.config, shards.comm
         grads = shards.grads()
         rho = cfg.rho_at(lr, self.initial_lr)
@@ -128,7 +139,8 @@ class SharpnessAware:
         if cfg.uses_fisher_mask:
             self._accumulate_fisher(grads)
             if self.mask_due():
-                self._rebuild_mask(comm, grads)
+                with self.observer.phase("rebuild_mask"):
+                    self._rebuild_mask(comm, grads)
                 rebuilt = True
 
         denominator = math.sqrt(active_sq)
@@ -158,20 +170,30 @@ class SharpnessAware:
 
         if cfg.uses_gsam:
             self._first_grads = [None if g is None else g.clone() for g in grads]
-        shards.apply_perturbation(deltas())
+        with self.observer.phase("apply_perturbation"):
+            shards.apply_perturbation(deltas())
         e_norm = math.sqrt(float(comm.all_reduce(delta_sq)))
         return StepStats(True, math.sqrt(grad_sq), rho, e_norm, rebuilt, self.mask_density, perturbed)
 
     # ---------------------------------------------------------------- Fisher mask
     def _accumulate_fisher(self, grads: Sequence[Tensor | None]) -> None:
+        """Holds this step's g^2 until `end_step` adds it to the sum: a skipped step must leave the sum
+        bit for bit as it was, and (s + x) - x is not s in floating point. The cost is one fp32 copy
+        of this rank's candidate gradient pieces, alive from the first pass to the end of the step
+        (on a mask-rebuild step only until the mask is built)."""
         if self.config.fisher_estimator != "accumulated":
             return
         if self.fisher_sum is None:
             self.fisher_sum = [torch.zeros(p.size, dtype=torch.float32, device=self._device(grads))
                                if p.candidate else None for p in self.pieces]
-        for total, g in zip(self.fisher_sum, grads):
-            if total is not None and g is not None:
-                total.add_(g.float().square())
+        self._step_fisher = [None if total is None or g is None else g.float().square()
+                             for total, g in zip(self.fisher_sum, grads)]
+
+    def _fisher_scores(self) -> list[Tensor | None]:
+        """The accumulated scores including this step: the sum plus the held g^2, computed into the
+        held tensors (x + s equals s + x bit for bit), the sum itself untouched."""
+        return [total if step is None else step.add_(total)
+                for total, step in zip(self.fisher_sum, self._step_fisher)]
 
     @staticmethod
     def _device(grads: Sequence[Tensor | None]) -> torch.device:
@@ -181,7 +203,8 @@ class SharpnessAware:
         """Global top-int(N * keep_ratio) of the Fisher scores over every candidate entry of every rank."""
         candidates = [i for i, p in enumerate(self.pieces) if p.candidate]
         if self.config.fisher_estimator == "accumulated":
-            scores = [self.fisher_sum[i] for i in candidates]
+            accumulated = self._fisher_scores()
+            scores = [accumulated[i] for i in candidates]
         else:
             device = self._device(grads)
             scores = [torch.zeros(self.pieces[i].size, device=device) if grads[i] is None
@@ -195,22 +218,24 @@ class SharpnessAware:
         bases = [(self.pieces[i].index << _INDEX_SHIFT) + self.pieces[i].offset for i in candidates]
         masks = global_topk(scores, bases, k, comm, total=total,
                             index_bits=(self.num_parameters << _INDEX_SHIFT).bit_length())
+        self._replaced_mask = (self.fisher_mask, self.mask_density)
         self.fisher_mask = [None] * len(self.pieces)
         for i, mask in zip(candidates, masks):
             self.fisher_mask[i] = pack_bits(mask)
         self.mask_density = k / total
-        if self.fisher_sum is not None:
-            for total_sq in self.fisher_sum:
-                if total_sq is not None:
-                    total_sq.zero_()
+        self._step_fisher = None  # in the mask now; end_step clears the sum
 
     # ---------------------------------------------------------------- second pass and bookkeeping
-    @torch.no_grad()
     def second_pass(self, shards: ShardAccess) -> bool:
         """Checks h and, for gsam types, applies h' = h - alpha * g_perp (GSAM, Zhuang et al. 2022, Alg. 1).
 
         Returns False when h is not finite on some rank (the caller must then skip the update).
         """
+        with self.observer.phase("second_pass"):
+            return self._second_pass(shards)
+
+    @torch.no_grad()
+    def _second_pass(self, shards: ShardAccess) -> bool:
         h = shards.grads()
         sums = torch.zeros(3, dtype=torch.float64, device=self._device(h))
         g_old = self._first_grads if self.config.uses_gsam else None
@@ -239,12 +264,29 @@ class SharpnessAware:
         return True
 
     def end_step(self) -> None:
+        """Commits the step: its Fisher contribution (or, after a rebuild, an empty sum) and its mask."""
+        if self._replaced_mask is not None and self.fisher_sum is not None:
+            for total in self.fisher_sum:
+                if total is not None:
+                    total.zero_()
+        elif self._step_fisher is not None:
+            for total, step in zip(self.fisher_sum, self._step_fisher):
+                if step is not None:
+                    total.add_(step)
         self.step_count += 1
-        self._first_grads = None
+        self._forget_step()
 
     def discard_step(self) -> None:
-        """Forgets the current step without counting it (an overflow skipped the update)."""
+        """Forgets the current step without counting it (an overflow skipped the update): the Fisher
+        sum never saw it and a mask rebuilt in it gives way to the one it replaced."""
+        if self._replaced_mask is not None:
+            self.fisher_mask, self.mask_density = self._replaced_mask
+        self._forget_step()
+
+    def _forget_step(self) -> None:
         self._first_grads = None
+        self._step_fisher = None
+        self._replaced_mask = None
 
     # ---------------------------------------------------------------- ESAM example selection
     @torch.no_grad()

@@ -5,6 +5,8 @@
 
     # one call, every type (ESAM's data selection needs per-example losses):
     out = optimizer.step_batch(batch, lambda b: F.cross_entropy(model(b["x"]), b["y"], reduction="none"))
+    # the same over several micro-batches (gradient accumulation):
+    out = optimizer.train_step(micro_batches, per_example_loss)
 
     # or the two phases by hand:
     loss_fn(model(x), y).backward(); optimizer.first_step(zero_grad=True)
@@ -17,8 +19,7 @@ Under DDP the first backward already averages g over ranks, so every rank comput
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,21 +27,11 @@ from torch.optim import Optimizer
 
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
+from fsam_ds.sam.driver import (ObservedThroughCore, PerExampleLoss, StepObserver, StepOutput, check_per_example,
+                                finish_step, index_batch, two_pass_step)
 from fsam_ds.sam.shards import Comm, LocalComm, TensorShards
 
-PerExampleLoss = Callable[[Any], Tensor]
-
-
-@dataclass
-class StepOutput:
-    loss: float
-    """Mean first-pass loss (at w)."""
-    perturbed_loss: float
-    """Mean second-pass loss (at w + e, over the examples kept)."""
-    stats: StepStats
-    skipped: bool
-    """True when a non-finite gradient (either pass) left the parameters unchanged."""
-    examples_kept: int
+__all__ = ["SAMOptimizer", "StepOutput", "check_per_example", "index_batch"]
 
 
 def _named_groups(params: Iterable) -> tuple[list[dict], list[str]]:
@@ -65,49 +56,60 @@ def _named_groups(params: Iterable) -> tuple[list[dict], list[str]]:
     return out_groups, names
 
 
-def index_batch(batch: Any, index: Tensor) -> Any:
-    """Selects examples `index` (along dim 0) from a tensor, or a dict / list / tuple of them."""
-    if isinstance(batch, Tensor):
-        return batch[index.to(batch.device)]
-    if isinstance(batch, dict):
-        return type(batch)((k, index_batch(v, index)) for k, v in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(index_batch(v, index) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(index_batch(v, index) for v in batch)
-    return batch
+
+class _TorchBackend:
+    """The step's backend for a torch optimizer: autograd's backward, `zero_grad`, the base step."""
+
+    def __init__(self, optimizer: SAMOptimizer) -> None:
+        self.optimizer = optimizer
+        self.core = optimizer.core
+        self.shards = optimizer.shards
+        self.example_comm = optimizer.example_comm
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def backward(self, loss: Tensor, index: int, count: int) -> None:
+        (loss if count == 1 else loss / count).backward()
+
+    def zero_grads(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self, finite: bool) -> bool:
+        if finite:
+            self.optimizer.base_optimizer.step()
+        return finite
+
+    def restore_unapplied(self) -> None:
+        """Nothing to do: `remove_perturbation` already put the weights back exactly."""
+
+    def loss_scale(self) -> float:
+        return 1.0
 
 
-def check_per_example(losses: Tensor, expected: int | None = None) -> Tensor:
-    if not isinstance(losses, Tensor) or losses.dim() != 1:
-        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ValueError(f"loss_fn must return per-example losses, a 1-D tensor [batch_size]; got {shape}. "
-                         "Compute the loss with reduction='none' (ESAM ranks examples by their loss).")
-    if expected is not None and losses.numel() != expected:
-        raise ValueError(f"loss_fn returned {losses.numel()} losses for a batch of {expected} examples; "
-                         "it must return one loss per example of the batch it is given.")
-    return losses
-
-
-class SAMOptimizer(Optimizer):
+class SAMOptimizer(ObservedThroughCore, Optimizer):
     """Sharpness-aware wrapper around a base optimizer; `param_groups` and `state` are the base's.
 
     Args:
         params: `model.named_parameters()` (names drive the Fisher candidate rule), tensors,
-            or param-group dicts of either.
+            or param-group dicts of either. Frozen tensors (requires_grad=False) stay in the base
+            optimizer's groups but are never perturbed nor Fisher candidates.
         base_optimizer: the base optimizer class (or a factory taking param groups).
         config: the SAM-family configuration.
         comm: the data-parallel group's all-reduce (`fsam_ds.shards.TorchComm()`) so that ESAM ranks the
             examples of the global batch under DDP; by default each process ranks its own.
+        observer: measures the step's phases (`fsam_ds.sam.driver.StepObserver`); settable as `.observer`.
         **base_kwargs: passed to the base optimizer (lr, weight_decay, ...).
     """
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer],
-                 config: SAMConfig | None = None, comm: Comm | None = None, **base_kwargs: Any) -> None:
+                 config: SAMConfig | None = None, comm: Comm | None = None,
+                 observer: StepObserver | None = None, **base_kwargs: Any) -> None:
         self.config = config or SAMConfig()
         groups, names = _named_groups(params)
         tensors = [p for g in groups for p in g["params"]]
-        if not any(isinstance(p, Tensor) and p.requires_grad for p in tensors):
+        trainable = [(n, p) for n, p in zip(names, tensors) if isinstance(p, Tensor) and p.requires_grad]
+        if not trainable:
             raise ValueError("SAMOptimizer got no trainable tensors (none has requires_grad=True); "
                              "unfreeze some parameters or pass model.named_parameters().")
         if self.config.uses_fisher_mask and self.config.candidate_exclude and all(
@@ -120,12 +122,17 @@ class SAMOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.names = names
-        # under DDP every rank holds the full, averaged gradient: parameter reductions stay local
-        self.shards = TensorShards(names, tensors, [self.config.is_candidate(n) for n in names])
+        # Only trainable tensors are perturbed and ranked: a frozen one (no gradient) would count as
+        # Fisher candidates with score 0 and enlarge the mask. Under DDP every rank holds the full,
+        # averaged gradient: parameter reductions stay local.
+        self.shards = TensorShards([n for n, _ in trainable], [p for _, p in trainable],
+                                   [self.config.is_candidate(n) for n, _ in trainable])
         lr = self.param_groups[0].get("initial_lr", self.param_groups[0].get("lr", 0.0))
-        self.core = SharpnessAware(self.config, self.shards.pieces, len(tensors), lr)
+        self.core = SharpnessAware(self.config, self.shards.pieces, len(trainable), lr)
+        self.observer = observer
         self.example_comm = comm or LocalComm()
         self.skipped_steps = 0
+        self._backend = _TorchBackend(self)
         self._perturbed = False
 
     @property
@@ -136,7 +143,7 @@ class SAMOptimizer(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> StepStats:
         """Perturbs w <- w + e from the gradients in `.grad` (the first pass)."""
-        stats = self.core.first_pass(self.shards, float(self.param_groups[0]["lr"]))
+        stats = self.core.first_pass(self.shards, self._backend.lr())
         self._perturbed = stats.finite
         if zero_grad:
             self.zero_grad()
@@ -146,17 +153,12 @@ class SAMOptimizer(Optimizer):
     def second_step(self, zero_grad: bool = False) -> bool:
         """Restores w exactly and steps the base optimizer with the second-pass gradient.
 
-        Returns False (nothing updated, step not counted) if either pass had a non-finite gradient.
+        Returns False (nothing updated, step not counted, gradients cleared) if either pass had a
+        non-finite gradient.
         """
-        updated = self._perturbed and self.core.second_pass(self.shards)
-        self.shards.remove_perturbation()
+        updated = finish_step(self._backend, self._perturbed)
         self._perturbed = False
-        if updated:
-            self.base_optimizer.step()
-            self.core.end_step()
-        else:
-            self.core.discard_step()
-            self.skipped_steps += 1
+        self.skipped_steps += int(not updated)
         if zero_grad:
             self.zero_grad()
         return updated
@@ -183,40 +185,21 @@ class SAMOptimizer(Optimizer):
         self.second_step(zero_grad=True)
         return loss
 
-    def step_batch(self, batch: Any, loss_fn: PerExampleLoss) -> StepOutput:
-        """One full step of any type on `batch`; `loss_fn(batch)` returns per-example losses.
+    def train_step(self, micro_batches: Sequence[Any], loss_fn: PerExampleLoss) -> StepOutput:
+        """One full step of any type over `micro_batches` (their gradients averaged, as one batch of
+        equal-size micro-batches would be); `loss_fn(batch)` returns per-example losses."""
+        with self.observer.phase("zero_grads"):  # the caller's gradients, if any, are not the step's
+            self.zero_grad()
+        out = two_pass_step(self._backend, micro_batches, loss_fn)
+        if not out.skipped:  # a skipped step already cleared them
+            with self.observer.phase("zero_grads"):
+                self.zero_grad()
+        self.skipped_steps += int(out.skipped)
+        return out
 
-        Both passes use the mean of the per-example losses (the paper's code summed the second
-        pass: defect B7/B8).
-        """
-        self.zero_grad()
-        losses = check_per_example(loss_fn(batch))
-        n = losses.numel()
-        losses.mean().backward()
-        stats = self.first_step(zero_grad=True)
-        if not stats.finite:
-            self.second_step(zero_grad=True)
-            return StepOutput(float(losses.detach().mean()), float("nan"), stats, True, 0)
-        second_batch, kept, weight = batch, n, None
-        if self.config.uses_esam and self.config.gamma < 1:
-            with torch.no_grad():
-                after = check_per_example(loss_fn(batch), n)
-            keep, total = self.core.select_examples(losses, after, self.example_comm)
-            kept = int(keep.sum())
-            rows = keep.nonzero().squeeze(1)
-            if self.example_comm.world_size > 1:
-                # DDP averages over ranks; weight each rank's sum so the result is the mean over the
-                # examples kept in the whole global batch (ranks keep different numbers of them)
-                weight = self.example_comm.world_size / total
-                if kept == 0:  # every rank must still run backward for DDP's gradient all-reduce
-                    rows, weight = torch.tensor([0]), 0.0
-            second_batch = index_batch(batch, rows)
-        per_example = check_per_example(loss_fn(second_batch), max(kept, 1) if weight == 0.0 else kept)
-        second = per_example.mean() if weight is None else per_example.sum() * weight
-        second.backward()
-        updated = self.second_step(zero_grad=True)
-        second = per_example.detach().mean() if kept else torch.tensor(float("nan"))
-        return StepOutput(float(losses.detach().mean()), float(second.detach()), stats, not updated, kept)
+    def step_batch(self, batch: Any, loss_fn: PerExampleLoss) -> StepOutput:
+        """One full step of any type on `batch`; `loss_fn(batch)` returns per-example losses."""
+        return self.train_step([batch], loss_fn)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -203,7 +203,8 @@ class TensorShards:
     def apply_perturbation(self, deltas: Sequence[tuple[Tensor | None, Tensor | None]]) -> None:
         if self._applied:
             raise RuntimeError("apply_perturbation called twice without remove_perturbation in between")
-        self._applied = [None if delta is None else UndoablePerturbation(flat_view(p.data, "a parameter"), delta, support)
+        self._applied = [None if delta is None
+                         else UndoablePerturbation(flat_view(p.data, "a parameter"), delta, support)
                          for p, (delta, support) in zip(self.params, deltas)]
 
     @torch.no_grad()

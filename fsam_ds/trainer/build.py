@@ -12,17 +12,14 @@ is the same curve.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
-from fsam_ds.sam.core import StepStats
 from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
                                   tokenize_splits)
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
@@ -188,51 +185,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection,
 
 # --------------------------------------------------------------------------------------- engine
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    squares = [p.grad.double().square().sum() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(squares).sum().sqrt()) if squares else math.nan
-
-
-class PlainEngine:
-    """DeepSpeed's own step (sam_type none): the AdamW baseline, with SAMEngine's interface."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.skipped_steps = 0
-
-    def train_step(self, micro_batches: list, loss_fn: Callable) -> Any:
-        from fsam_ds.zero.engine import EngineStepOutput
-
-        engine = self.engine
-        engine.train()
-        skipped_before, losses, norm = engine.skipped_steps, [], None
-        # DeepSpeed records the gradient norm except in stage 0 fp32, where the module holds the
-        # averaged gradient after the last backward
-        own_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
-        for i, batch in enumerate(micro_batches):  # DeepSpeed accumulates and updates at the last one
-            loss = loss_fn(engine, batch).mean()
-            engine.backward(loss)
-            if own_norm and i == len(micro_batches) - 1:
-                norm = _grad_norm(engine.module)
-            engine.step()
-            losses.append(float(loss.detach()))
-        skipped = engine.skipped_steps != skipped_before
-        self.skipped_steps += int(skipped)
-        norm = engine.get_global_grad_norm() if norm is None else norm
-        stats = StepStats(True, float(norm) if norm is not None else math.nan, 0.0, 0.0)
-        scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
-        return EngineStepOutput(sum(losses) / len(losses), math.nan, stats, skipped, scale)
-
-    def save_checkpoint(self, save_dir: Any, tag: str | None = None, client_state: dict | None = None) -> str:
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {})
-        dist.barrier()
-        return tag or ""
-
-    def load_checkpoint(self, load_dir: Any, tag: str | None = None) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
-        return client_state or {}
-
-
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, total_steps: int) -> Any:
     import fsam_ds.zero.engine as fe
 
@@ -243,7 +195,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, tota
 
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
                                                lr_scheduler=scheduler)
-        return PlainEngine(engine)
+        return fe.PlainEngine(engine)
     sam = SAMConfig(**cfg.sam.to_core_kwargs())
     return fe.initialize(model, ds_config, sam, optimizer=optimizer, lr_scheduler=scheduler)
 

@@ -252,23 +252,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def trim_metrics(metrics_path: str | os.PathLike, step: int) -> None:
-    """Drops the events a killed run logged after the checkpoint it is resumed from, so that
-    metrics.jsonl reads as one uninterrupted run (rank 0 only)."""
-    path = Path(metrics_path)
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-        late = isinstance(record.get("step"), int) and record["step"] > step
-        if not late and record.get("event") != "summary":
-            kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Sampler
 from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_model_path, hub_error, load_model,
                            load_tokenizer, resolve_config)
 from fsam_ds.trainer.checkpoint import (TrainerState, discard_after, export_model, find_checkpoint, load_checkpoint,
-                                save_checkpoint, set_rng_state, trim_metrics)
+                                save_checkpoint, set_rng_state)
+from fsam_ds.trainer.metrics_log import trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.core import StepStats
 from fsam_ds.trainer.data import DataError, set_epoch
@@ -37,6 +38,7 @@ from fsam_ds.trainer.objectives import Objective, objective_for
 from fsam_ds.trainer.run_config import TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec, UnknownTaskError, get_task
 from fsam_ds.zero.adapters import UnsupportedConfiguration
+from fsam_ds.zero.engine import EngineStepper
 
 KNOWN_ERRORS = (ConfigError, DataError, TrainError, UnknownTaskError, UnsupportedConfiguration)
 
@@ -70,7 +72,7 @@ class Run:
     cfg: TrainConfig
     task: TaskSpec
     data: Data
-    sam_engine: Any
+    sam_engine: EngineStepper
     tokenizer: Any
     logger: Any
     state: TrainerState

@@ -1,4 +1,18 @@
-"""Rank-0 run logging: metrics.jsonl, config.json, Weights & Biases, progress bar, console lines.
+"""Rank-0 run logging, and the one reader and writer of metrics.jsonl.
+
+`RunLogger` writes metrics.jsonl, config.json, Weights & Biases, the progress bar and console lines.
+`read_events`, `read_summary` and `trim_metrics` are how everything else (fsam-report, the sweep
+runner, the demo, resuming) reads metrics.jsonl back.
+
+metrics.jsonl holds one JSON object per line, flushed as it is written:
+
+    {"event": "start" | "train" | "eval" | "mask" | "summary", "step": N, ..., "time": unix seconds}
+
+JSON has no NaN or infinity, so a non-finite float is written as the string "nan", "inf" or "-inf",
+and `read_events` turns exactly these three strings back into floats; `null` is None (the
+best_metric of a run that never evaluated). Tensors and numpy scalars are written as numbers. A run
+killed mid-write may leave its last line cut short: readers skip that line with a warning. Any
+other line that is not a JSON object is an error that names the file and line.
 
 Named metrics_log (not logging) so that running a module from inside the package folder can
 never shadow the standard library's `logging`, which wandb and transformers import.
@@ -17,12 +31,16 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 
-__all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured"]
+__all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured",
+           "MetricsFileError", "METRICS_FILE", "encode_event", "read_events", "read_summary", "trim_metrics"]
 
+METRICS_FILE = "metrics.jsonl"
 WandbMode = Literal["online", "offline", "disabled"]
 DEFAULT_INIT_TIMEOUT_S = 15.0
 DEFAULT_FINISH_TIMEOUT_S = 120.0
@@ -65,20 +83,106 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
-def _jsonable(value: Any) -> Any:
-    """Tensors and numpy scalars -> Python numbers, so every line stays valid JSON."""
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            value = value.item()
-        except (ValueError, RuntimeError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; "nan" keeps the information readable
+# ---------------------------------------------------------------------------- metrics.jsonl lines
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+class MetricsFileError(ValueError):
+    """A metrics.jsonl line, other than a cut-short last one, that is not a JSON object."""
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy values -> Python numbers and lists; containers walked."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        value = value.tolist()  # a 0-d tensor or a numpy scalar gives a number
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_plain(v) for v in value]
     return value
+
+
+def _encode_nonfinite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _encode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode_nonfinite(v) for v in value]
+    return value
+
+
+def _decode_nonfinite(value: Any) -> Any:
+    if isinstance(value, str):
+        return _NONFINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _decode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_nonfinite(v) for v in value]
+    return value
+
+
+def encode_event(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line (without the newline) for a record of Python values."""
+    # allow_nan=False: a non-finite float that escaped the encoding would be invalid JSON; fail loudly
+    return json.dumps(_encode_nonfinite(_plain(record)), allow_nan=False, default=str)
+
+
+def read_events(path: str | os.PathLike, event: str | None = None) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl in file order (only those of kind `event` if given).
+
+    A cut-short last line (a killed run) is skipped with a warning; any other bad line raises
+    MetricsFileError naming the file and line.
+    """
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            record, problem = None, f"not valid JSON ({err})"
+        else:
+            problem = f"a JSON {type(record).__name__}, not an object"
+        if not isinstance(record, dict):
+            where = f"{path}:{index + 1}"
+            if index == last:
+                warnings.warn(f"{where}: skipping the last line, which is {problem}: a run killed "
+                              "mid-write leaves it cut short.", stacklevel=2)
+                continue
+            raise MetricsFileError(
+                f"{where} is {problem}; every line of {METRICS_FILE} is one JSON object as RunLogger writes "
+                f"it. Delete or repair line {index + 1} (only the last line of a killed run may be cut short).")
+        if event is None or record.get("event") == event:
+            records.append(_decode_nonfinite(record))
+    return records
+
+
+def read_summary(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The last "summary" record of a metrics.jsonl: None if the run has none yet or the file is missing."""
+    if not Path(path).is_file():
+        return None
+    summaries = read_events(path, "summary")
+    return summaries[-1] if summaries else None
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """Drops the events a killed run logged after the checkpoint it is resumed from (and its summary),
+    so that metrics.jsonl reads as one uninterrupted run; rank 0 only, before the logger opens it."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [r for r in read_events(path)
+            if r.get("event") != "summary" and not (isinstance(r.get("step"), int) and r["step"] > step)]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(encode_event(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- the writer
 
 
 class RunLogger:
@@ -95,7 +199,7 @@ class RunLogger:
         self.resumed = bool(cfg.resume) if resumed is None else resumed
         self.total_steps = total_steps
         self.log_every = cfg.log.log_every
-        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.metrics_path = self.output_dir / METRICS_FILE
         self.config_path = self.output_dir / "config.json"
         # Line buffering flushes each event as it is written, so a crash loses nothing logged.
         self._file = open(self.metrics_path, "a" if self.resumed else "w", encoding="utf-8", buffering=1)
@@ -124,7 +228,7 @@ class RunLogger:
     def _write(self, record: dict[str, Any]) -> None:
         if self._file.closed:
             return
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        self._file.write(encode_event(record) + "\n")
         self._file.flush()
 
     # ---- wandb
@@ -199,7 +303,7 @@ class RunLogger:
             record["step"] = step
         record.update(fields)
         record["time"] = round(time.time(), 3)
-        record = _jsonable(record)
+        record = _plain(record)
         self._write(record)
         self._wandb_log(event, record)
         return record
@@ -210,7 +314,7 @@ class RunLogger:
         `examples` is the number of training examples this step consumed on all ranks together.
         `scalars` (lr, rho, grad_norm, ...) are logged with their latest value.
         """
-        loss = float(loss.item() if hasattr(loss, "item") else loss)  # tensors too
+        loss = float(loss)  # a one-element tensor too
         self._window_losses.append(loss)
         self._window_examples += examples
         self._step = step

@@ -21,13 +21,13 @@ from it explicitly (`restore_from_master`).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.sam.shards import Comm, Piece, TensorShards, TorchComm
+from fsam_ds.sam.shards import Comm, Piece, ShardAccess, TensorShards, TorchComm
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23
@@ -37,15 +37,36 @@ class UnsupportedConfiguration(ConfigError):
     """A DeepSpeed setting the SAM-family step cannot run with; the message says what to change."""
 
 
+class EngineShards(ShardAccess, Protocol):
+    """What the engine's step needs beyond `ShardAccess`, implemented by every stage's adapter."""
+
+    def loss_scale(self) -> float:
+        """fp16's current loss scale (1 otherwise); gradients are read and written unscaled."""
+        ...
+
+    def restore_from_master(self) -> None:
+        """Puts the weights back from the fp32 master after a step that did not apply it (perturbed
+        weights that no `engine.step()` rewrote)."""
+        ...
+
+    def zero_grads(self) -> None:
+        """Clears what `engine.optimizer.zero_grad()` leaves of the gradient between the passes."""
+        ...
+
+
+_MISSING = object()
+
+
 def _private(obj: object, attribute: str, what: str) -> object:
     """Reads a DeepSpeed attribute that is not part of its public API, with a clear error if it moved."""
-    if not hasattr(obj, attribute):
+    value = getattr(obj, attribute, _MISSING)
+    if value is _MISSING:
         import deepspeed
 
         raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{attribute}` on {what}; fsam-ds reads it "
                            "to reach the rank's gradient fragment (tested with DeepSpeed 0.19.x). "
                            "Install deepspeed>=0.19.8,<0.20 or use ZeRO stage 0 or 3.")
-    return getattr(obj, attribute)
+    return value
 
 
 class _EngineShards:
@@ -76,6 +97,8 @@ class _EngineShards:
     def remove_perturbation(self) -> None:
         """Nothing to do: `engine.step()` copies the fp32 master back into the weights."""
 
+    def zero_grads(self) -> None:
+        """Nothing beyond the optimizer's zero_grad (stages 1/2 override it)."""
 
     def _write_full(self, targets: Sequence[tuple[Tensor, int, bool]],
                     pieces_of: dict[int, list[tuple[Piece, Tensor]]], add: bool) -> None:
@@ -118,6 +141,9 @@ class Stage0Shards(TensorShards):
 
     def restore_from_master(self) -> None:
         self.remove_perturbation()
+
+    def zero_grads(self) -> None:
+        """Nothing beyond the optimizer's zero_grad: the gradients are the parameters' `.grad`."""
 
 
 class PartitionShards(_EngineShards):
@@ -267,7 +293,7 @@ class Stage3Shards(_EngineShards):
 
 
 def shards_for_engine(engine, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
-                      comm: Comm | None = None):
+                      comm: Comm | None = None) -> EngineShards:
     """The shard adapter for the engine's ZeRO stage."""
     comm = comm or TorchComm(getattr(engine, "data_parallel_group", None))
     stage = engine.zero_optimization_stage()

@@ -15,35 +15,36 @@ shards through `fsam_ds.zero.adapters`.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from fsam_ds.sam.config import SAMConfig
-from fsam_ds.zero.ds_config import check_sam_compatible
-from fsam_ds.zero.distributed import release_shm_buffer
 from fsam_ds.sam.core import SharpnessAware, StepStats
-from fsam_ds.sam.optim import check_per_example, index_batch
+from fsam_ds.sam.driver import (NULL_OBSERVER, ObservedThroughCore, StepObserver, StepOutput, TrainStepper,
+                                check_per_example, two_pass_step)
 from fsam_ds.sam.shards import TorchComm
-from fsam_ds.zero.adapters import shards_for_engine
+from fsam_ds.zero.adapters import EngineShards, shards_for_engine
+from fsam_ds.zero.distributed import release_shm_buffer
+from fsam_ds.zero.ds_config import check_sam_compatible
 
 EngineLoss = Callable[[Any, Any], Tensor]
 
 
-@dataclass
-class EngineStepOutput:
-    loss: float
-    """Mean first-pass loss on this rank's examples."""
-    perturbed_loss: float
-    """Second-pass loss on this rank (mean over the examples it kept)."""
-    stats: StepStats
-    skipped: bool
-    """Nothing was updated: a pass overflowed (fp16) or had a non-finite gradient."""
-    loss_scale: float
+class EngineStepper(TrainStepper, Protocol):
+    """A `TrainStepper` on a DeepSpeed engine (`SAMEngine`, `PlainEngine`): what the trainer drives.
+    `loss_fn(engine, batch)` returns per-example losses."""
+
+    engine: Any
+
+    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
+                        client_state: dict | None = None) -> str: ...
+
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None) -> dict: ...
 
 
 def allow_fp16_on_cpu() -> None:
@@ -63,7 +64,7 @@ def _load_config(config: dict | str | os.PathLike) -> dict:
 
 def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SAMConfig,
                optimizer: Any = None, lr_scheduler: Any = None, model_parameters: Any = None,
-               **kwargs: Any) -> "SAMEngine":
+               observer: StepObserver | None = None, **kwargs: Any) -> "SAMEngine":
     """`deepspeed.initialize` plus the sharpness-aware configuration; returns a `SAMEngine`."""
     import deepspeed
 
@@ -77,13 +78,51 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SA
     engine, _, _, _ = deepspeed.initialize(model=model, config=config, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler, model_parameters=model_parameters, **kwargs)
     release_shm_buffer()  # deepspeed.initialize may have created the process group itself
-    return SAMEngine(engine, sam)
+    return SAMEngine(engine, sam, observer)
 
 
-class SAMEngine:
-    """Runs SAM-family training steps on a DeepSpeed engine (`.engine`)."""
+class _EngineBackend:
+    """The step's backend for a DeepSpeed engine: its backward and step, the stage's shard adapter."""
 
-    def __init__(self, engine, config: SAMConfig) -> None:
+    def __init__(self, engine: Any, core: SharpnessAware, shards: EngineShards, example_comm: TorchComm) -> None:
+        self.engine, self.core, self.shards, self.example_comm = engine, core, shards, example_comm
+
+    def lr(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def backward(self, loss: Tensor, index: int, count: int) -> None:
+        # DeepSpeed divides by the accumulation steps itself and reduces gradients at the boundary
+        self.engine.set_gradient_accumulation_boundary(index == count - 1)
+        self.engine.backward(loss)
+
+    def zero_grads(self) -> None:
+        # ZeRO-3 needs the optimizer's zero_grad (it resets the partition copy logic); the stage 1/2
+        # fragments of bf16 with fp32 accumulation are only cleared in step(), so clear them too.
+        self.engine.optimizer.zero_grad()
+        self.shards.zero_grads()
+
+    def step(self, finite: bool) -> bool:
+        if not finite and not self.engine.fp16_enabled():
+            return False
+        # with fp16 the non-finite gradient is still in place: DeepSpeed's step detects it, skips the
+        # update and reduces the loss scale
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        return finite and self.engine.skipped_steps == skipped_before
+
+    def restore_unapplied(self) -> None:
+        self.shards.restore_from_master()  # the master was not applied: it still holds w
+
+    def loss_scale(self) -> float:
+        return self.shards.loss_scale()
+
+
+class SAMEngine(ObservedThroughCore):
+    """Runs SAM-family training steps on a DeepSpeed engine (`.engine`); an `EngineStepper`.
+
+    `observer` measures the step's phases (`fsam_ds.sam.driver.StepObserver`); settable as `.observer`."""
+
+    def __init__(self, engine: Any, config: SAMConfig, observer: StepObserver | None = None) -> None:
         self.engine = engine
         self.config = config
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -92,23 +131,14 @@ class SAMEngine:
         self.data_comm = TorchComm(getattr(engine, "data_parallel_group", None))
         self.shards = shards_for_engine(engine, names, params, [config.is_candidate(n) for n in names],
                                         self.data_comm)
-        self.core = SharpnessAware(config, self.shards.pieces, len(params), self._lr(initial=True))
+        initial_lr = engine.optimizer.param_groups[0]
+        self.core = SharpnessAware(config, self.shards.pieces, len(params),
+                                   float(initial_lr.get("initial_lr", initial_lr["lr"])))
+        self.observer = observer
         self.skipped_steps = 0
+        self._backend = _EngineBackend(engine, self.core, self.shards, self.data_comm)
 
-    def _lr(self, initial: bool = False) -> float:
-        group = self.engine.optimizer.param_groups[0]
-        if initial:
-            return float(group.get("initial_lr", group["lr"]))
-        return float(group["lr"])
-
-    def _zero_grads(self) -> None:
-        # ZeRO-3 needs the optimizer's zero_grad (it resets the partition copy logic); the stage 1/2
-        # fragments of bf16 with fp32 accumulation are only cleared in step(), so clear them here.
-        self.engine.optimizer.zero_grad()
-        if hasattr(self.shards, "zero_grads"):
-            self.shards.zero_grads()
-
-    def train_step(self, micro_batches: Sequence[Any], loss_fn: EngineLoss) -> EngineStepOutput:
+    def train_step(self, micro_batches: Sequence[Any], loss_fn: EngineLoss) -> StepOutput:
         """One full step: both passes over all `micro_batches` (gradient accumulation), one update.
 
         Args:
@@ -116,77 +146,14 @@ class SAMEngine:
                 gradient_accumulation_steps).
             loss_fn: `loss_fn(engine, batch)` -> per-example losses (a 1-D tensor).
         """
-        engine, cfg = self.engine, self.config
-        gas = engine.gradient_accumulation_steps()
+        gas = self.engine.gradient_accumulation_steps()
         if len(micro_batches) != gas:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches but the DeepSpeed config has "
                              f"gradient_accumulation_steps = {gas}; pass exactly that many.")
-        engine.train()
-        before: list[Tensor] = []
-        for i, batch in enumerate(micro_batches):
-            engine.set_gradient_accumulation_boundary(i == gas - 1)
-            losses = check_per_example(loss_fn(engine, batch))
-            before.append(losses.detach())
-            engine.backward(losses.mean())
-        first_loss = float(torch.cat(before).float().mean())
-
-        stats = self.core.first_pass(self.shards, self._lr())
-        if not stats.finite:
-            return self._skip(first_loss, float("nan"), stats)
-        self._zero_grads()
-
-        keep: list[Tensor] | None = None
-        if cfg.uses_esam and cfg.gamma < 1:
-            with torch.no_grad():
-                after = [check_per_example(loss_fn(engine, b), l.numel()) for b, l in zip(micro_batches, before)]
-            kept, total_kept = self.core.select_examples(torch.cat(before), torch.cat(after), self.data_comm)
-            keep = list(kept.split([l.numel() for l in before]))
-
-        second_losses = []
-        for i, batch in enumerate(micro_batches):
-            engine.set_gradient_accumulation_boundary(i == gas - 1)
-            if keep is None:
-                loss = check_per_example(loss_fn(engine, batch)).mean()
-                second_losses.append(float(loss.detach()))
-            else:
-                rows = keep[i].nonzero().squeeze(1)
-                # each rank's loss is scaled so that DeepSpeed's mean over ranks and micro-batches is
-                # the mean over the examples kept in the whole global batch
-                weight = self.data_comm.world_size * gas / total_kept
-                if rows.numel() == 0:  # still run forward/backward: ZeRO's collectives must match
-                    loss = check_per_example(loss_fn(engine, index_batch(batch, torch.tensor([0])))).sum() * 0.0
-                else:
-                    per = check_per_example(loss_fn(engine, index_batch(batch, rows)), rows.numel())
-                    second_losses.append(float(per.detach().mean()))
-                    loss = per.sum() * weight
-            engine.backward(loss)
-        second_loss = sum(second_losses) / max(1, len(second_losses))
-
-        finite = self.core.second_pass(self.shards)
-        self.shards.remove_perturbation()
-        if not finite and not engine.fp16_enabled():
-            return self._skip(first_loss, second_loss, stats, perturbed=True)
-        skipped_before = engine.skipped_steps
-        engine.step()
-        if engine.skipped_steps != skipped_before or not finite:
-            # DeepSpeed's loss scaler saw the overflow and backed off; the master was not applied
-            return self._skip(first_loss, second_loss, stats, perturbed=True, stepped=True)
-        self.core.end_step()
-        return EngineStepOutput(first_loss, second_loss, stats, False, self.shards.loss_scale())
-
-    def _skip(self, first_loss: float, second_loss: float, stats: StepStats, perturbed: bool = False,
-              stepped: bool = False) -> EngineStepOutput:
-        """Leaves every parameter as it was before the step and lets fp16's scaler back off."""
-        if perturbed:
-            self.shards.restore_from_master()
-        if not stepped and self.engine.fp16_enabled():
-            # the non-finite gradient is still in place: DeepSpeed's step detects it, skips the update
-            # and reduces the loss scale
-            self.engine.step()
-        self._zero_grads()
-        self.core.discard_step()
-        self.skipped_steps += 1
-        return EngineStepOutput(first_loss, second_loss, stats, True, self.shards.loss_scale())
+        self.engine.train()
+        out = two_pass_step(self._backend, micro_batches, lambda batch: loss_fn(self.engine, batch))
+        self.skipped_steps += int(out.skipped)
+        return out
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
@@ -214,4 +181,55 @@ class SAMEngine:
         state = torch.load(path, weights_only=False)
         self.core.load_state_dict(state["core"])
         self.skipped_steps = int(state["skipped_steps"])
+        return client_state or {}
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    squares = [p.grad.double().square().sum() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else math.nan
+
+
+class PlainEngine:
+    """DeepSpeed's own step (sam_type none): the AdamW baseline, an `EngineStepper` like `SAMEngine`.
+
+    `observer` measures its "forward", "backward" and "step" phases; settable as `.observer`."""
+
+    def __init__(self, engine: Any, observer: StepObserver | None = None) -> None:
+        self.engine = engine
+        self.observer: StepObserver = observer or NULL_OBSERVER
+        self.skipped_steps = 0
+
+    def train_step(self, micro_batches: Sequence[Any], loss_fn: EngineLoss) -> StepOutput:
+        engine, observer = self.engine, self.observer
+        engine.train()
+        skipped_before, losses, norm, examples = engine.skipped_steps, [], None, 0
+        # DeepSpeed records the gradient norm except in stage 0 fp32, where the module holds the
+        # averaged gradient after the last backward
+        own_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+        for i, batch in enumerate(micro_batches):  # DeepSpeed accumulates and updates at the last one
+            with observer.phase("forward"):
+                per_example = check_per_example(loss_fn(engine, batch))
+            loss, examples = per_example.mean(), examples + per_example.numel()
+            with observer.phase("backward"):
+                engine.backward(loss)
+            if own_norm and i == len(micro_batches) - 1:
+                norm = _grad_norm(engine.module)
+            with observer.phase("step"):
+                engine.step()
+            losses.append(float(loss.detach()))
+        skipped = engine.skipped_steps != skipped_before
+        self.skipped_steps += int(skipped)
+        norm = engine.get_global_grad_norm() if norm is None else norm
+        stats = StepStats(True, float(norm) if norm is not None else math.nan, 0.0, 0.0)
+        scale = float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
+        return StepOutput(sum(losses) / len(losses), math.nan, stats, skipped, examples, scale)
+
+    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
+                        client_state: dict | None = None) -> str:
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {})
+        torch.distributed.barrier()
+        return tag or ""
+
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
         return client_state or {}
