@@ -22,6 +22,7 @@ import torch
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
                                   tokenize_splits)
+from fsam_ds.trainer.objectives import objective_for
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec
 
@@ -66,18 +67,10 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
 
 
 def load_model(cfg: TrainConfig, task: TaskSpec) -> torch.nn.Module:
-    from transformers import AutoModelForSequenceClassification
-
-    kwargs: dict[str, Any] = {"num_labels": task.num_labels, "dtype": DTYPES[cfg.dtype],
-                              # a checkpoint with another head size (e.g. fine-tuned on MNLI) gets a new head
-                              "ignore_mismatched_sizes": True}
-    if task.is_regression:
-        kwargs["problem_type"] = "regression"
-    else:
-        kwargs["id2label"] = dict(enumerate(task.label_names))
-        kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    """The pretrained model with the head the task's objective trains."""
+    objective = objective_for(task)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(cfg.model, **kwargs)
+        return objective.model_class().from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], **objective.model_kwargs())
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
 

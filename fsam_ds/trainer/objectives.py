@@ -45,6 +45,14 @@ class Objective(Protocol):
         """Examples in `batch` (throughput logging)."""
         ...
 
+    def model_class(self) -> Any:
+        """The transformers Auto class whose `from_pretrained` builds the model with this task's head."""
+        ...
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` keyword arguments that shape the head (labels, problem type)."""
+        ...
+
 
 def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -89,6 +97,22 @@ class SequenceClassification:
 
     def batch_size(self, batch: Mapping[str, Tensor]) -> int:
         return len(batch["labels"])
+
+    def model_class(self) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self) -> dict[str, Any]:
+        task = self.task
+        # a checkpoint with another head size (e.g. fine-tuned on MNLI) gets a new head
+        kwargs: dict[str, Any] = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
+        if task.is_regression:
+            kwargs["problem_type"] = "regression"
+        else:
+            kwargs["id2label"] = dict(enumerate(task.label_names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+        return kwargs
 
 
 def objective_for(task: TaskSpec) -> Objective:
