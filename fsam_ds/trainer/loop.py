@@ -162,8 +162,9 @@ def _fail(run: Run, what: str) -> None:
         f"The run in {cfg.output_dir!r} stopped: {what} ({state.skipped_steps} of {state.step} steps lost in "
         f"all; nothing was exported to final/). The usual causes: a learning rate too high for this model "
         f"(optim.lr = {cfg.optim.lr:g}), a perturbation too large (sam.rho = {cfg.sam.rho:g}), or under "
-        "precision fp16 a loss scale that overflows (lower fp16.initial_scale_power in the DeepSpeed config, or use bf16). Lower the one that "
-        "applies and start again; set max_consecutive_skipped=0 to never stop for skipped steps.")
+        "precision fp16 a loss scale that overflows (lower fp16.initial_scale_power in the DeepSpeed config, "
+        "or use bf16). Lower the one that applies and start again; set max_consecutive_skipped=0 to never "
+        "stop for skipped steps.")
 
 
 def run_eval(run: Run, epoch: float) -> None:
