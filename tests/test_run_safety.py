@@ -203,12 +203,17 @@ def test_resume_refuses_changed_run_settings_and_applies_the_others(assets, tmp_
     assert fx.summary(out)["steps"] == 16
 
 
-def test_manifest_sees_a_one_byte_change(tmp_path):
+def test_manifest_sees_a_one_byte_change_a_truncation_and_a_missing_file(tmp_path):
     """The manifest hashes every byte: one changed byte in the middle of 1 MiB is seen."""
     from fsam_ds.trainer.checkpoint import write_manifest
 
-    (tmp_path / "blob.bin").write_bytes(os.urandom(1 << 20))
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(1 << 20))
     write_manifest(tmp_path)
     assert damage(tmp_path) is None
-    flip_middle(tmp_path / "blob.bin", size=1)
+    flip_middle(blob, size=1)
     assert damage(tmp_path) == "blob.bin does not match the sha256 its manifest records"
+    blob.write_bytes(blob.read_bytes()[:1000])  # a copy cut short
+    assert damage(tmp_path) == "blob.bin has 1000 bytes where the manifest records 1048576"
+    blob.unlink()
+    assert damage(tmp_path) == "blob.bin is missing"
