@@ -182,6 +182,18 @@ def test_skipped_steps_are_reported_by_a_run_allowed_to_finish(assets, tmp_path)
     assert [e["skipped_steps"] for e in fx.events(out, "train")] == [3, 7]  # logged at steps 4 and 8
 
 
+def test_a_short_run_with_every_step_lost_fails_at_the_end():
+    """Fewer steps than max_consecutive_skipped, all lost: the end of the run refuses to call it done."""
+    from fsam_ds.trainer.checkpoint import TrainerState
+    from fsam_ds.trainer.loop import Run, TrainingFailed, finish
+    from fsam_ds.trainer.metrics_log import NullLogger
+
+    cfg = load_config(["--task=sst2", "--model=m"])
+    run = Run(cfg, None, None, None, None, NullLogger(), TrainerState(step=4, skipped_steps=4), [], "")
+    with pytest.raises(TrainingFailed, match="every one of its 4 steps had a non-finite loss"):
+        finish(run, 0.0)
+
+
 # --------------------------------------------------------------------- 4. resume with changed settings
 
 def test_resume_refuses_changed_run_settings_and_applies_the_others(assets, tmp_path):
