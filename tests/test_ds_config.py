@@ -216,3 +216,15 @@ def test_bad_arguments_are_rejected(kwargs, needle):
 
 def test_config_error_is_the_package_wide_value_error():
     assert ConfigError is sam_config.ConfigError and issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("stage, round_robin, refused", [(1, True, True), (2, True, True), (2, False, False),
+                                                          (3, True, False), (0, True, False)])
+def test_round_robin_gradients_is_refused_where_it_reorders_the_shards(stage, round_robin, refused):
+    """Only ZeRO 1/2 reorder the flat buffer (tests/test_round_robin.py shows the wrong update)."""
+    from fsam_ds.zero.ds_config import check_sam_compatible
+
+    config = {"zero_optimization": {"stage": stage, "round_robin_gradients": round_robin}}
+    context = pytest.raises(ConfigError, match="round_robin_gradients") if refused else contextlib.nullcontext()
+    with context:
+        check_sam_compatible(config)

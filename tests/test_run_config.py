@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_defaults_and_derived_fields():
     assert cfg.sam.candidate_exclude == ("bias", "embed")
     assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.lr == 2e-5
     assert cfg.tokenizer == "roberta-base"  # defaults to the model
-    assert cfg.output_dir == "runs/sst2-fisher-sam-s42"
+    assert re.fullmatch(r"runs/sst2-fisher-sam-s42-[0-9a-f]{8}", cfg.output_dir)  # {config_hash}: run_identity
 
 
 def test_yaml_with_nested_sections_then_dotted_and_flat_overrides(tmp_path):
@@ -47,7 +48,7 @@ log:
     assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.schedule == "polynomial"
     assert cfg.sam.keep_ratio == 0.2 and cfg.sam.mask_interval == 50
     assert cfg.optim.lr == 3e-5 and cfg.log.progress is False and cfg.data.micro_batch_size == 8
-    assert cfg.output_dir == "runs/rte-fisher-esam-s42"
+    assert re.fullmatch(r"runs/rte-fisher-esam-s42-[0-9a-f]{8}", cfg.output_dir)
 
 
 def test_command_line_wins_over_file_whatever_the_order(tmp_path):

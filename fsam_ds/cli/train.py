@@ -7,7 +7,8 @@
     fsam-train ... --resume=true                                              # continue a killed run
 
 The run itself is `fsam_ds.trainer.loop.train`; this module turns argv into a configuration, sets
-up the process group and turns known errors into one paragraph and exit status 2.
+up the process group and turns known errors into one paragraph: exit status 2 for a configuration
+or data error found before training, 3 for a run that failed while training (e.g. every update skipped).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import torch.distributed as dist
 
 from fsam_ds.trainer.build import check_model_path
-from fsam_ds.trainer.loop import KNOWN_ERRORS, train
+from fsam_ds.trainer.loop import KNOWN_ERRORS, TrainingFailed, train
 from fsam_ds.trainer.run_config import load_config
 from fsam_ds.zero.distributed import init_distributed, teardown
 
@@ -31,7 +32,8 @@ def _report(err: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the trainer; returns the exit status (0, or 2 for a known configuration/data error).
+    """Runs the trainer; returns the exit status (0; 2 for a known configuration/data error; 3 for a run
+    that stopped because it was not training, see `fsam_ds.trainer.loop.TrainingFailed`).
 
     From the command line (argv None) the process then leaves with os._exit, because gloo can abort
     at interpreter exit after a good run; called with an argv list it returns the status instead.
@@ -44,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_distributed()
         train(cfg, rank, world)
         teardown()
-    except KNOWN_ERRORS as err:
+    except (*KNOWN_ERRORS, TrainingFailed) as err:
         _report(err)
-        code = 2
+        code = 3 if isinstance(err, TrainingFailed) else 2
         if not cli and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: the other ranks may not get this far
     if cli:

@@ -3,14 +3,22 @@
 Layout under the run's output_dir:
 
     checkpoints/step<N>/   DeepSpeed checkpoint plus each rank's SAM state (SAMEngine.save_checkpoint),
-                           rng_state_rank<r>.pt per rank, and trainer_state.json, written last: a
-                           folder without it was cut short (a killed run) and is never resumed from.
-    best/, final/          Hugging Face model folders (config, tokenizer, fp32 weights); best/ also
-                           holds best.json with the step and the dev metrics that selected it.
+                           rng_state_rank<r>.pt per rank, trainer_state.json, run_config.json (the
+                           run's configuration, compared on resume) and manifest.json, written last:
+                           size and sha256 of every file. A folder without a manifest was cut short
+                           (a killed run) and is never resumed from; one whose files differ from it
+                           is damaged and is never loaded.
+    checkpoints/damaged-step<N>/   a damaged checkpoint that resume=true passed over, kept for inspection.
+    best/, final/          Hugging Face model folders (config, tokenizer, fp32 weights, manifest.json);
+                           best/ also holds best.json with the step and the dev metrics that selected it.
+
+Checkpoints assume a file system that every rank sees (as DeepSpeed's do): rank 0 hashes and
+verifies the whole folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,9 +34,13 @@ import torch
 import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError
+from fsam_ds.trainer.run_identity import SAFE_TO_CHANGE_ON_RESUME, run_differences
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+RUN_CONFIG_FILE = "run_config.json"
+MANIFEST = "manifest.json"
+EXPORTS = ("best", "final")
 _TAG = re.compile(r"^step(\d+)$")
 # Settings that fix which examples each step sees; resuming with another value would not continue
 # the same run.
@@ -51,6 +63,10 @@ class TrainerState:
     last_eval_step: int | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
     total_steps: int = 0
+    skipped_steps: int = 0
+    """Steps whose update was skipped (non-finite gradients or loss), over the whole run."""
+    consecutive_skipped: int = 0
+    """Skipped steps since the last applied update."""
     data: dict[str, int] = field(default_factory=dict)
     """The DATA_ORDER_KEYS values of the run."""
 
@@ -58,6 +74,10 @@ class TrainerState:
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+class CheckpointDamaged(ConfigError):
+    """A checkpoint or exported model whose files differ from its manifest."""
 
 
 # ------------------------------------------------------------------------------------ RNG state
@@ -83,54 +103,146 @@ def set_rng_state(state: dict[str, Any]) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+# ------------------------------------------------------------------------------------ manifests
+
+def write_manifest(folder: Path) -> None:
+    """Records the size and sha256 of every file under `folder`; written last and atomically, so a
+    folder with a manifest was written completely, and any later change to a file is detected."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                       and not p.name.endswith(".tmp")):
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    _write_json(folder / MANIFEST, {"files": files})
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with `folder` against its manifest (one clause naming the file), or None if intact."""
+    try:
+        files = _read_json(folder / MANIFEST)["files"]
+        entries = [(name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size, digest in entries:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes where the manifest records {size}"
+        if _sha256(path) != digest:
+            return f"{name} does not match the sha256 its manifest records"
+    return None
+
+
+def verify_folder(folder: str | os.PathLike) -> None:
+    """Raises CheckpointDamaged if a checkpoint or exported model folder differs from its manifest."""
+    folder = Path(folder)
+    problem = damage(folder)
+    if problem is not None:
+        raise CheckpointDamaged(f"{str(folder)!r} is damaged: {problem}. Its files were changed after they were "
+                                "written (disk or copy error); use another copy of it.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 def _complete(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint under `root`, oldest first."""
+    """(step, folder) of every complete checkpoint under `root` (its manifest written), oldest first."""
     if not root.is_dir():
         return []
     found = []
     for folder in root.iterdir():
         match = _TAG.match(folder.name)
-        if match and (folder / STATE_FILE).is_file():
+        if match and (folder / MANIFEST).is_file():
             found.append((int(match.group(1)), folder))
     return sorted(found)
 
 
-def find_checkpoint(resume: bool | str, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder `--resume` names: true = the newest in output_dir (None if there is none
-    yet, so a resubmitted job starts fresh); a path = that checkpoint, or the newest under it."""
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from, and the damaged newer ones it passed over (resume=true)."""
+
+    folder: Path | None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def find_checkpoint(resume: bool | str, output_dir: str | os.PathLike) -> ResumePoint:
+    """The checkpoint `--resume` names, verified against its manifest: true = the newest intact one in
+    output_dir (none if there is none yet, so a resubmitted job starts fresh; damaged newer ones are
+    reported in `damaged`); a path = that checkpoint, or the newest under it, which must be intact."""
     if resume is False:
-        return None
+        return ResumePoint(None)
     if resume is True:
-        found = _complete(Path(output_dir) / CHECKPOINT_DIR)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if (path / STATE_FILE).is_file():
-        return path
-    for root in (path / CHECKPOINT_DIR, path):
+        root = Path(output_dir) / CHECKPOINT_DIR
         found = _complete(root)
-        if found:
-            return found[-1][1]
-    raise ConfigError(f"resume = {str(resume)!r} holds no complete checkpoint: give a checkpoint folder "
-                      f"(checkpoints/step<N> with {STATE_FILE}), the checkpoints folder or a run's output_dir, "
-                      "or resume=true to continue from the newest checkpoint in output_dir.")
+        damaged = []
+        for _, folder in reversed(found):
+            problem = damage(folder)
+            if problem is None:
+                return ResumePoint(folder, damaged)
+            damaged.append((folder, problem))
+        if damaged:
+            raise CheckpointDamaged(f"Cannot resume from {str(root)!r}: every checkpoint in it is damaged ("
+                                    + "; ".join(f"{f.name}: {p}" for f, p in damaged) + "). Restore them from a "
+                                    "copy, or start afresh with --resume=false --overwrite=true.")
+        return ResumePoint(None)
+    path = Path(resume)
+    if (path / MANIFEST).is_file() or (path / STATE_FILE).is_file():
+        folder = path
+    else:
+        found = [f for root in (path / CHECKPOINT_DIR, path) for _, f in _complete(root)[-1:]]
+        if not found:
+            raise ConfigError(f"resume = {str(resume)!r} holds no complete checkpoint: give a checkpoint folder "
+                              f"(checkpoints/step<N> with {MANIFEST}), the checkpoints folder or a run's output_dir, "
+                              "or resume=true to continue from the newest checkpoint in output_dir.")
+        folder = found[0]
+    problem = damage(folder)
+    if problem is not None:
+        intact = [f for _, f in reversed(_complete(folder.parent)) if f != folder and damage(f) is None]
+        fix = (f"Resume from the newest intact checkpoint with --resume={intact[0]}" if intact
+               else "No other intact checkpoint is next to it; restore it from a copy or start afresh")
+        raise CheckpointDamaged(f"Checkpoint {str(folder)!r} is damaged: {problem}, so resuming from it would "
+                                f"load corrupt state. {fix}.")
+    return ResumePoint(folder)
 
 
-def save_checkpoint(sam_engine: Any, output_dir: str | os.PathLike, state: TrainerState, keep: int) -> Path:
-    """Collective: every rank writes its shard and RNG state; rank 0 marks it complete, then prunes."""
+def set_aside(folder: Path) -> Path:
+    """Renames a damaged checkpoint to damaged-step<N> (kept for inspection, never pruned); rank 0 only."""
+    target = folder.with_name(f"damaged-{folder.name}")
+    suffix = 1
+    while target.exists():
+        target, suffix = folder.with_name(f"damaged-{folder.name}.{suffix}"), suffix + 1
+    os.replace(folder, target)
+    return target
+
+
+def save_checkpoint(sam_engine: Any, output_dir: str | os.PathLike, state: TrainerState, keep: int,
+                    run_config: dict[str, Any]) -> Path:
+    """Collective: every rank writes its shard and RNG state; rank 0 writes the trainer state, the run's
+    configuration and, last, the manifest that marks the checkpoint complete, then prunes."""
     root = Path(output_dir) / CHECKPOINT_DIR
     tag = f"step{state.step}"
     folder = root / tag
     rank = dist.get_rank()
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (folder / STATE_FILE).unlink(missing_ok=True)  # an older attempt at this step is not complete
+        (folder / MANIFEST).unlink(missing_ok=True)  # an older attempt at this step is not complete
+    dist.barrier()
     torch.save(rng_state(), folder / f"rng_state_rank{rank}.pt")
     sam_engine.save_checkpoint(root, tag=tag, client_state={"trainer": asdict(state)})
     dist.barrier()  # every rank's files are on disk before the folder is marked complete
     if rank == 0:
         _write_json(folder / STATE_FILE, asdict(state))
+        _write_json(folder / RUN_CONFIG_FILE, run_config)
+        write_manifest(folder)
         _prune(root, keep)
     dist.barrier()
     return folder
@@ -144,6 +256,18 @@ def _prune(root: Path, keep: int) -> None:
     for folder in root.iterdir():  # leftovers of a save that was cut short
         if _TAG.match(folder.name) and folder.is_dir() and folder not in kept:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_same_run(folder: Path, run_config: dict[str, Any]) -> None:
+    """Raises ConfigError listing every run-defining setting (see `fsam_ds.trainer.run_identity`) that
+    this run sets differently from the checkpoint's run; the other settings are applied on resume."""
+    differences = run_differences(_read_json(folder / RUN_CONFIG_FILE), run_config)
+    if differences:
+        raise ConfigError(f"Cannot resume from {str(folder)!r}: this command changes settings that define the run "
+                          f"({'; '.join(differences)}). A resumed run must continue the same run, so these are "
+                          "never applied midway. Resume with the checkpoint's values (its "
+                          f"{RUN_CONFIG_FILE}), or start a new run in another output_dir. Settings that may change "
+                          f"on resume: {', '.join(SAFE_TO_CHANGE_ON_RESUME)} (a trailing dot: the whole section).")
 
 
 def load_checkpoint(sam_engine: Any, folder: Path, expected: dict[str, int],
@@ -160,8 +284,8 @@ def load_checkpoint(sam_engine: Any, folder: Path, expected: dict[str, int],
                           f"{STATE_FILE}).")
     rng_file = folder / f"rng_state_rank{dist.get_rank()}.pt"
     if not rng_file.is_file():
-        raise ConfigError(f"Checkpoint {str(folder)!r} has no {rng_file.name}; it is damaged. Resume from "
-                          "an older checkpoint (resume=<path of checkpoints/step<N>>).")
+        raise ConfigError(f"Checkpoint {str(folder)!r} has no {rng_file.name}; it was written by another number "
+                          "of ranks. Resume with the checkpoint's world size.")
     sam_engine.load_checkpoint(folder.parent, tag=folder.name)
     if state.total_steps != total_steps:
         if dist.get_rank() == 0:
@@ -172,8 +296,8 @@ def load_checkpoint(sam_engine: Any, folder: Path, expected: dict[str, int],
 
 
 def discard_after(output_dir: str | os.PathLike, step: int) -> list[int]:
-    """Removes the checkpoints of steps after `step` (a run started afresh, or resumed from an older
-    checkpoint, replaces that future) and returns their steps; rank 0 only."""
+    """Removes the checkpoints of steps after `step` (a run resumed from an older checkpoint replaces
+    that future) and returns their steps; rank 0 only."""
     root = Path(output_dir) / CHECKPOINT_DIR
     removed = []
     for folder in root.iterdir() if root.is_dir() else []:
@@ -182,6 +306,24 @@ def discard_after(output_dir: str | os.PathLike, step: int) -> list[int]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(int(match.group(1)))
     return sorted(removed)
+
+
+def earlier_run(output_dir: str | os.PathLike) -> list[str]:
+    """What output_dir holds of another run that a fresh run must not replace unasked: its complete
+    checkpoints and its final model (a best/ alone is what a run killed before its first checkpoint
+    leaves). Empty for a new folder."""
+    out = Path(output_dir)
+    held = [f"checkpoints up to step {found[-1][0]}" for found in [_complete(out / CHECKPOINT_DIR)] if found]
+    return held + (["final/"] if (out / "final").is_dir() else [])
+
+
+def clear_earlier_run(output_dir: str | os.PathLike) -> None:
+    """Removes an earlier run's checkpoints and exported models when a run starts afresh; rank 0 only,
+    and only after the whole new run has been checked and built."""
+    out = Path(output_dir)
+    for name in (CHECKPOINT_DIR, *EXPORTS):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "wandb-run-id").unlink(missing_ok=True)  # the new run is a new wandb run
 
 
 # --------------------------------------------------------------------------------- model export
@@ -225,6 +367,7 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
         tokenizer.save_pretrained(tmp)
         if info is not None:
             _write_json(tmp / f"{folder.name}.json", info)
+        write_manifest(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     dist.barrier()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import math
 import random
@@ -27,20 +28,26 @@ from torch.utils.data import DataLoader, Sampler
 
 from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_model_path, hub_error, load_model,
                            load_tokenizer, resolve_config)
-from fsam_ds.trainer.checkpoint import (TrainerState, discard_after, export_model, find_checkpoint, load_checkpoint,
-                                save_checkpoint, set_rng_state)
+from fsam_ds.trainer.checkpoint import (ResumePoint, TrainerState, check_same_run, clear_earlier_run, discard_after,
+                                        earlier_run, export_model, find_checkpoint, load_checkpoint,
+                                        save_checkpoint, set_aside, set_rng_state)
 from fsam_ds.trainer.metrics_log import trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.core import StepStats
 from fsam_ds.trainer.data import DataError, set_epoch
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.objectives import Objective, objective_for
-from fsam_ds.trainer.run_config import TrainConfig
+from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
+from fsam_ds.trainer.run_identity import run_differences
 from fsam_ds.trainer.tasks import TaskSpec, UnknownTaskError, get_task
 from fsam_ds.zero.adapters import UnsupportedConfiguration
 from fsam_ds.zero.engine import EngineStepper
 
 KNOWN_ERRORS = (ConfigError, DataError, TrainError, UnknownTaskError, UnsupportedConfiguration)
+
+
+class TrainingFailed(Exception):
+    """The run itself went wrong (e.g. every update skipped); fsam-train exits with status 3."""
 
 
 def seed_everything(seed: int) -> None:
@@ -122,7 +129,11 @@ def _global_mean(values: list[float], device: torch.device) -> list[float]:
 
 
 def log_step(run: Run, out: Any, lr: float, examples: int, epoch: float) -> None:
+    """Counts the step if it was lost (see `stop_if_not_training`) and logs it."""
     loss, perturbed = _global_mean([out.loss, out.perturbed_loss], run.engine.device)
+    lost = out.skipped or not math.isfinite(loss)  # any rank's non-finite loss makes the mean non-finite
+    run.state.skipped_steps += int(lost)
+    run.state.consecutive_skipped = run.state.consecutive_skipped + 1 if lost else 0
     s: StepStats = out.stats
     scalars: dict[str, Any] = {"lr": lr, "epoch": round(epoch, 4)}
     if run.cfg.sam.sam_type != "none" or math.isfinite(s.grad_norm):  # DeepSpeed may not compute it
@@ -134,11 +145,34 @@ def log_step(run: Run, out: Any, lr: float, examples: int, epoch: float) -> None
             scalars["mask_density"] = s.mask_density
         if run.cfg.sam.sam_type.endswith("esam"):
             scalars["perturbed_tensors"] = s.perturbed_tensors
-    scalars.update(skipped_steps=run.sam_engine.skipped_steps, loss_scale=out.loss_scale)
+    scalars.update(skipped_steps=run.state.skipped_steps, loss_scale=out.loss_scale)
     run.logger.train_step(run.state.step, loss, examples, **scalars)
     if s.mask_rebuilt:  # collective
         density = mask_density_by_layer(run.sam_engine, run.param_names, run.base_prefix)
         run.logger.log_mask(run.state.step, density)
+
+
+def stop_if_not_training(run: Run) -> None:
+    """Stops a run that lost more than `max_consecutive_skipped` steps in a row to a non-finite loss or
+    gradients (skipped by the SAM step or fp16's scaler; the baseline's fp32 step applies them and its
+    weights turn non-finite): it trains nothing, and would otherwise report a success it did not have.
+    Same verdict on every rank: the counts come from global checks and the all-reduced loss."""
+    state, limit = run.state, run.cfg.max_consecutive_skipped
+    if limit and state.consecutive_skipped > limit:
+        _fail(run, f"{state.consecutive_skipped} consecutive steps (up to step {state.step}) had a non-finite "
+                   f"loss or gradients, more than max_consecutive_skipped = {limit}")
+
+
+def _fail(run: Run, what: str) -> None:
+    cfg, state = run.cfg, run.state
+    run.logger.log("failed", step=state.step, reason=what, skipped_steps=state.skipped_steps)
+    raise TrainingFailed(
+        f"The run in {cfg.output_dir!r} stopped: {what} ({state.skipped_steps} of {state.step} steps lost in "
+        f"all; nothing was exported to final/). The usual causes: a learning rate too high for this model "
+        f"(optim.lr = {cfg.optim.lr:g}), a perturbation too large (sam.rho = {cfg.sam.rho:g}), or under "
+        "precision fp16 a loss scale that overflows (lower fp16.initial_scale_power in the DeepSpeed config, "
+        "or use bf16). Lower the one that applies and start again; set max_consecutive_skipped=0 to never "
+        "stop for skipped steps.")
 
 
 def run_eval(run: Run, epoch: float) -> None:
@@ -165,7 +199,7 @@ def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
         run_eval(run, epoch)
     every = cfg.checkpoint_every
     if (every and state.step % every == 0) or (not every and due):
-        save_checkpoint(run.sam_engine, cfg.output_dir, state, cfg.keep_checkpoints)
+        save_checkpoint(run.sam_engine, cfg.output_dir, state, cfg.keep_checkpoints, config_to_dict(cfg))
 
 
 def train_loop(run: Run, rng: dict | None) -> None:
@@ -191,34 +225,75 @@ def train_loop(run: Run, rng: dict | None) -> None:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             examples = sum(run.objective.batch_size(b) for b in micro) * world
             log_step(run, out, lr, examples, epoch)
+            stop_if_not_training(run)
             after_step(run, epoch_done, epoch)
 
 
 def finish(run: Run, started: float) -> None:
     cfg, state, task = run.cfg, run.state, run.task
+    if cfg.max_consecutive_skipped and state.step and state.skipped_steps == state.step:
+        _fail(run, f"every one of its {state.step} steps had a non-finite loss or gradients")
     final_dir = export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "final",
                              {"step": state.step, "metrics": state.last_metrics})
     run.logger.summary(state.best_metric, task.select_metric, best_step=state.best_step, steps=state.step,
-                       best_metrics=state.best_metrics, skipped_steps=run.sam_engine.skipped_steps,
+                       best_metrics=state.best_metrics, skipped_steps=state.skipped_steps,
                        sam_type=cfg.sam.sam_type, output_dir=cfg.output_dir)
     best = "none" if state.best_metric is None else f"{state.best_metric:.4f} at step {state.best_step}"
+    best_dir = (f", best model in {Path(cfg.output_dir) / 'best'}"
+                if cfg.eval.save_best and state.best_step is not None else "")
     run.logger.console(
-        f"done: {state.step} steps in {time.time() - started:.0f} s; best dev {task.select_metric} {best}; "
-        f"final model in {final_dir}" + (f", best model in {Path(cfg.output_dir) / 'best'}"
-                                         if cfg.eval.save_best and state.best_step is not None else ""))
+        f"done: {state.step} steps ({state.skipped_steps} skipped) in {time.time() - started:.0f} s; "
+        f"best dev {task.select_metric} {best}; final model in {final_dir}{best_dir}")
 
 
-def _resume_point(cfg: TrainConfig, rank: int) -> Path | None:
-    found = [str(find_checkpoint(cfg.resume, cfg.output_dir) or "")] if rank == 0 else [None]
-    dist.broadcast_object_list(found, src=0)  # rank 0 decides, in case the ranks' file views differ
-    return Path(found[0]) if found[0] else None
+def _resume_point(cfg: TrainConfig, rank: int) -> ResumePoint:
+    """Rank 0 decides (the ranks' file views may differ) and every rank gets the answer or the error.
+    Nothing is written: this runs before the run is built and checked."""
+    answer: list[Any] = [None]
+    if rank == 0:
+        try:
+            point = find_checkpoint(cfg.resume, cfg.output_dir)
+            if point.folder is None and not cfg.overwrite:
+                _refuse_earlier_run(cfg)
+            answer = [point]
+        except ConfigError as err:
+            answer = [err]
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], ConfigError):
+        raise answer[0]
+    return answer[0]
+
+
+def _refuse_earlier_run(cfg: TrainConfig) -> None:
+    held = earlier_run(cfg.output_dir)
+    if not held:
+        return
+    config_file = Path(cfg.output_dir) / "config.json"
+    differences = []
+    if config_file.is_file():
+        try:
+            differences = run_differences(json.loads(config_file.read_text(encoding="utf-8")), config_to_dict(cfg))
+        except (ValueError, AttributeError):
+            differences = ["its config.json is unreadable"]
+    differ = f" Its settings differ from this run's: {'; '.join(differences)}." if differences else ""
+    raise ConfigError(f"output_dir = {cfg.output_dir!r} holds another run ({', '.join(held)}) and this run starts "
+                      f"afresh (resume = {cfg.resume}), which would replace it.{differ} Pass --resume=true to "
+                      "continue that run, --overwrite=true to replace it, or another --output_dir (the default "
+                      "one, runs/{task}-{sam_type}-s{seed}-{config_hash}, differs for every setting that can "
+                      "change the result).")
 
 
 def train(cfg: TrainConfig, rank: int, world: int) -> None:
+    """The run. Nothing in output_dir is deleted, cut or replaced until the configuration, resume point,
+    tokenizer, data, model, DeepSpeed config and engine have all been checked and built."""
     from transformers import AutoConfig
 
     started = time.time()
     task = get_task(cfg.task)
+    run_config = config_to_dict(cfg)
+    point = _resume_point(cfg, rank)
+    if point.folder is not None:
+        check_same_run(point.folder, run_config)
     _quiet_libraries(rank, cfg.log.progress)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg)
@@ -239,16 +314,17 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     order = {"world_size": world, "micro_batch_size": cfg.data.micro_batch_size,
              "grad_accum": cfg.data.grad_accum, "seed": cfg.seed, "steps_per_epoch": data.steps_per_epoch}
     state, rng = TrainerState(total_steps=total, data=order), None
-    checkpoint = _resume_point(cfg, rank)
+    checkpoint = point.folder
     if checkpoint is not None:
         state, rng = load_checkpoint(sam_engine, checkpoint, order, total)
-    if rank == 0:
-        removed = discard_after(cfg.output_dir, state.step)
-        if removed and checkpoint is None:
-            print(f"warning: {cfg.output_dir} held checkpoints of an earlier run (up to step {removed[-1]}); "
-                  "this run starts afresh (resume=false) and replaces them. Pass --resume=true to continue "
-                  "a run instead.", file=sys.stderr, flush=True)
-        if checkpoint is not None:
+    if rank == 0:  # everything is checked: from here on the run may change what output_dir holds
+        for folder, problem in point.damaged:
+            print(f"warning: checkpoint {folder} is damaged ({problem}); resuming from the newest intact one, "
+                  f"{checkpoint}. The damaged one is kept as {set_aside(folder)}.", file=sys.stderr, flush=True)
+        if checkpoint is None:
+            clear_earlier_run(cfg.output_dir)  # empty, leftovers of a killed attempt, or --overwrite=true
+        else:
+            discard_after(cfg.output_dir, state.step)
             trim_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.step)
     dist.barrier()
     with _open_logger(cfg, rank, total, state.step, checkpoint is not None) as logger:

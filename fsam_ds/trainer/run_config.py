@@ -95,7 +95,8 @@ class EvalSection:
     save_best: bool = True
 
 
-DEFAULT_OUTPUT_DIR = "runs/{task}-{sam_type}-s{seed}"
+# {config_hash}: 8 hex digits of every setting that can change the result (fsam_ds.trainer.run_identity)
+DEFAULT_OUTPUT_DIR = "runs/{task}-{sam_type}-s{seed}-{config_hash}"
 
 
 @dataclass
@@ -111,6 +112,8 @@ class TrainConfig:
     output_dir: str = DEFAULT_OUTPUT_DIR
     seed: int = 42
     resume: bool | str = False  # true: latest checkpoint in output_dir; a path: that checkpoint
+    overwrite: bool = False  # a fresh run may replace another run's checkpoints and models in output_dir
+    max_consecutive_skipped: int = 10  # stop when more steps than this in a row are skipped; 0: never stop
     checkpoint_every: int = 0  # steps; 0: at each evaluation
     keep_checkpoints: int = 2
     sam: SAMSection = field(default_factory=SAMSection)
@@ -372,11 +375,19 @@ def _fill_defaults(cfg: TrainConfig) -> None:
     cfg.output_dir = _PLACEHOLDER.sub(lambda match: _placeholder_value(cfg, match), cfg.output_dir)
 
 
+def _config_hash(cfg: TrainConfig) -> str:
+    from fsam_ds.trainer.run_identity import config_hash
+
+    return config_hash(config_to_dict(cfg))
+
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
 
 def _placeholder_value(cfg: TrainConfig, match: re.Match[str]) -> str:
     """`{key}` in output_dir -> that key's value (dotted or unique flat name); other braces stay."""
+    if match.group(1) == "config_hash":
+        return _config_hash(cfg)
     try:
         key = _resolve_key(match.group(1), "output_dir placeholder")
     except ConfigError:
@@ -445,6 +456,8 @@ def _validate(cfg: TrainConfig) -> None:
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0",
            "0 saves a checkpoint at each evaluation.")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+    _check(cfg.max_consecutive_skipped >= 0, "max_consecutive_skipped", cfg.max_consecutive_skipped,
+           "must be >= 0", "0 never stops a run for skipped steps.")
 
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

@@ -170,11 +170,22 @@ def _load(ds_config: Mapping[str, Any] | str | Path | None, precision: str,
 
 def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed config") -> None:
     """Raises ConfigError for settings the two-pass SAM step cannot run with (offload, pipeline,
-    fp16 at ZeRO stage 0, "auto" values DeepSpeed itself cannot fill)."""
+    round-robin gradients at ZeRO 1/2, fp16 at ZeRO stage 0, "auto" values DeepSpeed itself cannot fill)."""
     r = _Resolver(dict(config), source)
     _reject_unsupported(r)
     fp16 = config.get("fp16") or {}
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if zero.get("round_robin_gradients") and stage in (1, 2):
+        # DeepSpeed (0.19) orders the flat buffer round-robin over ranks but maps parameters to their
+        # fragments (`_hp_mapping`) in the original order when no alignment padding intervenes: the
+        # SAM step then reads and writes other parameters' entries (a wrong update, or a crash when
+        # sizes differ). tests/test_round_robin.py reproduces both.
+        r.fail("has zero_optimization.round_robin_gradients true, but at ZeRO stage 1/2 DeepSpeed's map from "
+               "parameters to their shard fragments does not follow the round-robin buffer order, so the SAM "
+               "step would perturb and update the wrong entries. Remove zero_optimization.round_robin_gradients "
+               "(or set it to false); it only speeds up gradient copies to CPU under offload, which the SAM step "
+               "does not support anyway.")
     if isinstance(fp16, dict) and fp16.get("enabled") is True and stage == 0:
         r.fail("has fp16 enabled at ZeRO stage 0, where DeepSpeed's optimizer unscales a loss it never "
                "scaled (updates come out divided by the loss scale). Use ZeRO stage 1, 2 or 3 with fp16, "

@@ -1,0 +1,231 @@
+"""What fsam-train guarantees when things go wrong: runs never replace each other unasked, damaged
+checkpoints are never loaded, runs that train nothing do not report success, and resume never
+silently mixes settings. Each test reproduces a failure seen on a real run with the tiny BERT and
+generated data of train_fixtures, in subprocesses like a user's command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import train_fixtures as fx
+from fsam_ds.trainer.checkpoint import CheckpointDamaged, damage, verify_folder
+from fsam_ds.trainer.run_config import config_to_dict, load_config
+from fsam_ds.trainer.run_identity import config_hash, run_differences
+
+TIMEOUT = 300
+SHORT = {"optim.epochs": 1, "log.log_every": 4, "data.micro_batch_size": 8}  # 8 steps
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    model = fx.write_tiny_model(root / "model")
+    train, dev = fx.write_sst2_files(root / "sst2")
+    return {"model": model, "train": train, "dev": dev}
+
+
+def train(assets: dict[str, Path], out: Path | None, cwd: Path, *extra: str, **settings) -> subprocess.CompletedProcess:
+    """fsam-train in `cwd`; out None leaves output_dir at its default (runs/... under cwd)."""
+    args = fx.base_args(assets["model"], assets["train"], assets["dev"], out or Path("unused"), **{**SHORT, **settings})
+    if out is None:
+        args = [a for a in args if not a.startswith("--output_dir=")]
+    return fx.run(fx.train_cmd(args + list(extra)), TIMEOUT, cwd=cwd, PYTHONPATH=str(fx.REPO))
+
+
+def error_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert result.returncode == code, result.stdout[-4000:]
+    assert "Traceback" not in result.stdout, result.stdout[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("fsam-train: error:")]
+    assert len(lines) == 1, result.stdout[-4000:]
+    return lines[0]
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def flip_middle(path: Path, size: int = 4096) -> None:
+    """Overwrites `size` bytes in the middle of the file (half the file if it is smaller) with other bytes."""
+    data = bytearray(path.read_bytes())
+    n = min(size, len(data) // 2)
+    start = (len(data) - n) // 2
+    data[start:start + n] = bytes((b + 1 + i) % 256 for i, b in enumerate(data[start:start + n]))
+    path.write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------- 1. runs never replace each other
+
+def test_default_folder_names_the_run_by_its_settings():
+    base = ["--task=sst2", "--model=m"]
+    a, b = load_config(base + ["--sam.rho=0.02"]), load_config(base + ["--sam.rho=0.05"])
+    logging_only = load_config(base + ["--sam.rho=0.02", "--log.log_every=3", "--keep_checkpoints=5"])
+    assert a.output_dir != b.output_dir  # the old default, runs/sst2-fisher-sam-s42, was one folder for both
+    assert a.output_dir == logging_only.output_dir  # settings that cannot change the result keep the folder
+    assert a.output_dir == f"runs/sst2-fisher-sam-s42-{config_hash(config_to_dict(a))}"
+    assert run_differences(config_to_dict(a), config_to_dict(b)) == ["sam.rho: 0.02 -> 0.05"]
+    assert run_differences(config_to_dict(a), config_to_dict(logging_only)) == []
+
+
+def test_relaunches_never_destroy_an_earlier_run(assets, tmp_path):
+    """Run A (rho 0.02); run B (rho 0.05) in the default folder; then fresh runs into A's folder, one
+    of them with a setting that fails only once the DeepSpeed config is checked: A's checkpoints,
+    metrics and exported models stay byte for byte."""
+    result = train(assets, None, tmp_path, **{"sam.rho": 0.02})
+    assert result.returncode == 0, result.stdout[-4000:]
+    (run_a,) = (tmp_path / "runs").iterdir()
+    before = checksums(run_a)
+    assert {"metrics.jsonl", "final/model.safetensors", "best/model.safetensors"} <= set(before)
+    assert any(name.startswith("checkpoints/step8/") for name in before)
+
+    result = train(assets, None, tmp_path, **{"sam.rho": 0.05})
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # B got its own folder
+
+    message = error_line(train(assets, run_a, tmp_path, **{"sam.rho": 0.05}))
+    assert "holds another run" in message and "--resume=true" in message and "--overwrite=true" in message
+    assert "sam.rho: 0.02 -> 0.05" in message
+    message = error_line(train(assets, run_a, tmp_path, "--overwrite=true", zero_stage=2,
+                               ds_config=str(fx.REPO / "ds_configs/zero2_bf16.json")))
+    assert "bf16.enabled is true but precision is 'fp32'" in message  # failed after the folder check
+    message = error_line(train(assets, run_a, tmp_path, "--resume=true", **{"sam.rho": 0.05}))
+    assert "sam.rho: 0.02 -> 0.05" in message
+    assert checksums(run_a) == before
+
+    result = train(assets, run_a, tmp_path, "--overwrite=true", **{"sam.rho": 0.05})
+    assert result.returncode == 0, result.stdout[-4000:]
+    starts = fx.events(run_a, "start")
+    assert len(starts) == 1 and not starts[0]["resumed"]  # replaced, as asked
+    assert checksums(run_a)["final/model.safetensors"] != before["final/model.safetensors"]
+
+
+# --------------------------------------------------------------------- 2. damaged checkpoints
+
+CHECKPOINT_FILES = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "fsam_state_rank0.pt",
+                    "rng_state_rank0.pt", "trainer_state.json", "run_config.json", "manifest.json"]
+
+
+def test_damaged_checkpoint_files_are_never_loaded(assets, tmp_path):
+    """4 KiB changed in the middle of each kind of checkpoint file: resume=<that checkpoint> refuses,
+    naming the file and the newest intact checkpoint; resume=true falls back to it, saying so, and
+    keeps the damaged one as it is."""
+    settings = {"zero_stage": 1, "checkpoint_every": 2, "keep_checkpoints": 3}
+    pristine = tmp_path / "pristine"
+    result = train(assets, pristine, tmp_path, **settings)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert sorted(p.name for p in (pristine / "checkpoints" / "step8").iterdir()) == sorted(CHECKPOINT_FILES)
+
+    for name in CHECKPOINT_FILES:
+        out = tmp_path / name.replace(".", "_")
+        shutil.copytree(pristine, out)
+        newest = out / "checkpoints" / "step8"
+        flip_middle(newest / name)
+        assert damage(newest) is not None and name in damage(newest)
+        before = checksums(out)
+        message = error_line(train(assets, out, tmp_path, f"--resume={newest}", **settings))
+        assert f"'{newest}' is damaged: {name}" in message, message
+        assert f"--resume={out / 'checkpoints' / 'step6'}" in message, message
+        assert checksums(out) == before, name
+
+    out = tmp_path / "fallback"
+    shutil.copytree(pristine, out)
+    flip_middle(out / "checkpoints" / "step8" / "mp_rank_00_model_states.pt")
+    damaged = checksums(out / "checkpoints" / "step8")
+    result = train(assets, out, tmp_path, "--resume=true", **settings)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "checkpoint" in result.stdout and "mp_rank_00_model_states.pt does not match" in result.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step6'}" in result.stdout
+    assert checksums(out / "checkpoints" / "damaged-step8") == damaged  # kept for inspection, untouched
+    assert fx.summary(out)["steps"] == 8
+
+
+def test_exported_models_carry_a_manifest(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(assets, out, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    for name in ("best", "final"):
+        verify_folder(out / name)  # intact
+    flip_middle(out / "final" / "model.safetensors")
+    with pytest.raises(CheckpointDamaged, match="model.safetensors does not match"):
+        verify_folder(out / "final")
+
+
+# --------------------------------------------------------------------- 3. no success for runs that did nothing
+
+@pytest.mark.parametrize("sam_type", ["none", "fisher-sam"])
+def test_a_run_whose_loss_stays_non_finite_fails(assets, tmp_path, sam_type):
+    """lr 1e30: the first update blows the weights up and every later loss is nan. The SAM step skips
+    those updates; the baseline's fp32 DeepSpeed step applies them. Either way the run stops."""
+    out = tmp_path / "run"
+    result = train(assets, out, tmp_path, max_consecutive_skipped=3,
+                   **{"optim.lr": 1e30, "optim.warmup_ratio": 0, "sam.sam_type": sam_type})
+    message = error_line(result, code=3)
+    assert "4 consecutive steps (up to step 5)" in message and "max_consecutive_skipped = 3" in message
+    assert "optim.lr" in message and "sam.rho" in message and "fp16" in message
+    assert fx.summary(out) is None and not (out / "final").exists()
+    assert fx.events(out, "failed")[0]["skipped_steps"] == 4
+
+
+def test_skipped_steps_are_reported_by_a_run_allowed_to_finish(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(assets, out, tmp_path, max_consecutive_skipped=0, **{"optim.lr": 1e30, "optim.warmup_ratio": 0})
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert fx.summary(out)["skipped_steps"] == 7  # steps 2-8
+    assert "done: 8 steps (7 skipped)" in result.stdout
+    assert [e["skipped_steps"] for e in fx.events(out, "train")] == [3, 7]  # logged at steps 4 and 8
+
+
+def test_a_short_run_with_every_step_lost_fails_at_the_end():
+    """Fewer steps than max_consecutive_skipped, all lost: the end of the run refuses to call it done."""
+    from fsam_ds.trainer.checkpoint import TrainerState
+    from fsam_ds.trainer.loop import Run, TrainingFailed, finish
+    from fsam_ds.trainer.metrics_log import NullLogger
+
+    cfg = load_config(["--task=sst2", "--model=m"])
+    run = Run(cfg, None, None, None, None, NullLogger(), TrainerState(step=4, skipped_steps=4), [], "")
+    with pytest.raises(TrainingFailed, match="every one of its 4 steps had a non-finite loss"):
+        finish(run, 0.0)
+
+
+# --------------------------------------------------------------------- 4. resume with changed settings
+
+def test_resume_refuses_changed_run_settings_and_applies_the_others(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(assets, out, tmp_path, checkpoint_every=4)
+    assert result.returncode == 0, result.stdout[-4000:]
+    before = checksums(out)
+    message = error_line(train(assets, out, tmp_path, "--resume=true", checkpoint_every=4,
+                               **{"optim.lr": 2e-3, "sam.sam_type": "sam"}))
+    assert "optim.lr: 0.001 -> 0.002" in message and 'sam.sam_type: "fisher-sam" -> "sam"' in message
+    assert checksums(out) == before
+
+    # extending the run and logging more often are applied: 8 more steps, each logged
+    result = train(assets, out, tmp_path, "--resume=true", checkpoint_every=4,
+                   **{"optim.epochs": 2, "log.log_every": 1})
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "resumed from" in result.stdout
+    assert [e["step"] for e in fx.events(out, "train")] == [4, 8] + list(range(9, 17))
+    assert fx.summary(out)["steps"] == 16
+
+
+def test_manifest_sees_a_one_byte_change_a_truncation_and_a_missing_file(tmp_path):
+    """The manifest hashes every byte: one changed byte in the middle of 1 MiB is seen."""
+    from fsam_ds.trainer.checkpoint import write_manifest
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(1 << 20))
+    write_manifest(tmp_path)
+    assert damage(tmp_path) is None
+    flip_middle(blob, size=1)
+    assert damage(tmp_path) == "blob.bin does not match the sha256 its manifest records"
+    blob.write_bytes(blob.read_bytes()[:1000])  # a copy cut short
+    assert damage(tmp_path) == "blob.bin has 1000 bytes where the manifest records 1048576"
+    blob.unlink()
+    assert damage(tmp_path) == "blob.bin is missing"
