@@ -195,3 +195,31 @@ def test_zero2_fp16_overflow_on_a_rebuild_step_leaves_fisher_sum_and_mask_bit_id
         assert res["skipped"] and res["rebuilt"]  # the overflowing step had rebuilt the mask
         assert same(res["before"], res["after"])
         assert any(float(s.abs().sum()) > 0 for s in res["before"]["fisher_sum"] if s is not None)
+
+
+# ---------------------------------------------------------------- gradient accumulation in plain PyTorch
+def split_halves(batch):
+    return [(batch[0][:12], batch[1][:12]), (batch[0][12:], batch[1][12:])]
+
+
+def accumulated_step(sam_type: str, summed: bool = False) -> torch.Tensor:
+    model = make_model()
+    opt = SAMOptimizer(model.named_parameters(), torch.optim.SGD, SAMConfig(sam_type=sam_type, gamma=0.5), lr=0.5)
+    if summed:  # the defect this guards against: micro-batch gradients added, not averaged
+        opt._backend.backward = lambda loss, index, count: loss.backward()
+    for t in range(2):
+        out = opt.train_step(split_halves(make_batch(seed=60 + t)), per_example(model))
+        assert not out.skipped
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("sam_type", ["fisher-sam", "fisher-esam", "gsam"])
+def test_micro_batches_of_equal_size_give_the_step_on_their_union(sam_type):
+    model = make_model()
+    opt = SAMOptimizer(model.named_parameters(), torch.optim.SGD, SAMConfig(sam_type=sam_type, gamma=0.5), lr=0.5)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for t in range(2):
+        opt.step_batch(make_batch(seed=60 + t), per_example(model))
+    whole = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(accumulated_step(sam_type), whole, atol=1e-13, rtol=0)
+    assert (accumulated_step(sam_type, summed=True) - whole).norm() > 1e-3 * (whole - start).norm()
