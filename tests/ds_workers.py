@@ -324,16 +324,26 @@ class RecordingObserver:
 
 
 def run_observed_steps(rank: int, world: int, stage: int) -> list[list[str]]:
-    """The phases of two fisher-sam steps (mask_interval 2: the first rebuilds, the second does not)."""
+    """The phases of two fisher-sam steps (mask_interval 2: the first rebuilds, the second does not),
+    then of one step of the AdamW baseline."""
+    import deepspeed
+
+    from fsam_ds.zero.engine import PlainEngine
+
     observer = RecordingObserver()
     sam_engine = build_engine(mlp(), stage, sam=sam_config("fisher-sam"))
     sam_engine.observer = observer
     seen = []
-    for b in global_batches("mlp", 2):
+    batches = global_batches("mlp", 2)
+    for b in batches:
         sam_engine.train_step(split(b, rank, world), per_example_loss("mlp"))
         seen.append(observer.seen)
         observer.seen = []
-    return seen
+    model = mlp()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config(stage),
+                                           optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    PlainEngine(engine, observer).train_step(split(batches[0], rank, world), per_example_loss("mlp"))
+    return seen + [observer.seen]
 
 
 def run_fp16_skip_keeps_fisher(rank: int, world: int, stage: int) -> dict:

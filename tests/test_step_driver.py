@@ -187,6 +187,7 @@ def test_observer_sees_the_phases_of_a_zero2_fisher_sam_step(tmp_path):
     for seen in run_distributed(run_observed_steps, 2, tmp_path, 2, use_deepspeed=True):
         assert seen[0] == ENGINE_FISHER_SAM_STEP
         assert seen[1] == [p for p in ENGINE_FISHER_SAM_STEP if p != "first_pass/rebuild_mask"]
+        assert seen[2] == ["forward", "backward", "step"]  # the AdamW baseline's PlainEngine
 
 
 def test_zero2_fp16_overflow_on_a_rebuild_step_leaves_fisher_sum_and_mask_bit_identical(tmp_path):
