@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.distributed
@@ -166,12 +168,9 @@ def module_full_params(engine) -> list[torch.Tensor]:
     return [p.detach().clone().reshape(-1) for p in params]
 
 
-def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
-    from fsam_ds.zero.engine import allow_fp16_on_cpu
-
-    allow_fp16_on_cpu()
-    batches = global_batches("mlp", 4)
-    base = per_example_loss("mlp")
+def poisonable_loss(kind: str):
+    """`per_example_loss(kind)` whose call number calls["poison"] returns inf (odd calls) or nan losses."""
+    base = per_example_loss(kind)
     calls = {"n": 0, "poison": None}
 
     def loss(module, batch):
@@ -181,6 +180,15 @@ def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
             value = value * float("inf") if calls["n"] % 2 else value * float("nan")
         return value
 
+    return loss, calls
+
+
+def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
+    from fsam_ds.zero.engine import allow_fp16_on_cpu
+
+    allow_fp16_on_cpu()
+    batches = global_batches("mlp", 4)
+    loss, calls = poisonable_loss("mlp")
     sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type))
     report = {}
     # step 1 trains normally
@@ -294,3 +302,68 @@ def fail_on_rank_one(rank: int, world: int) -> int:
         raise ValueError("rank one gives up")
     time.sleep(600)
     return rank
+
+
+class RecordingObserver:
+    """A `StepObserver` that records every phase as the path of its enclosing phases ("first_pass/rebuild_mask")."""
+
+    def __init__(self) -> None:
+        self.open: list[str] = []
+        self.seen: list[str] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.open.append(name)
+        self.seen.append("/".join(self.open))
+        try:
+            yield
+        finally:
+            self.open.pop()
+
+
+def run_observed_steps(rank: int, world: int, stage: int) -> list[list[str]]:
+    """The phases of two fisher-sam steps (mask_interval 2: the first rebuilds, the second does not),
+    then of one step of the AdamW baseline."""
+    import deepspeed
+
+    from fsam_ds.zero.engine import PlainEngine
+
+    observer = RecordingObserver()
+    sam_engine = build_engine(mlp(), stage, sam=sam_config("fisher-sam"))
+    sam_engine.observer = observer
+    seen = []
+    batches = global_batches("mlp", 2)
+    for b in batches:
+        sam_engine.train_step(split(b, rank, world), per_example_loss("mlp"))
+        seen.append(observer.seen)
+        observer.seen = []
+    model = mlp()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config(stage),
+                                           optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    PlainEngine(engine, observer).train_step(split(batches[0], rank, world), per_example_loss("mlp"))
+    return seen + [observer.seen]
+
+
+def run_fp16_skip_keeps_fisher(rank: int, world: int, stage: int) -> dict:
+    """fisher-sam with the accumulated estimator on fp16: the second pass of a mask-rebuild step
+    overflows. Returns the SAM state and the master before and after that step."""
+    from fsam_ds.zero.engine import allow_fp16_on_cpu
+
+    allow_fp16_on_cpu()
+    batches = global_batches("mlp", 3)
+    loss, calls = poisonable_loss("mlp")
+    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config("fisher-sam", fisher_estimator="accumulated"))
+    core = sam_engine.core
+
+    def state() -> dict:
+        return {"master": full_params(sam_engine.engine), "step_count": core.step_count,
+                "mask": [None if m is None else m.clone() for m in core.fisher_mask],
+                "fisher_sum": [None if s is None else s.clone() for s in core.fisher_sum],
+                "density": core.mask_density}
+
+    for b in batches[:2]:  # step 0 builds the mask, step 1 accumulates
+        assert not sam_engine.train_step(split(b, rank, world), loss).skipped
+    before = state()
+    calls["poison"] = calls["n"] + 2  # the second pass of the next step, which is due to rebuild
+    out = sam_engine.train_step(split(batches[2], rank, world), loss)
+    return {"before": before, "after": state(), "skipped": out.skipped, "rebuilt": out.stats.mask_rebuilt}

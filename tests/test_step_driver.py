@@ -3,55 +3,15 @@ that leave the accumulated Fisher estimate and the mask exactly as they were."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from dist_harness import run_distributed
+from ds_workers import RecordingObserver, run_fp16_skip_keeps_fisher, run_observed_steps
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.optim import SAMOptimizer
-
-
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
-
-
-def make_batch(seed: int = 1, n: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-def per_example(model):
-    return lambda b: F.cross_entropy(model(b[0]), b[1], reduction="none")
-
-
-class RecordingObserver:
-    """Records every phase as its path of enclosing phases ("first_pass/rebuild_mask")."""
-
-    def __init__(self) -> None:
-        self.open: list[str] = []
-        self.seen: list[str] = []
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.open.append(name)
-        self.seen.append("/".join(self.open))
-        try:
-            yield
-        finally:
-            self.open.pop()
+# float64_by_default is an autouse fixture: imported, it makes this module's tests float64 too
+from test_core_math import float64_by_default, make_batch, make_model, per_example, reference_mask  # noqa: F401
 
 
 # ---------------------------------------------------------------- observer
@@ -88,16 +48,6 @@ def test_observer_sees_esam_selection_and_can_be_replaced():
 
 
 # ---------------------------------------------------------------- frozen tensors
-def topk_mask(scores: list[torch.Tensor], keep_ratio: float) -> list[torch.Tensor]:
-    """Global top-int(N*keep) by score, ties to the smaller (parameter, position) index."""
-    values = torch.cat([s.reshape(-1) for s in scores])
-    k = int(values.numel() * keep_ratio)
-    order = sorted(range(values.numel()), key=lambda j: (-values[j].item(), j))[:k]
-    mask = torch.zeros(values.numel(), dtype=torch.bool)
-    mask[order] = True
-    return list(mask.split([s.numel() for s in scores]))
-
-
 def fisher_sam_reference(model, batch, frozen_counted: bool, rho: float = 0.05, lr: float = 0.1,
                          keep_ratio: float = 0.2) -> list[torch.Tensor]:
     """One fisher-sam SGD step in plain PyTorch, from the formulas (core.py, step 2); biases are no
@@ -109,8 +59,8 @@ def fisher_sam_reference(model, batch, frozen_counted: bool, rho: float = 0.05, 
     per_example(model)(batch).mean().backward()
     g = [None if p.grad is None else p.grad.detach().clone() for p in params]
     candidates = [i for i, (n, p) in enumerate(named) if "bias" not in n and (p.requires_grad or frozen_counted)]
-    masks = topk_mask([torch.zeros_like(params[i]) if g[i] is None else g[i] ** 2 for i in candidates], keep_ratio)
-    mask_of = dict(zip(candidates, masks))
+    scores = [torch.zeros_like(params[i]) if g[i] is None else g[i] ** 2 for i in candidates]
+    mask_of = dict(zip(candidates, reference_mask(scores, keep_ratio)))
     g_norm = torch.cat([gi.reshape(-1) for gi in g if gi is not None]).norm()
     e = [None if gi is None else rho * gi * mask_of.get(i, torch.ones_like(gi)).view_as(gi) / (g_norm + 1e-12)
          for i, gi in enumerate(g)]
@@ -224,3 +174,53 @@ def test_mask_a_skipped_step_rebuilt_would_differ():
     next(model.parameters()).grad[0, 0] = float("nan")
     assert opt.second_step(zero_grad=True) is False
     assert same(committed, opt.core.fisher_mask)
+
+
+# ---------------------------------------------------------------- the same on DeepSpeed ZeRO-2, 2 gloo ranks
+ENGINE_FISHER_SAM_STEP = ["forward", "backward",
+                          "first_pass", "first_pass/rebuild_mask", "first_pass/apply_perturbation",
+                          "zero_grads", "forward", "backward", "second_pass", "restore", "step"]
+
+
+def test_observer_sees_the_phases_of_a_zero2_fisher_sam_step(tmp_path):
+    pytest.importorskip("deepspeed")
+    for seen in run_distributed(run_observed_steps, 2, tmp_path, 2, use_deepspeed=True):
+        assert seen[0] == ENGINE_FISHER_SAM_STEP
+        assert seen[1] == [p for p in ENGINE_FISHER_SAM_STEP if p != "first_pass/rebuild_mask"]
+        assert seen[2] == ["forward", "backward", "step"]  # the AdamW baseline's PlainEngine
+
+
+def test_zero2_fp16_overflow_on_a_rebuild_step_leaves_fisher_sum_and_mask_bit_identical(tmp_path):
+    pytest.importorskip("deepspeed")
+    for res in run_distributed(run_fp16_skip_keeps_fisher, 2, tmp_path, 2, use_deepspeed=True):
+        assert res["skipped"] and res["rebuilt"]  # the overflowing step had rebuilt the mask
+        assert same(res["before"], res["after"])
+        assert any(float(s.abs().sum()) > 0 for s in res["before"]["fisher_sum"] if s is not None)
+
+
+# ---------------------------------------------------------------- gradient accumulation in plain PyTorch
+def split_halves(batch):
+    return [(batch[0][:12], batch[1][:12]), (batch[0][12:], batch[1][12:])]
+
+
+def accumulated_step(sam_type: str, summed: bool = False) -> torch.Tensor:
+    model = make_model()
+    opt = SAMOptimizer(model.named_parameters(), torch.optim.SGD, SAMConfig(sam_type=sam_type, gamma=0.5), lr=0.5)
+    if summed:  # the defect this guards against: micro-batch gradients added, not averaged
+        opt._backend.backward = lambda loss, index, count: loss.backward()
+    for t in range(2):
+        out = opt.train_step(split_halves(make_batch(seed=60 + t)), per_example(model))
+        assert not out.skipped
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("sam_type", ["fisher-sam", "fisher-esam", "gsam"])
+def test_micro_batches_of_equal_size_give_the_step_on_their_union(sam_type):
+    model = make_model()
+    opt = SAMOptimizer(model.named_parameters(), torch.optim.SGD, SAMConfig(sam_type=sam_type, gamma=0.5), lr=0.5)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for t in range(2):
+        opt.step_batch(make_batch(seed=60 + t), per_example(model))
+    whole = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(accumulated_step(sam_type), whole, atol=1e-13, rtol=0)
+    assert (accumulated_step(sam_type, summed=True) - whole).norm() > 1e-3 * (whole - start).norm()

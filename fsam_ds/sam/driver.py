@@ -79,7 +79,7 @@ class StepOutput:
     skipped: bool
     """Nothing was updated: a pass had a non-finite gradient or the engine's loss scaler overflowed."""
     examples_kept: int
-    """Examples of this rank in the second pass (ESAM keeps a share; all otherwise)."""
+    """Examples of this rank whose gradient the update used: ESAM's kept share, all otherwise."""
     loss_scale: float = 1.0
 
 

@@ -14,7 +14,7 @@
 
 Under DDP the first backward already averages g over ranks, so every rank computes the same e
 (the global-batch SAM). For per-rank perturbations ("m-sharpness") run the first pass inside
-`model.no_sync()`.
+`model.no_sync()`. `observer=` (a `fsam_ds.sam.driver.StepObserver`) times the step's phases.
 """
 
 from __future__ import annotations

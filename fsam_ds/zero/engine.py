@@ -9,7 +9,8 @@
 `per_example_loss(module, batch)` runs the forward through `module` (the engine) and returns the
 per-example losses. DeepSpeed's optimizer is neither subclassed nor patched: the step drives the
 public engine calls (backward, set_gradient_accumulation_boundary, step) and reads the rank's
-shards through `fsam_ds.zero.adapters`.
+shards through `fsam_ds.zero.adapters`; the step itself is `fsam_ds.sam.driver.two_pass_step`, the
+same as plain PyTorch's. `observer=` (a `StepObserver`) times its phases.
 """
 
 from __future__ import annotations
