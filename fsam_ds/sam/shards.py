@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -38,7 +39,6 @@ class Comm(Protocol):
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """Sums `tensor` over the processes, in place, and returns it."""
-        ...
 
 
 class LocalComm:
@@ -53,9 +53,6 @@ class TorchComm:
     """`torch.distributed` sum-all-reduce over a process group (gloo or NCCL)."""
 
     def __init__(self, group: object | None = None) -> None:
-        import torch.distributed as dist
-
-        self._dist = dist
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -69,10 +66,10 @@ class TorchComm:
     def all_reduce(self, tensor: Tensor) -> Tensor:
         if self._stage is not None and tensor.device.type == "cpu":
             staged = tensor.to(self._stage)
-            self._dist.all_reduce(staged, group=self.group)
+            dist.all_reduce(staged, group=self.group)
             tensor.copy_(staged)
         else:
-            self._dist.all_reduce(tensor, group=self.group)
+            dist.all_reduce(tensor, group=self.group)
         return tensor
 
 
@@ -84,25 +81,20 @@ class ShardAccess(Protocol):
 
     def grads(self) -> list[Tensor | None]:
         """Flat gradient pieces, unscaled, in fp32 or fp64 (None where the parameter has no gradient)."""
-        ...
 
     def set_grads(self, grads: Sequence[Tensor | None]) -> None:
         """Writes back gradient pieces (GSAM modifies the second-pass gradient)."""
-        ...
 
     def weights(self) -> list[Tensor]:
         """Flat weight pieces in fp32 or fp64 (ASAM scales by |w|)."""
-        ...
 
     def apply_perturbation(self, deltas: Sequence[tuple[Tensor | None, Tensor | None]]) -> None:
         """Adds e to the weights the next forward pass uses. Each item is (delta, support): a flat delta
         (None = unperturbed) and an optional bit-packed (`pack_bits`) support outside which delta is
         zero; the support is not modified until `remove_perturbation`."""
-        ...
 
     def remove_perturbation(self) -> None:
         """Puts back exactly the weights from before `apply_perturbation`."""
-        ...
 
 
 class UndoablePerturbation:
@@ -169,12 +161,12 @@ def flat_view(tensor: Tensor, what: str) -> Tensor:
 class TensorShards:
     """Full parameters held by this process (single process, or DDP where grads are already averaged)."""
 
-    def __init__(self, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
-                 comm: Comm | None = None) -> None:
+    def __init__(self, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool]) -> None:
         self.params = list(params)
         self.pieces = [Piece(name, i, p.numel(), 0, p.numel(), cand)
                        for i, (name, p, cand) in enumerate(zip(names, params, candidates))]
-        self.comm = comm or LocalComm()
+        # this process holds the whole gradient, so reductions stay local
+        self.comm: Comm = LocalComm()
         self._applied: list[UndoablePerturbation | None] = []
 
     @staticmethod
@@ -182,14 +174,8 @@ class TensorShards:
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
     def grads(self) -> list[Tensor | None]:
-        out: list[Tensor | None] = []
-        for p in self.params:
-            if p.grad is None:
-                out.append(None)
-            else:
-                g = flat_view(p.grad, "a gradient")
-                out.append(g if g.dtype == self._compute_dtype(p) else g.to(self._compute_dtype(p)))
-        return out
+        return [None if p.grad is None else flat_view(p.grad, "a gradient").to(self._compute_dtype(p))
+                for p in self.params]
 
     def set_grads(self, grads: Sequence[Tensor | None]) -> None:
         for p, g in zip(self.params, grads):

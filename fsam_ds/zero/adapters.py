@@ -1,4 +1,4 @@
-"""Shard access for each DeepSpeed ZeRO stage, behind `fsam_ds.shards.ShardAccess`.
+"""Shard access for each DeepSpeed ZeRO stage, behind `fsam_ds.sam.shards.ShardAccess`.
 
 What each stage owns and how e reaches the weights of the next forward pass:
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.sam.shards import Comm, Piece, ShardAccess, TensorShards, TorchComm
+from fsam_ds.sam.shards import Comm, Piece, ShardAccess, TensorShards
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23
@@ -42,16 +42,13 @@ class EngineShards(ShardAccess, Protocol):
 
     def loss_scale(self) -> float:
         """fp16's current loss scale (1 otherwise); gradients are read and written unscaled."""
-        ...
 
     def restore_from_master(self) -> None:
         """Puts the weights back from the fp32 master after a step that did not apply it (perturbed
         weights that no `engine.step()` rewrote)."""
-        ...
 
     def zero_grads(self) -> None:
         """Clears what `engine.optimizer.zero_grad()` leaves of the gradient between the passes."""
-        ...
 
 
 _MISSING = object()
@@ -70,22 +67,17 @@ def _private(obj: object, attribute: str, what: str) -> object:
 
 
 class _EngineShards:
-    """What the three stage adapters share: names, the loss scale, bucketed full-tensor writes."""
+    """What the stage 1/2 and 3 adapters share: the loss scale, unscaled reads, bucketed full writes."""
 
-    def __init__(self, engine, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
-                 comm: Comm) -> None:
+    def __init__(self, engine, params: Sequence[Tensor], comm: Comm) -> None:
         self.engine = engine
-        self.names = list(names)
         self.params = list(params)
-        self.candidates = list(candidates)
         self.comm = comm
         self.pieces: list[Piece] = []
         self._owners: list[Tensor] = []  # the parameter behind each piece
 
     def loss_scale(self) -> float:
-        if not self.engine.fp16_enabled():
-            return 1.0
-        return float(self.engine.optimizer.loss_scale)
+        return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
 
     def _unscaled(self, grad: Tensor | None) -> Tensor | None:
         if grad is None:
@@ -133,8 +125,8 @@ class _EngineShards:
 
 
 class Stage0Shards(TensorShards):
-    """ZeRO stage 0: full parameters and full averaged gradients, exactly like one process; the
-    weights are restored exactly before `engine.step()` (fp16, which would need unscaling, is refused)."""
+    """ZeRO stage 0: full parameters and full averaged gradients, exactly like one process, so parameter
+    reductions stay local (fp16, which would need unscaling, is refused)."""
 
     def loss_scale(self) -> float:
         return 1.0
@@ -152,7 +144,7 @@ class PartitionShards(_EngineShards):
     TESTED_DEEPSPEED = (0, 19)
 
     def __init__(self, engine, names, params, candidates, comm) -> None:
-        super().__init__(engine, names, params, candidates, comm)
+        super().__init__(engine, params, comm)
         import deepspeed
 
         version = tuple(int(x) for x in deepspeed.__version__.split(".")[:2] if x.isdigit())
@@ -222,7 +214,7 @@ class Stage3Shards(_EngineShards):
     """ZeRO stage 3: the rank's partition `ds_tensor` of every parameter and its fp32 gradient."""
 
     def __init__(self, engine, names, params, candidates, comm) -> None:
-        super().__init__(engine, names, params, candidates, comm)
+        super().__init__(engine, params, comm)
         for i, (n, p, c) in enumerate(zip(names, params, candidates)):
             for attribute in ("ds_tensor", "ds_numel", "ds_status"):
                 _private(p, attribute, "a ZeRO-3 parameter")
@@ -293,25 +285,13 @@ class Stage3Shards(_EngineShards):
 
 
 def shards_for_engine(engine, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
-                      comm: Comm | None = None) -> EngineShards:
-    """The shard adapter for the engine's ZeRO stage."""
-    comm = comm or TorchComm(getattr(engine, "data_parallel_group", None))
+                      comm: Comm) -> EngineShards:
+    """The shard adapter for the engine's ZeRO stage; `comm` is the data-parallel group's."""
     stage = engine.zero_optimization_stage()
     if stage == 0:
-        return Stage0Shards(names, params, candidates, _ReplicatedComm(comm))
+        return Stage0Shards(names, params, candidates)
     if stage in (1, 2):
         return PartitionShards(engine, names, params, candidates, comm)
     if stage == 3:
         return Stage3Shards(engine, names, params, candidates, comm)
     raise UnsupportedConfiguration(f"ZeRO stage {stage} is not supported; use stage 0, 1, 2 or 3.")
-
-
-class _ReplicatedComm:
-    """Stage 0: every rank already holds the global gradient, so parameter reductions are local;
-    rank and world size stay those of the data-parallel group (ESAM ranks examples across ranks)."""
-
-    def __init__(self, data_comm: Comm) -> None:
-        self.rank, self.world_size = data_comm.rank, data_comm.world_size
-
-    def all_reduce(self, tensor: Tensor) -> Tensor:
-        return tensor
