@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.driver import NULL_OBSERVER, StepObserver
-from fsam_ds.sam.fisher import global_topk, keep_count
+from fsam_ds.sam.fisher import global_topk
 from fsam_ds.sam.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
 
 
@@ -85,10 +85,6 @@ class SharpnessAware:
         self.observer: StepObserver = NULL_OBSERVER
 
     # ---------------------------------------------------------------- first pass
-    def mask_due(self) -> bool:
-        return self.config.uses_fisher_mask and (self.fisher_mask is None
-                                                  or self.step_count % self.config.mask_interval == 0)
-
     def _perturbed_tensors(self) -> Tensor | None:
         """ESAM's random subset: one draw per parameter from a generator seeded identically on every rank."""
         if not self.config.uses_esam:
@@ -138,7 +134,7 @@ class SharpnessAware:
         rebuilt = False
         if cfg.uses_fisher_mask:
             self._accumulate_fisher(grads)
-            if self.mask_due():
+            if self.fisher_mask is None or self.step_count % cfg.mask_interval == 0:
                 with self.observer.phase("rebuild_mask"):
                     self._rebuild_mask(comm, grads)
                 rebuilt = True
@@ -214,7 +210,7 @@ class SharpnessAware:
         if total == 0:
             raise ValueError("No Fisher candidates: every parameter name matches candidate_exclude "
                              f"{self.config.candidate_exclude!r}. Narrow the patterns or use a non-fisher sam_type.")
-        k = keep_count(total, self.config.keep_ratio)
+        k = int(total * self.config.keep_ratio)  # floor, as in the paper's code
         bases = [(self.pieces[i].index << _INDEX_SHIFT) + self.pieces[i].offset for i in candidates]
         masks = global_topk(scores, bases, k, comm, total=total,
                             index_bits=(self.num_parameters << _INDEX_SHIFT).bit_length())

@@ -29,19 +29,17 @@ def order_key(values: Tensor) -> Tensor:
     return torch.where(bits >= 0, magnitude + (1 << 31), (1 << 31) - 1 - magnitude)
 
 
-def _radix_threshold(keys_of: Callable[[], Iterator[Tensor]], k: int, bits: int, comm: Comm, largest: bool) -> tuple[int, int, int]:
+def _radix_threshold(keys_of: Callable[[], Iterator[Tensor]], k: int, bits: int, comm: Comm,
+                     largest: bool) -> tuple[int, int, int]:
     """Finds the key T of the k-th best entry over all ranks.
 
     `keys_of` yields the local key tensors (recomputed per pass so only one piece's keys exist at a
     time). Returns (T, number of entries strictly better than T, number of entries equal to T).
     """
-    prefix, remaining = 0, k
-    ties = 0
+    prefix, remaining, ties = 0, k, 0
     for shift in range(bits - _RADIX_BITS, -1, -_RADIX_BITS):
         histogram = torch.zeros(_BINS, dtype=torch.int64)
         for keys in keys_of():
-            if keys.numel() == 0:
-                continue
             if shift + _RADIX_BITS < bits:
                 keys = keys[(keys >> (shift + _RADIX_BITS)) == prefix]
             histogram += torch.bincount(((keys >> shift) & (_BINS - 1)).cpu(), minlength=_BINS)
@@ -76,18 +74,17 @@ def global_topk(values: Sequence[Tensor], base_index: Sequence[int], k: int, com
     if k >= total:
         return [torch.ones(v.numel(), dtype=torch.bool, device=v.device) for v in values]
 
-    def score_keys():
-        for v in values:
-            yield order_key(v.reshape(-1))
+    def score_keys() -> Iterator[Tensor]:
+        return (order_key(v.reshape(-1)) for v in values)
 
     threshold, better, ties = _radix_threshold(score_keys, k, 32, comm, largest=True)
     needed = k - better
     if needed == ties:
         return [order_key(v.reshape(-1)) >= threshold for v in values]
 
-    def tie_positions():
-        for v, base in zip(values, base_index):
-            yield (order_key(v.reshape(-1)) == threshold).nonzero().squeeze(1) + base
+    def tie_positions() -> Iterator[Tensor]:
+        return ((order_key(v.reshape(-1)) == threshold).nonzero().squeeze(1) + base
+                for v, base in zip(values, base_index))
 
     index_bits = index_bits or max(total - 1, 1).bit_length()
     index_bits = (index_bits + _RADIX_BITS - 1) // _RADIX_BITS * _RADIX_BITS
@@ -100,8 +97,3 @@ def global_topk(values: Sequence[Tensor], base_index: Sequence[int], k: int, com
         mask[tied[tied + base <= last_index]] = True
         masks.append(mask)
     return masks
-
-
-def keep_count(total: int, keep_ratio: float) -> int:
-    """int(N * keep_ratio), as in the paper's code (floor)."""
-    return int(total * keep_ratio)
