@@ -103,25 +103,21 @@ class StepBackend(Protocol):
 
     def lr(self) -> float:
         """The learning rate of this step (rho may follow it)."""
-        ...
 
     def backward(self, loss: Tensor, index: int, count: int) -> None:
         """Accumulates the gradient of micro-batch `index` of `count` whose (already per-micro-batch
         averaged) loss is `loss`; after the last one the gradient is the mean over the micro-batches
         and ranks."""
-        ...
 
     def zero_grads(self) -> None: ...
 
     def step(self, finite: bool) -> bool:
         """Steps the base optimizer with the gradients in place; returns whether it applied them.
         Given `finite=False` it applies nothing (an fp16 engine still steps so its loss scaler backs off)."""
-        ...
 
     def restore_unapplied(self) -> None:
         """Puts back the weights of a perturbed step the base optimizer did not apply, where removing
         the perturbation alone does not (DeepSpeed's stages 1-3 rely on the step to rewrite them)."""
-        ...
 
     def loss_scale(self) -> float: ...
 
@@ -158,9 +154,8 @@ def _mean(losses: Sequence[Tensor]) -> float:
 
 
 def finish_step(backend: StepBackend, perturbed: bool) -> bool:
-    """Steps 5 of the sequence, with the second-pass gradient in place: GSAM's correction, exact
-    restore, the base step, or, when anything was not finite, a step that changes nothing.
-    `perturbed`: the first pass was finite and perturbed the weights. Returns whether it updated."""
+    """Step 5 of the sequence, with the second-pass gradient in place; `perturbed`: the first pass was
+    finite and perturbed the weights. Returns whether it updated."""
     core, observer = backend.core, backend.core.observer
     finite = perturbed and core.second_pass(backend.shards)
     with observer.phase("restore"):
@@ -218,7 +213,6 @@ def two_pass_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: P
         keep = list(kept.split([l.numel() for l in before]))
 
     second: list[Tensor] = []
-    examples_kept = 0
     for i, batch in enumerate(micro_batches):
         if keep is None:
             per_example = losses_of(batch)
@@ -234,8 +228,8 @@ def two_pass_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: P
             # the mean over the examples kept in the whole global batch (ranks keep different numbers)
             loss = per_example.sum() * (backend.example_comm.world_size * count / total_kept)
         second.append(per_example.detach())
-        examples_kept += per_example.numel()
         backward(loss, i)
 
     updated = finish_step(backend, perturbed=True)
+    examples_kept = sum(losses.numel() for losses in second)
     return StepOutput(first_loss, _mean(second), stats, not updated, examples_kept, backend.loss_scale())

@@ -42,19 +42,11 @@ def _named_groups(params: Iterable) -> tuple[list[dict], list[str]]:
     groups = items if isinstance(items[0], dict) else [{"params": items}]
     out_groups, names = [], []
     for g, group in enumerate(groups):
-        group = dict(group)
-        tensors = []
-        for i, entry in enumerate(group["params"]):
-            if isinstance(entry, tuple):
-                name, tensor = entry
-            else:
-                name, tensor = f"group{g}.param{i}", entry
-            names.append(name)
-            tensors.append(tensor)
-        group["params"] = tensors
-        out_groups.append(group)
+        named = [entry if isinstance(entry, tuple) else (f"group{g}.param{i}", entry)
+                 for i, entry in enumerate(group["params"])]
+        names += [name for name, _ in named]
+        out_groups.append({**group, "params": [tensor for _, tensor in named]})
     return out_groups, names
-
 
 
 class _TorchBackend:
@@ -96,7 +88,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
             optimizer's groups but are never perturbed nor Fisher candidates.
         base_optimizer: the base optimizer class (or a factory taking param groups).
         config: the SAM-family configuration.
-        comm: the data-parallel group's all-reduce (`fsam_ds.shards.TorchComm()`) so that ESAM ranks the
+        comm: the data-parallel group's all-reduce (`fsam_ds.sam.shards.TorchComm()`) so that ESAM ranks the
             examples of the global batch under DDP; by default each process ranks its own.
         observer: measures the step's phases (`fsam_ds.sam.driver.StepObserver`); settable as `.observer`.
         **base_kwargs: passed to the base optimizer (lr, weight_decay, ...).
@@ -123,8 +115,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         self.state = self.base_optimizer.state
         self.names = names
         # Only trainable tensors are perturbed and ranked: a frozen one (no gradient) would count as
-        # Fisher candidates with score 0 and enlarge the mask. Under DDP every rank holds the full,
-        # averaged gradient: parameter reductions stay local.
+        # Fisher candidates with score 0 and enlarge the mask.
         self.shards = TensorShards([n for n, _ in trainable], [p for _, p in trainable],
                                    [self.config.is_candidate(n) for n, _ in trainable])
         lr = self.param_groups[0].get("initial_lr", self.param_groups[0].get("lr", 0.0))

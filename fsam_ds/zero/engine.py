@@ -10,7 +10,7 @@
 per-example losses. DeepSpeed's optimizer is neither subclassed nor patched: the step drives the
 public engine calls (backward, set_gradient_accumulation_boundary, step) and reads the rank's
 shards through `fsam_ds.zero.adapters`; the step itself is `fsam_ds.sam.driver.two_pass_step`, the
-same as plain PyTorch's. `observer=` (a `StepObserver`) times its phases.
+same as plain PyTorch's. `observer=` (a `StepObserver`, settable as `.observer`) times its phases.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ EngineLoss = Callable[[Any, Any], Tensor]
 
 
 class EngineStepper(TrainStepper, Protocol):
-    """A `TrainStepper` on a DeepSpeed engine (`SAMEngine`, `PlainEngine`): what the trainer drives.
-    `loss_fn(engine, batch)` returns per-example losses."""
+    """A `TrainStepper` on a DeepSpeed engine (`SAMEngine`, `PlainEngine`): what the trainer drives."""
 
     engine: Any
 
@@ -56,23 +55,15 @@ def allow_fp16_on_cpu() -> None:
     get_accelerator().is_fp16_supported = lambda: True
 
 
-def _load_config(config: dict | str | os.PathLike) -> dict:
-    if isinstance(config, dict):
-        return config
-    with open(config) as f:
-        return json.load(f)
-
-
 def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SAMConfig,
                optimizer: Any = None, lr_scheduler: Any = None, model_parameters: Any = None,
                observer: StepObserver | None = None, **kwargs: Any) -> "SAMEngine":
     """`deepspeed.initialize` plus the sharpness-aware configuration; returns a `SAMEngine`."""
     import deepspeed
 
-    config = _load_config(config)
+    config = config if isinstance(config, dict) else json.loads(Path(config).read_text())
     check_sam_compatible(config)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not names:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to optimize")
     if model_parameters is None and optimizer is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
@@ -119,9 +110,7 @@ class _EngineBackend:
 
 
 class SAMEngine(ObservedThroughCore):
-    """Runs SAM-family training steps on a DeepSpeed engine (`.engine`); an `EngineStepper`.
-
-    `observer` measures the step's phases (`fsam_ds.sam.driver.StepObserver`); settable as `.observer`."""
+    """Runs SAM-family training steps on a DeepSpeed engine (`.engine`); an `EngineStepper`."""
 
     def __init__(self, engine: Any, config: SAMConfig, observer: StepObserver | None = None) -> None:
         self.engine = engine
@@ -129,24 +118,18 @@ class SAMEngine(ObservedThroughCore):
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         names = [n for n, _ in named]
         params = [p for _, p in named]
-        self.data_comm = TorchComm(getattr(engine, "data_parallel_group", None))
+        self.data_comm = TorchComm(engine.data_parallel_group)
         self.shards = shards_for_engine(engine, names, params, [config.is_candidate(n) for n in names],
                                         self.data_comm)
-        initial_lr = engine.optimizer.param_groups[0]
-        self.core = SharpnessAware(config, self.shards.pieces, len(params),
-                                   float(initial_lr.get("initial_lr", initial_lr["lr"])))
+        group = engine.optimizer.param_groups[0]
+        self.core = SharpnessAware(config, self.shards.pieces, len(params), float(group.get("initial_lr", group["lr"])))
         self.observer = observer
         self.skipped_steps = 0
         self._backend = _EngineBackend(engine, self.core, self.shards, self.data_comm)
 
     def train_step(self, micro_batches: Sequence[Any], loss_fn: EngineLoss) -> StepOutput:
-        """One full step: both passes over all `micro_batches` (gradient accumulation), one update.
-
-        Args:
-            micro_batches: this rank's micro-batches for the step (as many as the engine's
-                gradient_accumulation_steps).
-            loss_fn: `loss_fn(engine, batch)` -> per-example losses (a 1-D tensor).
-        """
+        """One full step: both passes over this rank's `micro_batches` (as many as the engine's
+        gradient_accumulation_steps), one update; `loss_fn(engine, batch)` returns per-example losses."""
         gas = self.engine.gradient_accumulation_steps()
         if len(micro_batches) != gas:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches but the DeepSpeed config has "
