@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal, get_args, get_type_hints
+from typing import ClassVar, Literal, get_args, get_type_hints
 
 SamType = Literal["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"]
 FisherEstimator = Literal["batch", "accumulated"]
@@ -23,11 +22,6 @@ def invalid_value(key: str, value: object, requirement: str, fix: str = "") -> C
     """The one wording of a bad value: the key, the value, what it must be, and how to fix it."""
     message = f"Invalid value for config key '{key}': {value!r} {requirement}."
     return ConfigError(f"{message} {fix}" if fix else message)
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
 
 
 @dataclass(frozen=True)
@@ -102,10 +96,10 @@ class SAMConfig:
 
     def validate(self) -> None:
         """Range checks of every field; raises ConfigError naming the first bad field, its value and the fix."""
-        check, key = self._check, self.key_prefix
+        check, key, hints = self._check, self.key_prefix, get_type_hints(type(self))
         check(self.sam_type in self.sam_types, "sam_type", f"must be one of {', '.join(self.sam_types)}")
         for f in fields(self):
-            value, hint = getattr(self, f.name), _field_types(type(self))[f.name]
+            value, hint = getattr(self, f.name), hints[f.name]
             if hint is float or (hint == float | None and value is not None):
                 # inf passes every range check below (rho >= 0, lr_max > lr_min) yet makes the step NaN.
                 real = isinstance(value, (int, float)) and not isinstance(value, bool)
