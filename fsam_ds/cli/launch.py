@@ -280,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="OMP_NUM_THREADS per rank (default: $OMP_NUM_THREADS, else cores / ranks)")
     common.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     common.add_argument("--master_port", type=int, default=None)
+    common.add_argument("--nproc", type=int, default=None, help="processes per node")
     modes = {
         "deepspeed": "one node, deepspeed launcher",
         "torchrun": "torchrun, one node or static multi-node",
@@ -287,8 +288,6 @@ def _parser() -> argparse.ArgumentParser:
         "slurm": "one launcher per node of a SLURM job (run under srun --ntasks-per-node=1)",
     }
     subs = {name: sub.add_parser(name, parents=[common], help=text) for name, text in modes.items()}
-    for sub_parser in subs.values():
-        sub_parser.add_argument("--nproc", type=int, default=None, help="processes per node")
     subs["torchrun"].add_argument("--nnodes", type=int, default=1)
     subs["torchrun"].add_argument("--node_rank", type=int, default=0)
     subs["torchrun"].add_argument("--master_addr", default=None)
