@@ -114,15 +114,11 @@ def expand_grid(sweep: Mapping[str, Any]) -> list[Run]:
 
 def run_name(index: int, varying: Mapping[str, Any]) -> str:
     """'007-sam_type=fisher-sam-rho=0.05-seed=2': short, unique by index, readable in `ls`."""
-    short = _short_names(list(varying))
-    parts = [f"{index:03d}"] + [f"{short[name]}={value}" for name, value in varying.items()]
+    # each parameter by the last component of its dotted name, unless two parameters share it
+    tails = [name.rsplit(".", 1)[-1] for name in varying]
+    parts = [f"{index:03d}"] + [f"{tail if tails.count(tail) == 1 else name}={value}"
+                                for (name, value), tail in zip(varying.items(), tails)]
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
-
-
-def _short_names(names: Sequence[str]) -> dict[str, str]:
-    # The last dotted component, unless two parameters share it.
-    last = [name.rsplit(".", 1)[-1] for name in names]
-    return {name: (tail if last.count(tail) == 1 else name) for name, tail in zip(names, last)}
 
 
 def format_arg(name: str, value: Any) -> str:
