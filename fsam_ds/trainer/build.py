@@ -20,8 +20,7 @@ from typing import Any, Callable
 import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
-from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
-                                  tokenize_splits)
+from fsam_ds.trainer.data import DataError, build_dataloader, load_task_splits, padding_collator, tokenize
 from fsam_ds.trainer.objectives import objective_for
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec
@@ -113,7 +112,7 @@ def build_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any, rank: int, worl
                           f"{cfg.tokenizer or cfg.model!r} accepts; pass --data.max_length={limit} or less.")
     splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed, encoding=d.encoding,
                               **_load_kwargs(cfg, task))
-    tokens = tokenize_splits(splits, tokenizer, max_length=d.max_length)
+    tokens = {name: tokenize(split, tokenizer, max_length=d.max_length) for name, split in splits.items()}
     collate = padding_collator(tokenizer)
     common = {"rank": rank, "world_size": world, "num_workers": d.num_workers, "seed": cfg.seed}
     train = build_dataloader(tokens[task.train_split], collate, batch_size=d.micro_batch_size, train=True, **common)

@@ -44,7 +44,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from fsam_ds.trainer.tasks import TaskSpec, get_task
+from fsam_ds.trainer.tasks import GLUE_TASKS, TaskSpec, get_task
 
 TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
 SOURCES = ("hub", "glue-tsv", "files")
@@ -62,9 +62,8 @@ class DataError(ValueError):
 class TsvLayout:
     """How one GLUE task's TSV files are laid out."""
 
-    header: bool = True
     names: tuple[str, ...] = ()
-    """Column names of a headerless file."""
+    """Column names of a headerless file; empty when the file has a header row."""
     rename: Mapping[str, str] = field(default_factory=dict, hash=False)
     """File column -> task column (applied only where the task column is absent)."""
     dev_files: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -72,18 +71,15 @@ class TsvLayout:
 
 
 GLUE_TSV_LAYOUTS: Mapping[str, TsvLayout] = MappingProxyType({
-    "cola": TsvLayout(header=False, names=("source", "label", "original_label", "sentence")),
-    "sst2": TsvLayout(),
+    "cola": TsvLayout(names=("source", "label", "original_label", "sentence")),
     "mrpc": TsvLayout(rename={"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"}),
     "qqp": TsvLayout(rename={"is_duplicate": "label"}),
     "stsb": TsvLayout(rename={"score": "label"}),
     "mnli": TsvLayout(rename={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
                       dev_files={"validation_matched": "dev_matched.tsv",
                                  "validation_mismatched": "dev_mismatched.tsv"}),
-    "qnli": TsvLayout(),
-    "rte": TsvLayout(),
-    "wnli": TsvLayout(),
 })
+"""The GLUE tasks whose files are not a headered TSV with the task's own column names."""
 
 
 @dataclass
@@ -100,27 +96,11 @@ class _Raw:
 
 # ----------------------------------------------------------------------------------------- reading
 
-def _causes(err: BaseException) -> Iterator[BaseException]:
-    """`err` and the errors it was raised from (datasets wraps a reader's error in its own)."""
-    current: BaseException | None = err
-    while current is not None:
-        yield current
-        current = current.__cause__
-
-
 def _encoding_error(path: Path, encoding: str, err: UnicodeError) -> DataError:
     return DataError(
         f"{path} is not valid {encoding} text ({err}). Save the file as UTF-8, or give its encoding: "
         "--data.encoding=latin-1 (or cp1252, utf-16, ...) for fsam-train, encoding='latin-1' for "
         "load_task_splits.")
-
-
-def _check_encoding(encoding: str) -> None:
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"data.encoding = {encoding!r} is not a text encoding Python knows; use e.g. utf-8, "
-                        "latin-1 or cp1252 (the names of Python's codecs module).") from None
 
 
 def _load_file(builder: str, path: Path, encoding: str, fix: str = "", **options: Any) -> dict[str, list]:
@@ -136,8 +116,10 @@ def _load_file(builder: str, path: Path, encoding: str, fix: str = "", **options
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
                                          keep_in_memory=True, **options).to_dict()
-        except Exception as err:  # datasets raises its own DatasetGenerationError around the reader's error
-            *_, detail = _causes(err)
+        except Exception as err:
+            detail: BaseException = err  # datasets raises its own DatasetGenerationError around the reader's error
+            while detail.__cause__ is not None:
+                detail = detail.__cause__
             if isinstance(detail, UnicodeError):
                 raise _encoding_error(path, encoding, detail) from None
             fix = fix or f"Repair the file, or save it in one of the formats {', '.join(FILE_FORMATS)}"
@@ -251,7 +233,7 @@ def _read_glue_tsv(data_dir: Path, spec: TaskSpec, split: str, bad_rows: str, en
                         f"train.tsv and {', '.join(_glue_tsv_path(data_dir, spec, s).name for s in spec.dev_splits)}; "
                         "point data_dir at that folder, or use source='files' with data_files={split: path}.")
     layout = GLUE_TSV_LAYOUTS.get(spec.name, TsvLayout())
-    columns = _read_delimited(path, tsv=True, encoding=encoding, names=() if layout.header else layout.names,
+    columns = _read_delimited(path, tsv=True, encoding=encoding, names=layout.names,
                               required=spec.required_columns, bad_rows=bad_rows)
     columns = _renamed(columns, layout.rename)
     return _Raw(f"File {str(path)!r}", columns)
@@ -278,8 +260,7 @@ def _hub_unreachable() -> str | None:
 
 
 def _hub_name(spec: TaskSpec) -> str:
-    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
-    return f"the hub dataset {spec.hub_id!r}{config} (task {spec.name!r})"
+    return repr(spec.hub_id) + (f", config {spec.hub_config!r}" if spec.hub_config else "")
 
 
 def _check_hub(spec: TaskSpec) -> None:
@@ -288,9 +269,10 @@ def _check_hub(spec: TaskSpec) -> None:
 
     why = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
     if why is not None:
-        raise DataError(f"Cannot load {_hub_name(spec)}: the Hugging Face hub at {datasets.config.HF_ENDPOINT} does "
-                        f"not answer ({why}). Check the network, or, if the dataset is already in your datasets "
-                        f"cache, set HF_HUB_OFFLINE=1 to load it from there. {LOCAL_FILES_HINT}")
+        raise DataError(f"Cannot load the hub dataset {_hub_name(spec)} (task {spec.name!r}): the Hugging Face hub "
+                        f"at {datasets.config.HF_ENDPOINT} does not answer ({why}). Check the network, or, if the "
+                        "dataset is already in your datasets cache, set HF_HUB_OFFLINE=1 to load it from there. "
+                        f"{LOCAL_FILES_HINT}")
 
 
 def _read_hub(spec: TaskSpec, split: str, hub_kwargs: Mapping[str, Any], rename: Mapping[str, str]) -> _Raw:
@@ -303,15 +285,14 @@ def _read_hub(spec: TaskSpec, split: str, hub_kwargs: Mapping[str, Any], rename:
     except ConnectionError as err:
         if not datasets.config.HF_HUB_OFFLINE:
             raise
-        raise DataError(f"Cannot load {_hub_name(spec)}: the hub is switched off (HF_HUB_OFFLINE or "
-                        f"HF_DATASETS_OFFLINE) and the dataset is not in the datasets cache ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}). Unset the variable to download it "
-                        f"once. {LOCAL_FILES_HINT}") from None
+        raise DataError(f"Cannot load the hub dataset {_hub_name(spec)} (task {spec.name!r}): the hub is switched "
+                        f"off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and the dataset is not in the datasets cache "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Unset the variable "
+                        f"to download it once. {LOCAL_FILES_HINT}") from None
     wanted = set(spec.required_columns) | set(rename)
     present = list(ds.column_names)
     ds = ds.select_columns([c for c in present if c in wanted])
-    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
-    return _Raw(f"Hub dataset {spec.hub_id!r}{config}, split {split!r},", ds.to_dict(), present=present)
+    return _Raw(f"Hub dataset {_hub_name(spec)}, split {split!r},", ds.to_dict(), present=present)
 
 
 # ---------------------------------------------------------------------------------------- checking
@@ -347,17 +328,13 @@ def _bad_listing(bad: Counter) -> str:
 def _label_key(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        value = value.strip()
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        # "1.0" as written by tools that store labels as floats is class 1.
-        return str(int(number)) if number.is_integer() else value
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)  # bools become BoolQ/WiC's "True"/"False"
+    text = str(value).strip()  # bools become BoolQ/WiC's "True"/"False"
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    # "1.0" as written by tools that store labels as floats is class 1.
+    return str(int(number)) if number.is_integer() else text
 
 
 def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
@@ -423,16 +400,12 @@ def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
                             f"{_quoted(empty[:10])}{', ...' if len(empty) > 10 else ''}); task {spec.name!r} reads "
                             "text from it. Fill or drop those rows.")
     fields = [c for c in spec.required_columns if c != spec.label_column]
-    n = len(columns[spec.label_column])
-    if spec.text_templates is None:
-        texts = [[str(v) for v in columns[c]] for c in spec.text_columns]
-    else:
-        rows = [{c: columns[c][i] for c in fields} for i in range(n)]
-        texts = [[t.format_map(r) for r in rows] for t in spec.text_templates]
-    data: dict[str, list] = {TEXT_A: texts[0]}
+    rows = [dict(zip(fields, values)) for values in zip(*(columns[c] for c in fields))]
+    texts = list(zip(*(spec.texts(row) for row in rows)))  # one tuple per text column
+    data: dict[str, list] = {TEXT_A: list(texts[0])}
     features = {TEXT_A: Value("string")}
     if spec.is_pair:
-        data[TEXT_B] = texts[1]
+        data[TEXT_B] = list(texts[1])
         features[TEXT_B] = Value("string")
     labels = columns[spec.label_column]
     if spec.is_regression:
@@ -477,7 +450,11 @@ def load_task_splits(
         raise DataError(f"source = {source!r} is not one of {', '.join(SOURCES)}.")
     if bad_rows not in ("warn", "error"):
         raise DataError(f"bad_rows = {bad_rows!r} must be 'warn' or 'error'.")
-    _check_encoding(encoding)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"data.encoding = {encoding!r} is not a text encoding Python knows; use e.g. utf-8, "
+                        "latin-1 or cp1252 (the names of Python's codecs module).") from None
     if source == "glue-tsv" and data_dir is None:
         raise DataError("source='glue-tsv' needs data_dir, the folder holding train.tsv and the dev file(s).")
     if source == "files":
@@ -507,7 +484,7 @@ def load_task_splits(
             path = Path(data_files[split])  # type: ignore[index]
             raw = _Raw(f"File {str(path)!r}", _read_file(path, required=split_spec.required_columns,
                                                         bad_rows=bad_rows, encoding=encoding))
-            if path.suffix.lower() == ".tsv" and split_spec.name in GLUE_TSV_LAYOUTS:
+            if path.suffix.lower() == ".tsv" and split_spec.name in GLUE_TASKS:
                 raw.hint = " For the GLUE distribution's own TSV files use source='glue-tsv' with data_dir."
         out[split] = _normalize(raw, split_spec, rename)
     if train_per_class is not None and spec.train_split in out:
@@ -573,11 +550,6 @@ def tokenize(dataset: Dataset, tokenizer: Any, *, max_length: int = 128) -> Data
     return tokenized.with_format("torch")
 
 
-def tokenize_splits(splits: Mapping[str, Dataset], tokenizer: Any, *,
-                    max_length: int = 128) -> dict[str, Dataset]:
-    return {name: tokenize(ds, tokenizer, max_length=max_length) for name, ds in splits.items()}
-
-
 def padding_collator(tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> Callable[[list], dict]:
     """transformers' DataCollatorWithPadding: each batch padded to its own longest sequence (optionally
     rounded up to a multiple) with the tokenizer's pad token, token type and padding side; labels keep
@@ -634,8 +606,6 @@ def build_dataloader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
-    drop_last_batch: bool = False,
-    pin_memory: bool = False,
 ) -> DataLoader:
     """A loader over this rank's shard of `dataset` (`batch_size` is per rank).
 
@@ -646,10 +616,6 @@ def build_dataloader(
     train=False: the examples in order, in `ShardSampler` shards (see there for `num_real`).
     """
     _check_rank(rank, world_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size = {batch_size!r} must be an integer >= 1.")
-    if len(dataset) == 0:
-        raise DataError("The dataset is empty; there is nothing to batch.")
     sampler: Sampler[int]
     if train:
         if len(dataset) < world_size:
@@ -659,8 +625,7 @@ def build_dataloader(
                                      drop_last=True)
     else:
         sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=num_workers, drop_last=drop_last_batch, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
