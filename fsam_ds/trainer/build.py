@@ -30,19 +30,12 @@ class TrainError(RuntimeError):
     """A problem with the run's inputs that the user must fix; the message says what to change."""
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 # ----------------------------------------------------------------------------------- model, data
 
-def _looks_local(name: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else with a slash, or a relative/home path, is a folder.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
-
-
 def check_model_path(name: str, what: str = "model") -> None:
-    path = Path(name).expanduser()
-    if _looks_local(name) and not path.is_dir():
+    # A hub id is "name" or "org/name"; anything else with a slash, or a relative/home path, is a folder.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+    if looks_local and not Path(name).expanduser().is_dir():
         raise TrainError(f"{what} = {name!r} looks like a local folder but does not exist. Give the folder that "
                          "holds config.json and the weights (saved with save_pretrained), or a Hugging Face "
                          "hub id such as FacebookAI/roberta-large.")
@@ -69,7 +62,8 @@ def load_model(cfg: TrainConfig, task: TaskSpec) -> torch.nn.Module:
     """The pretrained model with the head the task's objective trains."""
     objective = objective_for(task)
     try:
-        return objective.model_class().from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], **objective.model_kwargs())
+        return objective.model_class().from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype),
+                                                       **objective.model_kwargs())
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
 

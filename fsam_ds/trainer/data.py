@@ -6,17 +6,15 @@ Every loaded split is normalised to the columns `text_a`, `text_b` (pair tasks o
 GLUE TSV folders (`source="glue-tsv"`) are read in the layouts of the GLUE distribution:
     cola  headerless: source, label, original label, sentence (a header row naming `sentence`
           and `label` is also accepted)
-    sst2  header `sentence label`
     mrpc  header `Quality #1 ID #2 ID #1 String #2 String` (Quality is the label)
     qqp   header `id qid1 qid2 question1 question2 is_duplicate`
     stsb  header `index genre filename year old_index source1 source2 sentence1 sentence2 score`
     mnli  header `index promptID pairID genre ... sentence1 sentence2 [label1..label5] gold_label`,
           dev files dev_matched.tsv and dev_mismatched.tsv
-    qnli  header `index question sentence label`
-    rte / wnli  header `index sentence1 sentence2 label`
-Any other task reads a headered TSV whose columns carry the task's own names. Files are
-train.tsv and dev.tsv (or `<split>.tsv` for a split not called validation). Fields are split on
-tabs with no quote handling, as the GLUE files require.
+Any other task (sst2, qnli, rte, wnli among them) reads a headered TSV whose columns carry the
+task's own names; other columns, such as `index`, are ignored. Files are train.tsv and dev.tsv (or
+`<split>.tsv` for a split not called validation). Fields are split on tabs with no quote handling,
+as the GLUE files require.
 
 Files are read by datasets' csv, json and parquet builders, in the encoding given (utf-8 unless
 told); our checks on top name the file and the fix: rows of the wrong width, missing columns,
@@ -49,7 +47,6 @@ from fsam_ds.trainer.tasks import GLUE_TASKS, TaskSpec, get_task
 TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
 SOURCES = ("hub", "glue-tsv", "files")
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 PathLike = str | os.PathLike
 
@@ -441,7 +438,7 @@ def load_task_splits(
     task's column names). `columns` renames data columns to task columns. `train_per_class`
     keeps that many training examples per class, chosen by `seed` (see `sample_per_class`).
     `bad_rows`: CSV/TSV rows of the wrong width are skipped with a warning, or raise. `encoding`:
-    the text encoding of CSV/TSV/JSON files. Files are read by datasets' csv/json/parquet builders.
+    the text encoding of CSV/TSV/JSON files.
     """
     spec = get_task(task)
     rename = dict(columns or {})
@@ -540,10 +537,9 @@ def tokenize(dataset: Dataset, tokenizer: Any, *, max_length: int = 128) -> Data
     regression = not isinstance(dataset.features[LABEL], ClassLabel)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
+        # the tokenizer returns the inputs its model takes (its model_input_names), token types or not
         enc = tokenizer(batch[TEXT_A], batch[TEXT_B] if pair else None, truncation=True, max_length=max_length)
-        out = {k: enc[k] for k in MODEL_INPUTS if k in enc}
-        out["labels"] = batch[LABEL]
-        return out
+        return {**enc, "labels": batch[LABEL]}
 
     tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
     tokenized = tokenized.cast_column("labels", Value("float32" if regression else "int64"))
