@@ -200,7 +200,7 @@ def _read_json(path: Path, encoding: str) -> dict[str, list]:
     return data
 
 
-def _read_file(path: Path, *, required: Sequence[str], bad_rows: str, encoding: str) -> dict[str, list]:
+def _read_file(path: Path, *, bad_rows: str, encoding: str) -> dict[str, list]:
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of "
@@ -208,7 +208,7 @@ def _read_file(path: Path, *, required: Sequence[str], bad_rows: str, encoding: 
     if not path.is_file():
         raise DataError(f"{path} not found; check the path given for this split.")
     if fmt in ("csv", "tsv"):
-        return _read_delimited(path, tsv=fmt == "tsv", encoding=encoding, required=required, bad_rows=bad_rows)
+        return _read_delimited(path, tsv=fmt == "tsv", encoding=encoding, bad_rows=bad_rows)
     if fmt == "parquet":
         return _load_file("parquet", path, encoding)
     return _read_json(path, encoding)
@@ -339,14 +339,8 @@ def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
     lookup = {str(i): i for i in range(spec.num_labels)}
     lookup.update({name: i for i, name in enumerate(spec.label_names)})
     lookup.update(spec.label_map or {})
-    ids: list[int] = []
-    bad: Counter = Counter()
-    for value in values:
-        key = _label_key(value)
-        if key in lookup:
-            ids.append(lookup[key])
-        else:
-            bad[repr(value)] += 1
+    keys = [_label_key(value) for value in values]
+    bad = Counter(repr(value) for value, key in zip(values, keys) if key not in lookup)
     if bad:
         raw = f"; or the raw values {_quoted(list(spec.label_map))} (label_map)" if spec.label_map else ""
         unlabeled = (" -1 is how GLUE and SuperGLUE mark unlabelled test examples; load a labelled split."
@@ -356,27 +350,25 @@ def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
             f"task {spec.name!r}: {_bad_listing(bad)}. Allowed: the ids 0..{spec.num_labels - 1}, or the names "
             f"{_quoted(spec.label_names)}{raw}.{unlabeled} Fix or drop those rows, or pass a task with a "
             "label_map (dataclasses.replace(task, label_map={...})) that maps them to class ids.")
-    return ids
+    return [lookup[key] for key in keys]
+
+
+def _score(value: Any) -> float:
+    try:
+        return math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _scores(values: list, spec: TaskSpec, origin: str) -> list[float]:
-    out: list[float] = []
-    bad: Counter = Counter()
-    for value in values:
-        try:
-            score = math.nan if isinstance(value, bool) else float(value)
-        except (TypeError, ValueError):
-            score = math.nan
-        if math.isfinite(score):
-            out.append(score)
-        else:
-            bad[repr(value)] += 1
+    scores = [_score(value) for value in values]
+    bad = Counter(repr(value) for value, score in zip(values, scores) if not math.isfinite(score))
     if bad:
         raise DataError(
             f"{origin} column {spec.label_column!r} has {sum(bad.values())} label(s) that are not finite "
             f"numbers: {_bad_listing(bad)}. Task {spec.name!r} is a regression task, so every label must be a "
             "float (e.g. STS-B similarity in [0, 5]); fix or drop those rows.")
-    return out
+    return scores
 
 
 def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
@@ -390,13 +382,13 @@ def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
             f"so task {spec.name!r} has nothing to train or evaluate on in this split. Add examples, one per row, "
             "below the header, or give this split a file that has them (data.train_file / data.dev_file; "
             "data_files in load_task_splits).")
-    for name in spec.required_columns:
+    fields = [c for c in spec.required_columns if c != spec.label_column]
+    for name in fields:
         empty = [i for i, v in enumerate(columns[name]) if v is None]
-        if empty and name != spec.label_column:
+        if empty:
             raise DataError(f"{raw.origin} column {name!r} is null in {len(empty)} row(s) (rows "
                             f"{_quoted(empty[:10])}{', ...' if len(empty) > 10 else ''}); task {spec.name!r} reads "
                             "text from it. Fill or drop those rows.")
-    fields = [c for c in spec.required_columns if c != spec.label_column]
     rows = [dict(zip(fields, values)) for values in zip(*(columns[c] for c in fields))]
     texts = list(zip(*(spec.texts(row) for row in rows)))  # one tuple per text column
     data: dict[str, list] = {TEXT_A: list(texts[0])}
@@ -479,8 +471,7 @@ def load_task_splits(
             raw = _read_glue_tsv(Path(data_dir), split_spec, split, bad_rows, encoding)  # type: ignore[arg-type]
         else:
             path = Path(data_files[split])  # type: ignore[index]
-            raw = _Raw(f"File {str(path)!r}", _read_file(path, required=split_spec.required_columns,
-                                                        bad_rows=bad_rows, encoding=encoding))
+            raw = _Raw(f"File {str(path)!r}", _read_file(path, bad_rows=bad_rows, encoding=encoding))
             if path.suffix.lower() == ".tsv" and split_spec.name in GLUE_TASKS:
                 raw.hint = " For the GLUE distribution's own TSV files use source='glue-tsv' with data_dir."
         out[split] = _normalize(raw, split_spec, rename)
@@ -514,8 +505,7 @@ def sample_per_class(dataset: Dataset, n: int, *, seed: int) -> Dataset:
     chosen = []
     for class_id in range(feature.num_classes):
         members = np.flatnonzero(labels == class_id)
-        order = np.random.default_rng([seed, class_id]).permutation(len(members))
-        chosen.append(members[order[:n]])
+        chosen.append(np.random.default_rng([seed, class_id]).permutation(members)[:n])
     return dataset.select(np.sort(np.concatenate(chosen)).tolist())
 
 
