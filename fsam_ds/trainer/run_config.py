@@ -172,27 +172,21 @@ class TrainConfig:
                "Set eval.every_epoch=true or eval.every_steps > 0, or eval.save_best=false.")
 
 
-SECTIONS: dict[str, type] = {
-    "sam": SAMSection, "optim": OptimSection, "data": DataSection, "log": LogSection, "eval": EvalSection,
-}
+SECTIONS: dict[str, type] = {"sam": SAMSection, "optim": OptimSection, "data": DataSection, "log": LogSection,
+                             "eval": EvalSection}
 
 
 # ---------------------------------------------------------------------------------------------
 # Key resolution
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """Field name -> resolved type, for the dataclass fields only (not ClassVars)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 @functools.cache
 def _all_keys() -> dict[str, Any]:
-    """Dotted key -> field type, for every settable field."""
-    keys = {name: tp for name, tp in _hints(TrainConfig).items() if name not in SECTIONS}
-    for section, cls in SECTIONS.items():
-        keys.update({f"{section}.{name}": tp for name, tp in _hints(cls).items()})
+    """Dotted key -> resolved field type, for every settable field (dataclass fields, not ClassVars)."""
+    keys: dict[str, Any] = {}
+    for prefix, cls in [("", TrainConfig), *((f"{section}.", cls) for section, cls in SECTIONS.items())]:
+        hints = typing.get_type_hints(cls)
+        keys.update({prefix + f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in SECTIONS})
     return keys
 
 
@@ -213,7 +207,7 @@ def _resolve_key(raw: str, source: str) -> str:
     if key in keys:
         return key
     if key in SECTIONS:
-        example = next(iter(_hints(SECTIONS[key])))
+        example = dataclasses.fields(SECTIONS[key])[0].name
         raise ConfigError(f"Config key '{raw}' ({source}) names a whole section; set its fields one by one, "
                           f"e.g. '{key}.{example}'.")
     # Sweep agents pass flat names; accept them where exactly one section has that field.
@@ -253,11 +247,8 @@ def _describe(tp: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
-class _Mismatch(Exception):
-    """Internal: the value does not fit the type; turned into a ConfigError with the key's name."""
-
-
 def _coerce(value: Any, tp: Any) -> Any:
+    """`value` converted to `tp`; ValueError if it does not fit (turned into a ConfigError naming the key)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         if type(None) in args and (value is None or str(value).strip().lower() in _NONE):
@@ -265,47 +256,44 @@ def _coerce(value: Any, tp: Any) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, option)
-            except _Mismatch:
+            except ValueError:
                 continue
-        raise _Mismatch
+        raise ValueError
     if origin is Literal:
         for choice in (c for c in args if str(c) == str(value).strip()):
             return choice
-        raise _Mismatch
+        raise ValueError
     if origin in (tuple, list):
         items = _split_list(value)
         item_types = [args[0]] * len(items) if origin is list or args[1:] == (Ellipsis,) else list(args)
         if len(items) != len(item_types):
-            raise _Mismatch
+            raise ValueError
         converted = [_coerce(v, t) for v, t in zip(items, item_types)]
         return tuple(converted) if origin is tuple else converted
     if tp is bool:
         text = str(value).strip().lower() if isinstance(value, (int, str)) else ""  # a bool is an int: "true"
         if text not in _TRUE + _FALSE:
-            raise _Mismatch
+            raise ValueError
         return text in _TRUE
     if tp in (int, float):
         if isinstance(value, float) and tp is int and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, str) if tp is int else (int, float, str)):
-            raise _Mismatch
-        try:
-            number = tp(value)  # YAML 1.1 reads "2e-5" (no dot) as a string, so numbers from files land here too
-        except ValueError:
-            raise _Mismatch from None
+            raise ValueError
+        number = tp(value)  # YAML 1.1 reads "2e-5" (no dot) as a string, so numbers from files land here too
         if not math.isfinite(number):  # inf passes every range check (lr > 0, rho >= 0) yet wrecks the run
-            raise _Mismatch
+            raise ValueError
         return number
     if tp is str and isinstance(value, str):
         return value
-    raise _Mismatch
+    raise ValueError
 
 
 def _split_list(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return list(value)
     if not isinstance(value, str):
-        raise _Mismatch
+        raise ValueError
     text = value.strip()
     if text.startswith("["):
         # JSON, or Python's str() of a list as the wandb agent writes it; a regex like "[Ll]ayer" falls through.
@@ -387,7 +375,7 @@ def _build(items: list[tuple[str, Any, str]]) -> TrainConfig:
         section, _, name = key.rpartition(".")
         try:
             values[section][name] = _coerce(value, _all_keys()[key])
-        except _Mismatch:
+        except ValueError:
             raise ConfigError(f"Invalid value for config key '{key}' ({source}): {value!r} is not "
                               f"{_describe(_all_keys()[key])}. The default is "
                               f"{json.dumps(_value(TrainConfig(), key))}.") from None
