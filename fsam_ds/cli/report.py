@@ -73,14 +73,6 @@ def _by_step(events: list[dict[str, Any]], key: str) -> Series:
     return steps, [points[s] for s in steps]
 
 
-def _metric_name(events: list[dict[str, Any]]) -> str | None:
-    """The model-selection metric the trainer named on its eval and summary lines (the newest wins)."""
-    for event in reversed(events):
-        if event.get("event") in ("eval", "summary") and isinstance(event.get("metric_name"), str):
-            return event["metric_name"]
-    return None
-
-
 def load_run(run_dir: str | Path) -> RunData:
     """Parse one run directory written by the trainer's RunLogger."""
     path = Path(run_dir)
@@ -99,7 +91,9 @@ def load_run(run_dir: str | Path) -> RunData:
     sam_type = str(config.get("sam", {}).get("sam_type", "?"))
 
     kinds = {kind: [e for e in events if e.get("event") == kind] for kind in ("train", "eval", "mask", "summary")}
-    metric_name = _metric_name(events)
+    # The model-selection metric the trainer named on its eval and summary lines (the newest wins).
+    metric_name = next((e["metric_name"] for e in reversed(events)
+                        if e.get("event") in ("eval", "summary") and isinstance(e.get("metric_name"), str)), None)
     dev = _by_step(kinds["eval"], metric_name) if metric_name else ([], [])
 
     best, best_step = None, None

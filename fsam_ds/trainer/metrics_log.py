@@ -263,12 +263,8 @@ class RunLogger:
 
     def log(self, event: str, step: int | None = None, **fields: Any) -> dict[str, Any]:
         """Write one event line immediately (and to wandb); returns the record written."""
-        record: dict[str, Any] = {"event": event}
-        if step is not None:
-            record["step"] = step
-        record.update(fields)
-        record["time"] = round(time.time(), 3)
-        record = _plain(record)
+        step_field = {} if step is None else {"step": step}
+        record = _plain({"event": event, **step_field, **fields, "time": round(time.time(), 3)})
         if not self._file.closed:
             self._file.write(encode_event(record) + "\n")
         self._wandb_log(event, record)
