@@ -124,3 +124,28 @@ def test_dropout_sees_the_same_random_numbers_in_forward_and_recompute(tmp_path)
         for variant in variants[1:-1]:
             assert relative_update_error(rank_results[variant], off, start) <= 1e-6, variant
         assert relative_update_error(rank_results["no-rng-restore"], off, start) > 1e-3
+
+
+def test_checkpointing_settings_and_their_errors():
+    from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
+    from fsam_ds.trainer.run_config import load_config
+
+    base = ["--task=sst2", "--model=m"]
+    assert load_config(base).gradient_checkpointing is False
+    assert load_config(base + ["--gradient_checkpointing=true"]).gradient_checkpointing is True
+    assert load_config(base + ["--gradient_checkpointing=reentrant"]).gradient_checkpointing == "reentrant"
+    with pytest.raises(ConfigError, match="gradient_checkpointing.*'always'.*reentrant, non_reentrant"):
+        load_config(base + ["--gradient_checkpointing=always"])
+
+    model = build_model("bert")
+    assert enable_activation_checkpointing(model, True) == "non_reentrant"
+    layer = model.bert.encoder.layer[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    assert enable_activation_checkpointing(build_model("bert"), False) == "off"
+    with pytest.raises(ConfigError, match="activation_checkpointing.*gradient_checkpointing is false"):
+        enable_activation_checkpointing(build_model("bert"), False, {"activation_checkpointing": {}})
+    for key in ("partition_activations", "contiguous_memory_optimization"):
+        with pytest.raises(ConfigError, match=f"activation_checkpointing.{key} = true.*model .tensor. parallelism"):
+            enable_activation_checkpointing(build_model("bert"), True, {"activation_checkpointing": {key: True}})
+    with pytest.raises(ConfigError, match="does not support activation checkpointing"):
+        enable_activation_checkpointing(build_model("mlp"), "reentrant")

@@ -47,8 +47,8 @@ def enable_activation_checkpointing(model: torch.nn.Module, setting: Checkpointi
     mode = checkpointing_mode(setting)
     section = (ds_config or {}).get("activation_checkpointing")
     if mode == "off":
-        if section:
-            raise ConfigError(f"the DeepSpeed config has activation_checkpointing = {dict(section)!r} but "
+        if section is not None:
+            raise ConfigError(f"the DeepSpeed config has activation_checkpointing = {section!r} but "
                               "gradient_checkpointing is false, so no layer would be checkpointed. Pass "
                               "--gradient_checkpointing=true (or reentrant), or remove the section.")
         return mode
