@@ -439,8 +439,13 @@ def run_dropout_under_checkpointing(rank: int, world: int, stage: int, variants:
             model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
         elif variant.startswith("deepspeed-"):
+            import deepspeed
+
             config.update(DEEPSPEED_CHECKPOINTING)
             enable_activation_checkpointing(model, variant.removeprefix("deepspeed-"), config)
+            chosen = model.bert.encoder.layer[0]._gradient_checkpointing_func
+            assert chosen is (deepspeed.checkpointing.checkpoint if variant == "deepspeed-reentrant"
+                              else deepspeed.checkpointing.non_reentrant_checkpoint)
         elif variant != "off":
             enable_activation_checkpointing(model, variant, config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from ds_workers import (build_model, ds_config, global_batches, per_example_loss, run_checkpointed_equivalence,
+from ds_workers import (DEEPSPEED_CHECKPOINTING, build_model, ds_config, global_batches, per_example_loss, run_checkpointed_equivalence,
                         run_dropout_under_checkpointing, run_equivalence, run_reused_parameters, sam_config)
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.optim import SAMOptimizer
@@ -149,3 +149,32 @@ def test_checkpointing_settings_and_their_errors():
             enable_activation_checkpointing(build_model("bert"), True, {"activation_checkpointing": {key: True}})
     with pytest.raises(ConfigError, match="does not support activation checkpointing"):
         enable_activation_checkpointing(build_model("mlp"), "reentrant")
+
+
+def test_trainer_with_checkpointing_trains_exactly_as_without(tmp_path):
+    """fsam-train on a BERT with dropout 0.1: --gradient_checkpointing=reentrant, and true with a DeepSpeed
+    config that has an activation_checkpointing section, log the same losses and save the same weights
+    as the run without checkpointing."""
+    import json
+
+    import train_fixtures as fx
+    from fsam_ds.zero.ds_config import build_ds_config
+
+    model = fx.write_tiny_model(tmp_path / "model")
+    train, dev = fx.write_sst2_files(tmp_path / "sst2", n_train=32, n_dev=16)
+    ds_file = tmp_path / "zero0_checkpointing.json"
+    ds_file.write_text(json.dumps({**build_ds_config("fp32", 0), **DEEPSPEED_CHECKPOINTING}))
+    settings = {"off": {}, "reentrant": {"gradient_checkpointing": "reentrant"},
+                "deepspeed": {"gradient_checkpointing": "true", "ds_config": str(ds_file)}}
+    runs = {}
+    for name, extra in settings.items():
+        out = tmp_path / name
+        result = fx.run(fx.train_cmd(fx.base_args(model, train, dev, out, **{"optim.max_steps": 4}, **extra)), 300)
+        assert fx.summary(out) is not None, result.stdout[-4000:]
+        runs[name] = ([e["loss"] for e in fx.events(out, "train")], fx.final_weights(out))
+    losses, weights = runs["off"]
+    assert len(losses) == 4
+    for name in ("reentrant", "deepspeed"):
+        assert runs[name][0] == pytest.approx(losses, rel=1e-6, abs=0), name
+        for key, value in weights.items():
+            assert torch.allclose(runs[name][1][key], value, rtol=0, atol=1e-6), (name, key)
