@@ -23,7 +23,7 @@ import torch
 
 from fsam_ds.sam.config import ConfigError
 
-__all__ = ["CheckpointingSetting", "checkpointing_mode", "enable_activation_checkpointing"]
+__all__ = ["CheckpointingSetting", "checkpointing_mode", "enable_activation_checkpointing", "reused_across_checkpoints"]
 
 CheckpointingSetting = bool | Literal["reentrant", "non_reentrant"]
 """The trainer's `gradient_checkpointing` value: false, true (= non_reentrant), reentrant, non_reentrant."""
@@ -35,6 +35,7 @@ _NEEDS_MODEL_PARALLEL = ("partition_activations", "contiguous_memory_optimizatio
 
 
 def checkpointing_mode(setting: CheckpointingSetting) -> Literal["off", "reentrant", "non_reentrant"]:
+    """The implementation a `gradient_checkpointing` setting asks for (true means non-reentrant)."""
     if setting is False:
         return "off"
     return "non_reentrant" if setting is True else setting
