@@ -114,6 +114,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0
     ds_config: str | None = None
+    # activation checkpointing: false, true (= non_reentrant) or reentrant (fsam_ds.trainer.activation_checkpointing)
+    gradient_checkpointing: bool | Literal["reentrant", "non_reentrant"] = False
     # load_config fills in {key} placeholders (any config key, e.g. {sam.rho}) so runs get their own folder
     output_dir: str = DEFAULT_OUTPUT_DIR
     seed: int = 42
