@@ -60,6 +60,7 @@ def sam_config(sam_type: str, **kw) -> SAMConfig:
 
 def ds_config(stage: int, dtype: str = "fp32", micro: int = 4, gas: int = 1, **zero) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+           "zero_force_ds_cpu_optimizer": False,  # the tests pass torch.optim.AdamW, also under offload
            "zero_optimization": {"stage": stage, **zero}, "steps_per_print": 10 ** 6,
            "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False,
            "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 unless told otherwise
@@ -103,15 +104,16 @@ def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, 
 
 
 def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str], steps: int = 3,
-                    overrides: dict | None = None):
+                    overrides: dict | None = None, zero: dict | None = None, parts: int = 1):
     results = {}
     batches = global_batches(kind, steps)
     loss = per_example_loss(kind)
     for sam_type in types:
         model = mlp() if kind == "mlp" else tiny_bert()
-        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})))
+        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})), gas=parts,
+                                  micro=4 // parts, **(zero or {}))
         for b in batches:
-            out = sam_engine.train_step(split(b, rank, world), loss)
+            out = sam_engine.train_step(split(b, rank, world, parts), loss)
             assert not out.skipped
         results[sam_type] = full_params(sam_engine.engine)
     return results
