@@ -14,9 +14,10 @@ against the single-process reference):
   place, where it is, and the next forward gathers from it.
 
 Several backward passes per step: SAM calls backward at least twice per step (plus gradient
-accumulation), with `engine.optimizer.zero_grad()` in between. Under offload DeepSpeed accumulates
-non-boundary micro-batches in CPU buffers and copies them back at the boundary (the path DeepSpeed
-PR #7981 fixed); the equivalence tests with accumulation would show a lost or doubled gradient.
+accumulation), with `engine.optimizer.zero_grad()` in between. ZeRO-3's zero_grad resets its
+backward counter, so the second pass copies into the offloaded gradient partitions. ZeRO-1/2's does
+not, and under offload a backward after the first of a step adds DeepSpeed's CPU accumulation buffer:
+`restart_offloaded_accumulation` resets the counter between the passes (the adapter calls it).
 """
 
 from __future__ import annotations
