@@ -119,6 +119,11 @@ def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[st
     return results
 
 
+def run_equivalence_cases(rank: int, world: int, cases: list[tuple[int, dict, int]], kind: str, types: list[str]):
+    """`run_equivalence` for several (stage, zero_optimization extras, micro-batches) in one launch."""
+    return [run_equivalence(rank, world, stage, kind, types, 3, None, zero, parts) for stage, zero, parts in cases]
+
+
 def full_grads(engine) -> list[torch.Tensor]:
     """The averaged full gradients in fp32 (collective; test-only)."""
     from deepspeed.utils import safe_get_full_grad
