@@ -45,7 +45,7 @@ def async_io_available() -> bool:
     return bool(AsyncIOBuilder().is_compatible(verbose=False))
 
 
-def check_offload(config: dict[str, Any], stage: Any, fail: Callable[[str], None],
+def check_offload(config: dict[str, Any], stage: int, fail: Callable[[str], None],
                   nvme_available: Callable[[], bool] = async_io_available) -> bool:
     """Checks the offload sections for the SAM step; returns whether optimizer offload is on.
 
@@ -66,9 +66,10 @@ def check_offload(config: dict[str, Any], stage: Any, fail: Callable[[str], None
         stages = OFFLOAD_STAGES[section]
         if stage not in stages:
             where = "ZeRO stage 3" if stages == (3,) else "ZeRO stages 1, 2 and 3"
+            example = "zero3_offload_param_bf16.json" if section == "offload_param" else "zero2_offload_bf16.json"
             fail(f"zero_optimization.{section} is {zero[section]!r} at ZeRO stage {stage!r}, but {section} runs "
-                 f"only at {where}. Use zero_stage={stages[-1]} (e.g. ds_configs/zero3_offload_param_bf16.json), "
-                 f"or remove zero_optimization.{section}.")
+                 f"only at {where}. Use zero_stage={stages[-1]} (e.g. ds_configs/{example}), or remove "
+                 f"zero_optimization.{section}.")
         if device == "nvme":
             if stage != 3:
                 fail(f"zero_optimization.{section}.device is 'nvme' at ZeRO stage {stage}; DeepSpeed offloads to "
@@ -77,14 +78,14 @@ def check_offload(config: dict[str, Any], stage: Any, fail: Callable[[str], None
                 fail(f"zero_optimization.{section}.device is 'nvme', but DeepSpeed's async I/O op (async_io) "
                      "cannot be built on this machine. Install libaio (apt-get install libaio-dev) and check "
                      "with `ds_report` that async_io is compatible, or use device 'cpu'.")
-    optimizer_offload = offload_device(zero, "offload_optimizer") != "none"
-    return optimizer_offload
+    return offload_device(zero, "offload_optimizer") != "none"
 
 
 def allow_client_optimizer(config: dict[str, Any], fail: Callable[[str], None]) -> None:
     """Under optimizer offload DeepSpeed refuses a client torch optimizer unless told otherwise; the
     trainer always passes its own `torch.optim.AdamW`, so `zero_force_ds_cpu_optimizer` is filled
-    with false (DeepSpeedCPUAdam would be faster, but it is a C++ build and a different update)."""
+    with false (DeepSpeedCPUAdam would be faster, but it is a C++ build, and the trainer's optimizer is
+    torch's in every configuration)."""
     value = config.get("zero_force_ds_cpu_optimizer", "auto")
     if value == "auto":
         config["zero_force_ds_cpu_optimizer"] = False
@@ -107,7 +108,7 @@ def restart_offloaded_accumulation(optimizer: Any) -> None:
     (`accumulated_grads_in_cpu`) to the new gradient: SAM's second pass would then include the
     last gradient saved there, the previous step's second-pass gradient (or, with accumulation, this
     step's first pass). Resetting the counter between the passes makes the second pass overwrite
-    that buffer instead, as the first pass of a step does. tests/test_zero_offload.py shows both.
+    that buffer instead, as the first pass of a step does (tests/test_zero_offload.py fails without it).
     """
     if getattr(optimizer, "micro_step_id", None) is None:
         import deepspeed
