@@ -190,13 +190,13 @@ def poisonable_loss(kind: str):
     return loss, calls
 
 
-def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
+def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str, zero: dict | None = None):
     from fsam_ds.zero.engine import allow_fp16_on_cpu
 
     allow_fp16_on_cpu()
     batches = global_batches("mlp", 4)
     loss, calls = poisonable_loss("mlp")
-    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type))
+    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type), **(zero or {}))
     report = {}
     # step 1 trains normally
     out = sam_engine.train_step(split(batches[0], rank, world), loss)

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from ds_workers import mlp, run_equivalence_cases
+from ds_workers import mlp, run_equivalence_cases, run_fp16_overflow
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.zero.ds_config import build_ds_config, check_sam_compatible, resolve_ds_config
 from fsam_ds.zero.offload import check_offload
 from test_zero_equivalence import reference, relative_update_error
+from test_zero_precision_and_state import assert_overflow_changes_nothing
 
 pytest.importorskip("deepspeed")
 
@@ -57,6 +58,14 @@ def test_offload_matches_single_process(group, tmp_path):
             for variant in ("no-perturbation", "summed"):
                 wrong = relative_update_error(ours, wrongs[sam_type, variant], start)
                 assert wrong > 1e-3, (case, parts, sam_type, variant, wrong)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fp16_overflow_under_offload_changes_nothing(stage, tmp_path):
+    """An overflow in either pass skips the step and leaves master and weights as they were, with the
+    fp32 master and gradients offloaded (DeepSpeed tracks overflow in the CPU copies there)."""
+    assert_overflow_changes_nothing(run_distributed(run_fp16_overflow, 2, tmp_path, stage, "fisher-sam",
+                                                    {"offload_optimizer": CPU}, use_deepspeed=True)[0])
 
 
 def _fails(config: dict, stage: int, nvme: bool = False) -> str:
