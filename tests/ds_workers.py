@@ -95,6 +95,7 @@ def sam_config(sam_type: str, **kw) -> SAMConfig:
 
 def ds_config(stage: int, dtype: str = "fp32", micro: int = 4, gas: int = 1, **zero) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+           "zero_force_ds_cpu_optimizer": False,  # the tests pass torch.optim.AdamW, also under offload
            "zero_optimization": {"stage": stage, **zero}, "steps_per_print": 10 ** 6,
            "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False,
            "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 unless told otherwise
@@ -138,15 +139,17 @@ def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, 
 
 
 def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str], steps: int = 3,
-                    overrides: dict | None = None, checkpointing: str | bool = False, **zero):
+                    overrides: dict | None = None, zero: dict | None = None, parts: int = 1,
+                    checkpointing: str | bool = False):
     results = {}
     batches = global_batches(kind, steps)
     loss = per_example_loss(kind)
     for sam_type in types:
         model = build_model(kind, checkpointing)
-        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})), **zero)
+        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})), gas=parts,
+                                  micro=4 // parts, **(zero or {}))
         for b in batches:
-            out = sam_engine.train_step(split(b, rank, world), loss)
+            out = sam_engine.train_step(split(b, rank, world, parts), loss)
             assert not out.skipped
         results[sam_type] = full_params(sam_engine.engine)
     return results
@@ -156,6 +159,11 @@ def run_checkpointed_equivalence(rank: int, world: int, stage: int, kind: str, t
                                  modes: list[str], steps: int = 3) -> dict:
     """`run_equivalence` for each activation checkpointing mode, in one launch."""
     return {mode: run_equivalence(rank, world, stage, kind, types, steps, checkpointing=mode) for mode in modes}
+
+
+def run_equivalence_cases(rank: int, world: int, cases: list[tuple[int, dict, int]], kind: str, types: list[str]):
+    """`run_equivalence` for several (stage, zero_optimization extras, micro-batches) in one launch."""
+    return [run_equivalence(rank, world, stage, kind, types, 3, None, zero, parts) for stage, zero, parts in cases]
 
 
 def full_grads(engine) -> list[torch.Tensor]:
@@ -224,13 +232,13 @@ def poisonable_loss(kind: str):
     return loss, calls
 
 
-def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
+def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str, zero: dict | None = None):
     from fsam_ds.zero.engine import allow_fp16_on_cpu
 
     allow_fp16_on_cpu()
     batches = global_batches("mlp", 4)
     loss, calls = poisonable_loss("mlp")
-    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type))
+    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type), **(zero or {}))
     report = {}
     # step 1 trains normally
     out = sam_engine.train_step(split(batches[0], rank, world), loss)
