@@ -103,6 +103,70 @@ class HeapPeak:
         return self.peak, self.peak - self.baseline
 
 
+def anonymous_rss() -> int | None:
+    """Bytes of the process's resident anonymous memory (RssAnon in /proc/self/status; Linux only).
+
+    Unlike VmRSS it leaves out file pages, such as a memory-mapped safetensors checkpoint, which the
+    kernel can drop and re-read at will; what a rank must really hold is anonymous."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class BackgroundPeak:
+    """Peaks of `anonymous_rss()` and `heap_in_use()` sampled by a thread every `interval` seconds
+    while the block runs, for code with no phases to sample at (a model loading):
+
+        with BackgroundPeak() as peak:
+            load()
+        peak.rss_above_start, peak.heap_above_start   # bytes, or None where unavailable
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.rss_start = self.rss_peak = self.heap_start = self.heap_peak = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        rss, heap = anonymous_rss(), heap_in_use()
+        if rss is not None:
+            self.rss_peak = max(self.rss_peak or 0, rss)
+        if heap is not None:
+            self.heap_peak = max(self.heap_peak or 0, heap)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> BackgroundPeak:
+        gc.collect()
+        self.rss_start, self.heap_start = anonymous_rss(), heap_in_use()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    @property
+    def rss_above_start(self) -> int | None:
+        return None if self.rss_peak is None or self.rss_start is None else self.rss_peak - self.rss_start
+
+    @property
+    def heap_above_start(self) -> int | None:
+        return None if self.heap_peak is None or self.heap_start is None else self.heap_peak - self.heap_start
+
+
 # ====================================================================== tensors held by an object
 
 # Objects whose insides never hold an optimizer's tensors; skipping them keeps the walk small and

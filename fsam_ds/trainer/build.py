@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
+from fsam_ds.trainer.model_loading import partitioned_loading
 from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
                                   tokenize_splits)
 from fsam_ds.trainer.objectives import objective_for
@@ -66,11 +67,14 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         raise hub_error(name, "tokenizer", err) from None
 
 
-def load_model(cfg: TrainConfig, task: TaskSpec) -> torch.nn.Module:
-    """The pretrained model with the head the task's objective trains."""
+def load_model(cfg: TrainConfig, task: TaskSpec, ds_config: dict | None = None) -> torch.nn.Module:
+    """The pretrained model with the head the task's objective trains; partitioned from birth when
+    `ds_config` (resolved) runs ZeRO-3 (`fsam_ds.trainer.model_loading`)."""
     objective = objective_for(task)
     try:
-        return objective.model_class().from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], **objective.model_kwargs())
+        with partitioned_loading(ds_config or {}):
+            return objective.model_class().from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype],
+                                                           **objective.model_kwargs())
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
 

@@ -1,0 +1,90 @@
+"""Models partitioned from birth at ZeRO-3 (2 gloo ranks): a model constructed inside
+`deepspeed.zero.Init` and one loaded by the trainer's partitioned loading train exactly like the
+single-process reference, and loading keeps each rank well under one full fp32 model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_harness import run_distributed
+from ds_workers import mlp, tiny_bert
+from test_zero_equivalence import reference, relative_update_error
+from zero_init_workers import run_load_memory, run_zero_init_equivalence
+
+pytest.importorskip("deepspeed")
+
+TYPES = ["sam", "fisher-sam"]
+
+
+def _check_partitioned_from_birth(born: list[tuple[int, int, int]], world: int) -> None:
+    for full, local, visible in born:
+        assert local == -(-full // world), (full, local)  # its 1/world share, padded
+        assert visible == 0  # the module's own tensor is an empty placeholder until gathered
+
+
+@pytest.mark.parametrize("persistence", [None, 0], ids=["small-persistent", "all-partitioned"])
+def test_mlp_built_under_zero_init_matches_single_process(persistence, tmp_path):
+    """`deepspeed.zero.Init` around the user's constructor, then `fsam_ds.initialize`. With DeepSpeed's
+    default persistence threshold these small parameters become persistent (held whole) at initialize;
+    with threshold 0 every one stays partitioned and is gathered for each forward."""
+    zero = {} if persistence is None else {"stage3_param_persistence_threshold": persistence}
+    results = run_distributed(run_zero_init_equivalence, 2, tmp_path, "mlp", TYPES, None, zero,
+                              use_deepspeed=True)
+    start = torch.cat([p.detach().reshape(-1) for p in mlp().parameters()])
+    for rank_result in results:
+        for sam_type in TYPES:
+            _check_partitioned_from_birth(rank_result["born"][sam_type], 2)
+    for sam_type in TYPES:
+        ours = torch.cat(results[0]["params"][sam_type])
+        assert torch.equal(ours, torch.cat(results[1]["params"][sam_type])), "ranks disagree"
+        assert relative_update_error(ours, reference("mlp", sam_type), start) <= 1e-5, sam_type
+        assert relative_update_error(ours, reference("mlp", sam_type, variant="summed"), start) > 1e-3, sam_type
+
+
+def test_bert_loaded_partitioned_by_the_trainer_matches_single_process(tmp_path):
+    """The trainer's ZeRO-3 loading (`build.load_model` with a stage-3 config) of a saved tiny BERT."""
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(folder)
+    results = run_distributed(run_zero_init_equivalence, 2, tmp_path / "ranks", "bert", TYPES, str(folder),
+                              use_deepspeed=True)
+    start = torch.cat([p.detach().reshape(-1) for p in tiny_bert().parameters()])
+    for sam_type in TYPES:
+        _check_partitioned_from_birth(results[0]["born"][sam_type], 2)
+        ours = torch.cat(results[0]["params"][sam_type])
+        assert relative_update_error(ours, reference("bert", sam_type), start) <= 1e-4, sam_type
+        assert relative_update_error(ours, reference("bert", sam_type, variant="summed"), start) > 1e-2, sam_type
+
+
+def write_large_classifier(folder) -> int:
+    """A BERT-base-wide, 8-layer classifier (about 82M parameters) saved as safetensors; its fp32 bytes."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=3072,
+                        num_labels=2)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters()) * 4
+
+
+@pytest.mark.slow
+def test_partitioned_loading_keeps_each_rank_under_0_6_of_the_fp32_model(tmp_path):
+    """Peak anonymous RSS and heap above the start of `load_model`, per rank, at ZeRO-3 on 2 ranks:
+    at most 0.6x the fp32 model with partitioned loading (a half share plus one module gathered at a
+    time); the unpartitioned load, which builds the whole model on every rank, is above 1x."""
+    folder = tmp_path / "model"
+    model_bytes = write_large_classifier(folder)
+    for partitioned in (True, False):
+        results = run_distributed(run_load_memory, 2, tmp_path / f"ranks-{partitioned}", str(folder), partitioned,
+                                  use_deepspeed=True, timeout=900)
+        for rank, r in enumerate(results):
+            assert r["mismatched"] == [] and r["checked"] > 0, r  # the checkpoint's weights, all of them
+            rss, heap = r["rss"] / model_bytes, r["heap"] / model_bytes
+            print(f"partitioned={partitioned} rank {rank}: load peak RSS {rss:.2f}x, heap {heap:.2f}x "
+                  f"of the {model_bytes / 2 ** 20:.0f} MiB fp32 model; held {r['held'] / model_bytes:.2f}x")
+            if partitioned:
+                assert r["held"] <= 0.51 * model_bytes, r
+                assert rss <= 0.6 and heap <= 0.6, (rank, rss, heap)
+            else:
+                assert rss > 1.0 and heap > 1.0, (rank, rss, heap)
