@@ -103,15 +103,14 @@ class HeapPeak:
         return self.peak, self.peak - self.baseline
 
 
-def anonymous_rss() -> int | None:
-    """Bytes of the process's resident anonymous memory (RssAnon in /proc/self/status; Linux only).
-
-    Unlike VmRSS it leaves out file pages, such as a memory-mapped safetensors checkpoint, which the
-    kernel can drop and re-read at will; what a rank must really hold is anonymous."""
+def resident_bytes(field: str = "RssAnon") -> int | None:
+    """A resident-memory figure of this process from /proc/self/status, in bytes (Linux only; None
+    elsewhere): "RssAnon" (anonymous memory), "RssFile" (file pages, such as a memory-mapped
+    safetensors checkpoint, which the kernel can drop and re-read at will) or "VmRSS" (both, and shmem)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -119,26 +118,31 @@ def anonymous_rss() -> int | None:
 
 
 class BackgroundPeak:
-    """Peaks of `anonymous_rss()` and `heap_in_use()` sampled by a thread every `interval` seconds
-    while the block runs, for code with no phases to sample at (a model loading):
+    """Peaks above the start of anonymous RSS, total RSS and `heap_in_use()`, sampled by a thread every
+    `interval` seconds while the block runs, for code with no phases to sample at (a model loading):
 
         with BackgroundPeak() as peak:
             load()
-        peak.rss_above_start, peak.heap_above_start   # bytes, or None where unavailable
+        peak.above_start["RssAnon"], peak.above_start["VmRSS"], peak.above_start["heap"]  # bytes or None
     """
+
+    FIGURES = ("RssAnon", "VmRSS", "heap")
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
-        self.rss_start = self.rss_peak = self.heap_start = self.heap_peak = None
+        self.start: dict[str, int | None] = {}
+        self.peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @staticmethod
+    def _read() -> dict[str, int | None]:
+        return {"RssAnon": resident_bytes("RssAnon"), "VmRSS": resident_bytes("VmRSS"), "heap": heap_in_use()}
+
     def _sample(self) -> None:
-        rss, heap = anonymous_rss(), heap_in_use()
-        if rss is not None:
-            self.rss_peak = max(self.rss_peak or 0, rss)
-        if heap is not None:
-            self.heap_peak = max(self.heap_peak or 0, heap)
+        for name, value in self._read().items():
+            if value is not None:
+                self.peak[name] = max(self.peak.get(name, 0), value)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -146,7 +150,7 @@ class BackgroundPeak:
 
     def __enter__(self) -> BackgroundPeak:
         gc.collect()
-        self.rss_start, self.heap_start = anonymous_rss(), heap_in_use()
+        self.start = self._read()
         self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -159,12 +163,9 @@ class BackgroundPeak:
         self._sample()
 
     @property
-    def rss_above_start(self) -> int | None:
-        return None if self.rss_peak is None or self.rss_start is None else self.rss_peak - self.rss_start
-
-    @property
-    def heap_above_start(self) -> int | None:
-        return None if self.heap_peak is None or self.heap_start is None else self.heap_peak - self.heap_start
+    def above_start(self) -> dict[str, int | None]:
+        return {name: None if self.start.get(name) is None or name not in self.peak
+                else self.peak[name] - self.start[name] for name in self.FIGURES}
 
 
 # ====================================================================== tensors held by an object

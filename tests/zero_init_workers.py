@@ -42,8 +42,9 @@ def run_zero_init_equivalence(rank: int, world: int, kind: str, types: list[str]
 
 def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) -> dict:
     """Loads the classifier in `model_dir` as the trainer does at ZeRO-3, with or without partitioned
-    loading; returns the load's peak anonymous RSS and heap above the start (sampled), the bytes of
-    the rank's share, and whether every weight equals the checkpoint's (compared on rank 0)."""
+    loading, then builds the fisher-sam engine. Returns the peaks above the start (`BackgroundPeak`)
+    of the load and of load + `fsam_ds.initialize`, the bytes of the rank's share of the weights, and
+    the parameters whose loaded weights differ from the checkpoint's (compared on rank 0)."""
     import deepspeed
     from safetensors import safe_open
 
@@ -55,16 +56,18 @@ def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) ->
     cfg = TrainConfig(task="sst2", model=model_dir)
     task = get_task("sst2")
     torch.distributed.barrier()
-    with BackgroundPeak() as peak:
-        model = load_model(cfg, task, ds_config(3) if partitioned else None)
-    torch.distributed.barrier()
-    params = dict(model.named_parameters())
-    held = sum((p.ds_tensor if partitioned else p).numel() * 4 for p in params.values())
+    with BackgroundPeak() as whole:
+        with BackgroundPeak() as load:
+            model = load_model(cfg, task, ds_config(3) if partitioned else None)
+        params = dict(model.named_parameters())
+        held = sum((p.ds_tensor if partitioned else p).numel() * 4 for p in params.values())
+        sam_engine = build_engine(model, 3, sam=sam_config("fisher-sam"), lr=1e-4)
     mismatched = []
     with safe_open(f"{model_dir}/model.safetensors", "pt") as checkpoint:
         for name, p in params.items():
-            with deepspeed.zero.GatheredParameters([p], enabled=partitioned):
+            with deepspeed.zero.GatheredParameters([p]):
                 if rank == 0 and not torch.equal(p.detach(), checkpoint.get_tensor(name)):
                     mismatched.append(name)
-    return {"rss": peak.rss_above_start, "heap": peak.heap_above_start, "held": held, "mismatched": mismatched,
+    del sam_engine
+    return {"load": load.above_start, "initialize": whole.above_start, "held": held, "mismatched": mismatched,
             "checked": len(params)}

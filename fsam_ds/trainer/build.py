@@ -20,9 +20,9 @@ from typing import Any, Callable
 import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
-from fsam_ds.trainer.model_loading import partitioned_loading
 from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
                                   tokenize_splits)
+from fsam_ds.trainer.model_loading import drop_unused_weight_conversions, partitioned_loading
 from fsam_ds.trainer.objectives import objective_for
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec
@@ -73,10 +73,12 @@ def load_model(cfg: TrainConfig, task: TaskSpec, ds_config: dict | None = None) 
     objective = objective_for(task)
     try:
         with partitioned_loading(ds_config or {}):
-            return objective.model_class().from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype],
-                                                           **objective.model_kwargs())
+            model = objective.model_class().from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype],
+                                                            **objective.model_kwargs())
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
+    drop_unused_weight_conversions(model)
+    return model
 
 
 def _load_kwargs(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Iterator
+from typing import Any, Iterator
 
 from fsam_ds.sam.config import ConfigError
 
@@ -49,3 +49,13 @@ def partitioned_loading(ds_config: dict) -> Iterator[None]:
     finally:
         unset_hf_deepspeed_config()
         del hf_config
+
+
+def drop_unused_weight_conversions(model: Any) -> None:
+    """Keeps only the checkpoint-name conversions that loading used, as transformers' own loading
+    does. Its ZeRO-3 loading keeps every conversion of the model class, and `save_pretrained` then
+    writes the export under legacy names (BERT's LayerNorm `gamma`/`beta` instead of
+    `weight`/`bias`), unlike an export of the same model loaded whole."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if c.was_used()]
