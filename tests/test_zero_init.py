@@ -124,3 +124,30 @@ def test_trainer_zero3_loads_partitioned_trains_and_exports_the_consolidated_wei
     for name in params:
         assert torch.equal(exported[name], consolidated[name].float()), name
     assert any(not torch.equal(exported[name], loaded[name]) for name in params)  # it trained
+
+
+def test_partitioned_loading_is_scoped_to_its_block_and_to_zero3(monkeypatch):
+    """Inside the block transformers builds ZeRO-3 models partitioned; after it, and at other stages, it
+    does not (a later model in the same process must not be partitioned by a config that is not its own)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from fsam_ds.sam.config import ConfigError
+    from fsam_ds.trainer.model_loading import partitioned_loading
+
+    pytest.importorskip("accelerate")
+    with partitioned_loading({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}):
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
+    with partitioned_loading({"zero_optimization": {"stage": 2}}):
+        assert not is_deepspeed_zero3_enabled()
+
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"zero_stage = 3 .*pip install 'accelerate"):
+        with partitioned_loading({"zero_optimization": {"stage": 3}}):
+            pass
+    with partitioned_loading({"zero_optimization": {"stage": 1}}):  # not needed below stage 3
+        pass

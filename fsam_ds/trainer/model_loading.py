@@ -1,12 +1,14 @@
 """Partitioned construction and loading at ZeRO-3: no rank ever holds the whole model.
 
-Without it every rank builds the full model in fp32, loads the whole checkpoint into it, and only
-`deepspeed.initialize` partitions it, so the load-time peak is at least one full fp32 model per rank
-(plus the checkpoint read on every rank). Under `partitioned_loading(ds_config)` transformers'
-`from_pretrained` constructs the model inside `deepspeed.zero.Init` (each parameter is partitioned
-as its module is built) and then loads the checkpoint one module at a time: rank 0 reads the tensors
-(memory-mapped safetensors), the module's parameters are gathered, filled on rank 0 and partitioned
-again. A rank then holds its 1/world share of the weights plus one module gathered at a time.
+Without it every rank builds the full model and holds it until `deepspeed.initialize` partitions it
+(transformers >= 5 memory-maps the safetensors file, so on CPU those weights sit in shared page cache
+until DeepSpeed copies each rank's partition out). Under `partitioned_loading(ds_config)`
+transformers' `from_pretrained` constructs the model inside `deepspeed.zero.Init` (each parameter is
+partitioned as its module is built) and then loads the checkpoint one module at a time: rank 0 reads
+the memory-mapped tensors, the module's parameters are gathered, filled on rank 0 and partitioned
+again. A rank then holds its 1/world share of the weights plus one module gathered at a time (on CPU,
+gloo's all-gather stages that module through a second buffer, so the largest module, often the word
+embeddings, counts about twice; README, "DeepSpeed ZeRO", has the measured peaks).
 
 The seam is transformers' DeepSpeed integration: `HfDeepSpeedConfig` registers itself through a
 weak reference that `from_pretrained` consults (`is_deepspeed_zero3_enabled`), so the object must
