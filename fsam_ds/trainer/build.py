@@ -21,6 +21,7 @@ import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.trainer.data import DataError, build_dataloader, load_task_splits, padding_collator, tokenize
+from fsam_ds.trainer.model_loading import drop_unused_weight_conversions, partitioned_loading
 from fsam_ds.trainer.objectives import objective_for
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec
@@ -58,14 +59,18 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         raise hub_error(name, "tokenizer", err) from None
 
 
-def load_model(cfg: TrainConfig, task: TaskSpec) -> torch.nn.Module:
-    """The pretrained model with the head the task's objective trains."""
+def load_model(cfg: TrainConfig, task: TaskSpec, ds_config: dict | None = None) -> torch.nn.Module:
+    """The pretrained model with the head the task's objective trains; partitioned from birth when
+    `ds_config` (resolved) runs ZeRO-3 (`fsam_ds.trainer.model_loading`)."""
     objective = objective_for(task)
     try:
-        return objective.model_class().from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype),
-                                                       **objective.model_kwargs())
+        with partitioned_loading(ds_config or {}):
+            model = objective.model_class().from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype),
+                                                            **objective.model_kwargs())
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
+    drop_unused_weight_conversions(model)
+    return model
 
 
 def _load_kwargs(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:

@@ -305,7 +305,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
     ds_config = resolve_config(cfg, world, total, hidden)
-    model = load_model(cfg, task)
+    model = load_model(cfg, task, ds_config)  # partitioned from birth at ZeRO-3
     enable_activation_checkpointing(model, cfg.gradient_checkpointing, ds_config)
     if cfg.precision == "fp32" and cfg.dtype != "float32":
         print(f"warning: dtype {cfg.dtype} with precision fp32 trains the {cfg.dtype} weights directly, "
