@@ -103,6 +103,71 @@ class HeapPeak:
         return self.peak, self.peak - self.baseline
 
 
+def resident_bytes(field: str = "RssAnon") -> int | None:
+    """A resident-memory figure of this process from /proc/self/status, in bytes (Linux only; None
+    elsewhere): "RssAnon" (anonymous memory), "RssFile" (file pages, such as a memory-mapped
+    safetensors checkpoint, which the kernel can drop and re-read at will) or "VmRSS" (both, and shmem)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class BackgroundPeak:
+    """Peaks above the start of anonymous RSS, total RSS and `heap_in_use()`, sampled by a thread every
+    `interval` seconds while the block runs, for code with no phases to sample at (a model loading):
+
+        with BackgroundPeak() as peak:
+            load()
+        peak.above_start["RssAnon"], peak.above_start["VmRSS"], peak.above_start["heap"]  # bytes or None
+    """
+
+    FIGURES = ("RssAnon", "VmRSS", "heap")
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.start: dict[str, int | None] = {}
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _read() -> dict[str, int | None]:
+        return {"RssAnon": resident_bytes("RssAnon"), "VmRSS": resident_bytes("VmRSS"), "heap": heap_in_use()}
+
+    def _sample(self) -> None:
+        for name, value in self._read().items():
+            if value is not None:
+                self.peak[name] = max(self.peak.get(name, 0), value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> BackgroundPeak:
+        gc.collect()
+        self.start = self._read()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    @property
+    def above_start(self) -> dict[str, int | None]:
+        return {name: None if self.start.get(name) is None or name not in self.peak
+                else self.peak[name] - self.start[name] for name in self.FIGURES}
+
+
 # ====================================================================== tensors held by an object
 
 # Objects whose insides never hold an optimizer's tensors; skipping them keeps the walk small and

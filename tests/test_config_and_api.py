@@ -158,3 +158,14 @@ def test_index_batch_handles_nested_structures():
     assert out["labels"].tolist() == [1, 3]
     assert out["pair"][0].tolist() == [1, 3] and out["pair"][1][0].tolist() == [2, 6]
     assert out["name"] == "keep"
+
+
+def test_index_batch_selects_rows_of_the_trainers_padded_batches():
+    """The trainer's collator returns transformers' BatchEncoding, a Mapping that is not a dict:
+    ESAM's second pass must still get only the kept examples."""
+    from transformers import BatchEncoding
+
+    batch = BatchEncoding({"input_ids": torch.arange(12).view(4, 3), "labels": torch.tensor([0, 1, 2, 3])})
+    out = index_batch(batch, torch.tensor([0, 2]))
+    assert out["input_ids"].tolist() == [[0, 1, 2], [6, 7, 8]]
+    assert out["labels"].tolist() == [0, 2]

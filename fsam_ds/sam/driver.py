@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -134,11 +134,13 @@ def check_per_example(losses: Tensor, expected: int | None = None) -> Tensor:
 
 
 def index_batch(batch: Any, index: Tensor) -> Any:
-    """Selects examples `index` (along dim 0) from a tensor, or a dict / list / tuple of them."""
+    """Selects examples `index` (along dim 0) from a tensor, or a mapping / list / tuple of them."""
     if isinstance(batch, Tensor):
         return batch[index.to(batch.device)]
     if isinstance(batch, dict):
         return type(batch)((k, index_batch(v, index)) for k, v in batch.items())
+    if isinstance(batch, Mapping):  # e.g. transformers' BatchEncoding, which is not a dict
+        return {k: index_batch(v, index) for k, v in batch.items()}
     if isinstance(batch, tuple) and getattr(type(batch), "_fields", None) is not None:  # a namedtuple
         return type(batch)(*(index_batch(v, index) for v in batch))
     if isinstance(batch, (list, tuple)):

@@ -328,10 +328,13 @@ def clear_earlier_run(output_dir: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------------------------- model export
 
-def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+def full_state_dict(engine: Any, keep: bool = True) -> dict[str, torch.Tensor]:
     """The model's weights in fp32 on the CPU: from DeepSpeed's fp32 master where there is one
     (ZeRO 1-3; in bf16 runs that is more precise than the module), else from the module.
-    Collective under ZeRO 1-3: every rank must call it."""
+    Collective under ZeRO 1-3: every rank must call it. Under ZeRO-3 the weights are consolidated
+    from the partitions one parameter at a time (each rank holds one full parameter transiently);
+    a rank that passes keep=False takes part in the gathers and keeps nothing, so only the ranks
+    that keep hold the whole fp32 model."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     stage = engine.zero_optimization_stage()
@@ -344,7 +347,10 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
             with deepspeed.zero.GatheredParameters([p]):
                 master = p.detach().clone()
         value = master if master is not None else p.detach()
-        out[name] = value.float().cpu().clone()
+        if keep:
+            out[name] = value.float().cpu().clone()
+    if not keep:
+        return out
     for name, buffer in engine.module.state_dict().items():
         if name not in out and buffer.numel() > 0:  # persistent buffers (e.g. position ids)
             out[name] = buffer.cpu().clone()
@@ -354,7 +360,7 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
 def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: dict | None = None) -> Path:
     """Writes a Hugging Face model folder (loadable with from_pretrained); collective."""
     folder = Path(folder)
-    state_dict = full_state_dict(engine)
+    state_dict = full_state_dict(engine, keep=dist.get_rank() == 0)  # only rank 0 writes
     if dist.get_rank() == 0:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

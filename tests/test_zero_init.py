@@ -1,0 +1,153 @@
+"""Models partitioned from birth at ZeRO-3 (2 gloo ranks): a model constructed inside
+`deepspeed.zero.Init` and one loaded by the trainer's partitioned loading train exactly like the
+single-process reference, and loading keeps each rank well under one full fp32 model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_harness import run_distributed
+from ds_workers import mlp, tiny_bert
+from test_zero_equivalence import reference, relative_update_error
+from zero_init_workers import run_load_memory, run_zero_init_equivalence
+
+pytest.importorskip("deepspeed")
+
+TYPES = ["sam", "fisher-sam"]
+
+
+def _check_partitioned_from_birth(born: list[tuple[int, int, int]], world: int) -> None:
+    for full, local, visible in born:
+        assert local == -(-full // world), (full, local)  # its 1/world share, padded
+        assert visible == 0  # the module's own tensor is an empty placeholder until gathered
+
+
+@pytest.mark.parametrize("persistence", [None, 0], ids=["small-persistent", "all-partitioned"])
+def test_mlp_built_under_zero_init_matches_single_process(persistence, tmp_path):
+    """`deepspeed.zero.Init` around the user's constructor, then `fsam_ds.initialize`. With DeepSpeed's
+    default persistence threshold these small parameters become persistent (held whole) at initialize;
+    with threshold 0 every one stays partitioned and is gathered for each forward."""
+    zero = {} if persistence is None else {"stage3_param_persistence_threshold": persistence}
+    results = run_distributed(run_zero_init_equivalence, 2, tmp_path, "mlp", TYPES, None, zero,
+                              use_deepspeed=True)
+    start = torch.cat([p.detach().reshape(-1) for p in mlp().parameters()])
+    for rank_result in results:
+        for sam_type in TYPES:
+            _check_partitioned_from_birth(rank_result["born"][sam_type], 2)
+    for sam_type in TYPES:
+        ours = torch.cat(results[0]["params"][sam_type])
+        assert torch.equal(ours, torch.cat(results[1]["params"][sam_type])), "ranks disagree"
+        assert relative_update_error(ours, reference("mlp", sam_type), start) <= 1e-5, sam_type
+        assert relative_update_error(ours, reference("mlp", sam_type, variant="summed"), start) > 1e-3, sam_type
+
+
+def test_bert_loaded_partitioned_by_the_trainer_matches_single_process(tmp_path):
+    """The trainer's ZeRO-3 loading (`build.load_model` with a stage-3 config) of a saved tiny BERT."""
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(folder)
+    results = run_distributed(run_zero_init_equivalence, 2, tmp_path / "ranks", "bert", TYPES, str(folder),
+                              use_deepspeed=True)
+    start = torch.cat([p.detach().reshape(-1) for p in tiny_bert().parameters()])
+    for sam_type in TYPES:
+        _check_partitioned_from_birth(results[0]["born"][sam_type], 2)
+        ours = torch.cat(results[0]["params"][sam_type])
+        assert relative_update_error(ours, reference("bert", sam_type), start) <= 1e-4, sam_type
+        assert relative_update_error(ours, reference("bert", sam_type, variant="summed"), start) > 1e-2, sam_type
+
+
+def write_large_classifier(folder) -> int:
+    """A BERT-base-wide, 8-layer classifier (about 82M parameters) saved as safetensors; its fp32 bytes."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=3072,
+                        num_labels=2)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters()) * 4
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not reached yet: transformers' ZeRO-3 loading gathers one module at a time, "
+                   "and on CPU gloo's all-gather stages through a second buffer, so the word-embedding module "
+                   "(0.3x of this model) costs about 0.6x on top of the rank's 0.5x share")
+def test_partitioned_loading_keeps_each_rank_under_0_6_of_the_fp32_model(tmp_path):
+    """Per-rank peaks (anonymous RSS, total RSS, heap) above the start of `load_model` at ZeRO-3 on 2 ranks,
+    against the target of at most 0.6x the fp32 model; printed with -s, with the peaks through
+    `fsam_ds.initialize` and the same figures for the whole-model load. Both loads give every weight of
+    the checkpoint; the partitioned one leaves each rank holding half of them."""
+    folder = tmp_path / "model"
+    model_bytes = write_large_classifier(folder)
+    measured = {}
+    for partitioned in (True, False):
+        results = run_distributed(run_load_memory, 2, tmp_path / f"ranks-{partitioned}", str(folder), partitioned,
+                                  use_deepspeed=True, timeout=900)
+        for rank, r in enumerate(results):
+            assert r["mismatched"] == [] and r["checked"] > 0, r  # the checkpoint's weights, all of them
+            measured[partitioned, rank] = r
+            print(f"partitioned={partitioned} rank {rank} (x the {model_bytes / 2 ** 20:.0f} MiB fp32 model): "
+                  + "; ".join(f"{phase} peak " + ", ".join(f"{k} {v / model_bytes:.2f}" for k, v in r[phase].items())
+                              for phase in ("load", "initialize")) + f"; holds {r['held'] / model_bytes:.2f}")
+    for rank in range(2):
+        assert measured[False, rank]["held"] == model_bytes
+        assert measured[True, rank]["held"] <= 0.51 * model_bytes
+    for rank in range(2):
+        assert max(measured[True, rank]["load"].values()) <= 0.6 * model_bytes, (rank, measured[True, rank])
+
+
+def test_trainer_zero3_loads_partitioned_trains_and_exports_the_consolidated_weights(tmp_path):
+    """fsam-train at ZeRO-3 on 2 ranks (torchrun) from a local model folder: the model is loaded partitioned,
+    trains, and final/ holds exactly the weights DeepSpeed's own fp32 consolidation (zero_to_fp32) reads
+    from the last checkpoint's partitions; the loaded model and a wrong parameter differ from them."""
+    import train_fixtures as fx
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from dist_harness import free_port
+
+    model = fx.write_tiny_model(tmp_path / "model")
+    train, dev = fx.write_sst2_files(tmp_path / "sst2")
+    out = tmp_path / "run"
+    args = fx.base_args(model, train, dev, out, zero_stage=3, precision="fp32", **{"optim.epochs": 1})
+    cmd = [str(fx.BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), "-m", "fsam_ds.train", *args]
+    result = fx.run(cmd, 300)
+    summary = fx.summary(out)
+    assert summary is not None and summary["steps"] == 4, result.stdout[-4000:]  # 64 / (2 x 8), one epoch
+    exported = fx.final_weights(out)
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step4")
+    loaded = load_file(str(model / "model.safetensors"))
+    assert set(exported) == set(loaded)  # the model's own parameter names, as a whole-model load exports
+    params = [name for name in consolidated if name in loaded]
+    assert len(params) == len(consolidated) > 0
+    for name in params:
+        assert torch.equal(exported[name], consolidated[name].float()), name
+    assert any(not torch.equal(exported[name], loaded[name]) for name in params)  # it trained
+
+
+def test_partitioned_loading_is_scoped_to_its_block_and_to_zero3(monkeypatch):
+    """Inside the block transformers builds ZeRO-3 models partitioned; after it, and at other stages, it
+    does not (a later model in the same process must not be partitioned by a config that is not its own)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from fsam_ds.sam.config import ConfigError
+    from fsam_ds.trainer.model_loading import partitioned_loading
+
+    pytest.importorskip("accelerate")
+    with partitioned_loading({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}):
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
+    with partitioned_loading({"zero_optimization": {"stage": 2}}):
+        assert not is_deepspeed_zero3_enabled()
+
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"zero_stage = 3 .*pip install 'accelerate"):
+        with partitioned_loading({"zero_optimization": {"stage": 3}}):
+            pass
+    with partitioned_loading({"zero_optimization": {"stage": 1}}):  # not needed below stage 3
+        pass

@@ -1,0 +1,73 @@
+"""Code that runs inside the 2-rank processes of tests/test_zero_init.py: models partitioned from birth
+(`deepspeed.zero.Init`, and the trainer's ZeRO-3 loading through transformers)."""
+
+from __future__ import annotations
+
+import torch
+
+from ds_workers import build_engine, ds_config, full_params, global_batches, mlp, per_example_loss, sam_config, split
+
+
+def run_zero_init_equivalence(rank: int, world: int, kind: str, types: list[str], model_dir: str | None = None,
+                              zero: dict | None = None, steps: int = 3) -> dict:
+    """The SAM types on a ZeRO-3 engine whose model never existed whole on a rank: the MLP constructed
+    inside `deepspeed.zero.Init`, the BERT loaded by the trainer's partitioned loading from `model_dir`.
+    Returns the trained full parameters per type and what each parameter looked like before the engine."""
+    import deepspeed
+
+    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.run_config import TrainConfig
+    from fsam_ds.trainer.tasks import get_task
+
+    zero = zero or {}
+    config = ds_config(3, **zero)
+    batches = global_batches(kind, steps)
+    loss = per_example_loss(kind)
+    results, born = {}, {}
+    for sam_type in types:
+        if kind == "mlp":
+            with deepspeed.zero.Init(config_dict_or_path=config):
+                model = mlp()
+        else:
+            cfg = TrainConfig(task="mnli", model=str(model_dir))  # 3 labels, as tiny_bert's head
+            model = load_model(cfg, get_task("mnli"), config)
+        # partitioned from birth: a rank holds only its share of each parameter
+        born[sam_type] = [(p.ds_numel, p.ds_tensor.numel(), p.numel()) for p in model.parameters()]
+        sam_engine = build_engine(model, 3, sam=sam_config(sam_type), **zero)
+        for b in batches:
+            assert not sam_engine.train_step(split(b, rank, world), loss).skipped
+        results[sam_type] = full_params(sam_engine.engine)
+    return {"params": results, "born": born}
+
+
+def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) -> dict:
+    """Loads the classifier in `model_dir` as the trainer does at ZeRO-3, with or without partitioned
+    loading, then builds the fisher-sam engine. Returns the peaks above the start (`BackgroundPeak`)
+    of the load and of load + `fsam_ds.initialize`, the bytes of the rank's share of the weights, and
+    the parameters whose loaded weights differ from the checkpoint's (compared on rank 0)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    from benchmarks.measure import BackgroundPeak
+    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.run_config import TrainConfig
+    from fsam_ds.trainer.tasks import get_task
+
+    cfg = TrainConfig(task="sst2", model=model_dir)
+    task = get_task("sst2")
+    torch.distributed.barrier()
+    with BackgroundPeak() as whole:
+        with BackgroundPeak() as load:
+            model = load_model(cfg, task, ds_config(3) if partitioned else None)
+        params = dict(model.named_parameters())
+        held = sum((p.ds_tensor if partitioned else p).numel() * 4 for p in params.values())
+        sam_engine = build_engine(model, 3, sam=sam_config("fisher-sam"), lr=1e-4)
+    mismatched = []
+    with safe_open(f"{model_dir}/model.safetensors", "pt") as checkpoint:
+        for name, p in params.items():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0 and not torch.equal(p.detach(), checkpoint.get_tensor(name)):
+                    mismatched.append(name)
+    del sam_engine
+    return {"load": load.above_start, "initialize": whole.above_start, "held": held, "mismatched": mismatched,
+            "checked": len(params)}
