@@ -12,6 +12,9 @@ Layout under the run's output_dir:
     best/, final/          Hugging Face model folders (config, tokenizer, fp32 weights, manifest.json);
                            best/ also holds best.json with the step and the dev metrics that selected it.
 
+Non-finite floats (a dev metric that is nan) are written as in metrics.jsonl, as the strings "nan", "inf"
+and "-inf", and read back as floats (`fsam_ds.trainer.metrics_log.encode_nonfinite`).
+
 Checkpoints assume a file system that every rank sees (as DeepSpeed's do): rank 0 hashes and
 verifies the whole folder.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -34,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError
+from fsam_ds.trainer.metrics_log import decode_nonfinite, encode_nonfinite
 from fsam_ds.trainer.run_identity import SAFE_TO_CHANGE_ON_RESUME, run_differences
 
 CHECKPOINT_DIR = "checkpoints"
@@ -378,20 +381,9 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(encode_nonfinite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no nan/inf; they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return decode_nonfinite(json.loads(path.read_text(encoding="utf-8")))

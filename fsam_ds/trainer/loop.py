@@ -34,6 +34,7 @@ from fsam_ds.trainer.checkpoint import (ResumePoint, TrainerState, check_same_ru
 from fsam_ds.trainer.metrics_log import trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.core import StepStats
+from fsam_ds.sam.driver import StepOutput
 from fsam_ds.trainer.data import DataError, set_epoch
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.objectives import Objective, objective_for
@@ -122,15 +123,21 @@ def _batches(run: Run, epoch: int, skip_steps: int) -> Iterator[dict]:
                            pin_memory=loader.pin_memory, drop_last=loader.drop_last, generator=loader.generator))
 
 
-def _global_mean(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
+def _global_losses(out: StepOutput, device: torch.device) -> tuple[float, float]:
+    """The step's mean loss and mean perturbed loss over the global batch. Every rank has as many
+    examples in the first pass, but ESAM's ranks keep different numbers (maybe none) for the second,
+    so its mean is the sum over the examples kept on all ranks over their count."""
+    kept = out.examples_kept
+    perturbed_sum = out.perturbed_loss * kept if kept else 0.0  # a rank that kept none reports nan
+    sums = torch.tensor([out.loss, perturbed_sum, kept], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    loss, perturbed_sum, kept = sums.tolist()
+    return loss / dist.get_world_size(), perturbed_sum / kept if kept else math.nan
 
 
-def log_step(run: Run, out: Any, lr: float, examples: int, epoch: float) -> None:
+def log_step(run: Run, out: StepOutput, lr: float, examples: int, epoch: float) -> None:
     """Counts the step if it was lost (see `stop_if_not_training`) and logs it."""
-    loss, perturbed = _global_mean([out.loss, out.perturbed_loss], run.engine.device)
+    loss, perturbed = _global_losses(out, run.engine.device)
     lost = out.skipped or not math.isfinite(loss)  # any rank's non-finite loss makes the mean non-finite
     run.state.skipped_steps += int(lost)
     run.state.consecutive_skipped = run.state.consecutive_skipped + 1 if lost else 0

@@ -38,7 +38,8 @@ from tqdm import tqdm
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 
 __all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured",
-           "MetricsFileError", "METRICS_FILE", "encode_event", "read_events", "read_summary", "trim_metrics"]
+           "MetricsFileError", "METRICS_FILE", "encode_event", "encode_nonfinite", "decode_nonfinite", "read_events",
+           "read_summary", "trim_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 WandbMode = Literal["online", "offline", "disabled"]
@@ -103,30 +104,32 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _encode_nonfinite(value: Any) -> Any:
+def encode_nonfinite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by its string; the trainer's other JSON files use it too."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {k: _encode_nonfinite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_encode_nonfinite(v) for v in value]
+        return {k: encode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_nonfinite(v) for v in value]
     return value
 
 
-def _decode_nonfinite(value: Any) -> Any:
+def decode_nonfinite(value: Any) -> Any:
+    """The inverse of `encode_nonfinite` on what json.loads returns."""
     if isinstance(value, str):
         return _NONFINITE.get(value, value)
     if isinstance(value, dict):
-        return {k: _decode_nonfinite(v) for k, v in value.items()}
+        return {k: decode_nonfinite(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode_nonfinite(v) for v in value]
+        return [decode_nonfinite(v) for v in value]
     return value
 
 
 def encode_event(record: dict[str, Any]) -> str:
     """One metrics.jsonl line (without the newline) for a record of Python values."""
     # allow_nan=False: a non-finite float that escaped the encoding would be invalid JSON; fail loudly
-    return json.dumps(_encode_nonfinite(_plain(record)), allow_nan=False, default=str)
+    return json.dumps(encode_nonfinite(_plain(record)), allow_nan=False, default=str)
 
 
 def read_events(path: str | os.PathLike, event: str | None = None) -> list[dict[str, Any]]:
@@ -157,7 +160,7 @@ def read_events(path: str | os.PathLike, event: str | None = None) -> list[dict[
                 f"{where} is {problem}; every line of {METRICS_FILE} is one JSON object as RunLogger writes "
                 f"it. Delete or repair line {index + 1} (only the last line of a killed run may be cut short).")
         if event is None or record.get("event") == event:
-            records.append(_decode_nonfinite(record))
+            records.append(decode_nonfinite(record))
     return records
 
 
