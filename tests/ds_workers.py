@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Iterator
 
 import torch
@@ -29,6 +30,35 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(cfg)
 
 
+def tiny_gpt2() -> nn.Module:
+    """A decoder whose lm_head is tied to the token embedding (one Parameter, listed once)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                     use_cache=False)
+    return GPT2LMHeadModel(cfg)
+
+
+def shared_layer_bert() -> nn.Module:
+    """tiny_bert whose two encoder layers are one module (weights shared across checkpointed layers)."""
+    model = tiny_bert()
+    model.bert.encoder.layer[1] = model.bert.encoder.layer[0]
+    return model
+
+
+def build_model(kind: str, checkpointing: str | bool = False, ds_config: dict | None = None) -> nn.Module:
+    """The test model of `kind` ("mlp", "bert", "shared", "gpt2"), with activation checkpointing as the
+    trainer sets it."""
+    model = {"mlp": mlp, "bert": tiny_bert, "shared": shared_layer_bert, "gpt2": tiny_gpt2}[kind]()
+    if checkpointing:
+        from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model, checkpointing, ds_config)
+    return model
+
+
 def global_batches(kind: str, steps: int, n: int = 8):
     g = torch.Generator().manual_seed(11)
     out = []
@@ -46,6 +76,11 @@ def per_example_loss(kind: str):
     def loss(module, batch):
         if kind == "mlp":
             logits = module(batch["x"].to(next(module.parameters()).dtype))
+        elif kind == "gpt2":  # next-token loss, averaged over each example's tokens
+            logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            tokens = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:],
+                                     reduction="none")
+            return tokens.mean(dim=1)
         else:
             logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["y"], reduction="none")
@@ -60,6 +95,7 @@ def sam_config(sam_type: str, **kw) -> SAMConfig:
 
 def ds_config(stage: int, dtype: str = "fp32", micro: int = 4, gas: int = 1, **zero) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+           "zero_force_ds_cpu_optimizer": False,  # the tests pass torch.optim.AdamW, also under offload
            "zero_optimization": {"stage": stage, **zero}, "steps_per_print": 10 ** 6,
            "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False,
            "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 unless told otherwise
@@ -103,18 +139,31 @@ def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, 
 
 
 def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str], steps: int = 3,
-                    overrides: dict | None = None):
+                    overrides: dict | None = None, zero: dict | None = None, parts: int = 1,
+                    checkpointing: str | bool = False):
     results = {}
     batches = global_batches(kind, steps)
     loss = per_example_loss(kind)
     for sam_type in types:
-        model = mlp() if kind == "mlp" else tiny_bert()
-        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})))
+        model = build_model(kind, checkpointing)
+        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})), gas=parts,
+                                  micro=4 // parts, **(zero or {}))
         for b in batches:
-            out = sam_engine.train_step(split(b, rank, world), loss)
+            out = sam_engine.train_step(split(b, rank, world, parts), loss)
             assert not out.skipped
         results[sam_type] = full_params(sam_engine.engine)
     return results
+
+
+def run_checkpointed_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str],
+                                 modes: list[str], steps: int = 3) -> dict:
+    """`run_equivalence` for each activation checkpointing mode, in one launch."""
+    return {mode: run_equivalence(rank, world, stage, kind, types, steps, checkpointing=mode) for mode in modes}
+
+
+def run_equivalence_cases(rank: int, world: int, cases: list[tuple[int, dict, int]], kind: str, types: list[str]):
+    """`run_equivalence` for several (stage, zero_optimization extras, micro-batches) in one launch."""
+    return [run_equivalence(rank, world, stage, kind, types, 3, None, zero, parts) for stage, zero, parts in cases]
 
 
 def full_grads(engine) -> list[torch.Tensor]:
@@ -183,13 +232,13 @@ def poisonable_loss(kind: str):
     return loss, calls
 
 
-def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str):
+def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str, zero: dict | None = None):
     from fsam_ds.zero.engine import allow_fp16_on_cpu
 
     allow_fp16_on_cpu()
     batches = global_batches("mlp", 4)
     loss, calls = poisonable_loss("mlp")
-    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type))
+    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config(sam_type), **(zero or {}))
     report = {}
     # step 1 trains normally
     out = sam_engine.train_step(split(batches[0], rank, world), loss)
@@ -367,3 +416,69 @@ def run_fp16_skip_keeps_fisher(rank: int, world: int, stage: int) -> dict:
     calls["poison"] = calls["n"] + 2  # the second pass of the next step, which is due to rebuild
     out = sam_engine.train_step(split(batches[2], rank, world), loss)
     return {"before": before, "after": state(), "skipped": out.skipped, "rebuilt": out.stats.mask_rebuilt}
+
+
+def dropout_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=3,
+                     hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    return BertForSequenceClassification(cfg)
+
+
+DEEPSPEED_CHECKPOINTING = {"activation_checkpointing": {"cpu_checkpointing": False, "number_checkpoints": None}}
+
+
+def run_dropout_under_checkpointing(rank: int, world: int, stage: int, variants: list[str]) -> dict:
+    """fisher-sam on a BERT with dropout, the same seed for every variant: "off" (no checkpointing),
+    torch's "reentrant"/"non_reentrant", DeepSpeed's ("deepspeed-reentrant", ...), and the deliberately
+    wrong "no-rng-restore" (torch's non-reentrant checkpoint told not to restore the random state)."""
+    from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
+
+    batches = global_batches("bert", 2)
+    loss = per_example_loss("bert")
+    results = {}
+    for variant in variants:
+        model = dropout_bert()
+        config = ds_config(stage)
+        if variant == "no-rng-restore":
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
+        elif variant.startswith("deepspeed-"):
+            import deepspeed
+
+            config.update(DEEPSPEED_CHECKPOINTING)
+            enable_activation_checkpointing(model, variant.removeprefix("deepspeed-"), config)
+            chosen = model.bert.encoder.layer[0]._gradient_checkpointing_func
+            assert chosen is (deepspeed.checkpointing.checkpoint if variant == "deepspeed-reentrant"
+                              else deepspeed.checkpointing.non_reentrant_checkpoint)
+        elif variant != "off":
+            enable_activation_checkpointing(model, variant, config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        import fsam_ds.zero.engine as fe
+
+        sam_engine = fe.initialize(model=model, config=config, sam=sam_config("fisher-sam"), optimizer=optimizer)
+        torch.manual_seed(100 + rank)
+        for b in batches:
+            assert not sam_engine.train_step(split(b, rank, world), loss).skipped
+        results[variant] = torch.cat(full_params(sam_engine.engine))
+    return results
+
+
+def run_reused_parameters(rank: int, world: int, cases: list[tuple[int, str]], steps: int = 3) -> dict:
+    """sam on `shared_layer_bert` with checkpointing enabled past the trainer's check, per (stage, mode):
+    the parameters on success, DeepSpeed's error message on failure (put failing cases last)."""
+    results = {}
+    for stage, mode in cases:
+        model = build_model("shared", mode)
+        sam_engine = build_engine(model, stage, sam=sam_config("sam"))
+        try:
+            for b in global_batches("shared", steps):
+                sam_engine.train_step(split(b, rank, world), per_example_loss("shared"))
+        except AssertionError as err:
+            results[(stage, mode)] = f"{err!s} ({traceback.format_exc(limit=-1).strip()})"
+            continue
+        results[(stage, mode)] = full_params(sam_engine.engine)
+    return results

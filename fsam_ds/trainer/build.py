@@ -20,8 +20,7 @@ from typing import Any, Callable
 import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
-from fsam_ds.trainer.data import (DataError, build_dataloader, load_task_splits, padding_collator,
-                                  tokenize_splits)
+from fsam_ds.trainer.data import DataError, build_dataloader, load_task_splits, padding_collator, tokenize
 from fsam_ds.trainer.objectives import objective_for
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 from fsam_ds.trainer.tasks import TaskSpec
@@ -31,19 +30,12 @@ class TrainError(RuntimeError):
     """A problem with the run's inputs that the user must fix; the message says what to change."""
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 # ----------------------------------------------------------------------------------- model, data
 
-def _looks_local(name: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else with a slash, or a relative/home path, is a folder.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
-
-
 def check_model_path(name: str, what: str = "model") -> None:
-    path = Path(name).expanduser()
-    if _looks_local(name) and not path.is_dir():
+    # A hub id is "name" or "org/name"; anything else with a slash, or a relative/home path, is a folder.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+    if looks_local and not Path(name).expanduser().is_dir():
         raise TrainError(f"{what} = {name!r} looks like a local folder but does not exist. Give the folder that "
                          "holds config.json and the weights (saved with save_pretrained), or a Hugging Face "
                          "hub id such as FacebookAI/roberta-large.")
@@ -70,7 +62,8 @@ def load_model(cfg: TrainConfig, task: TaskSpec) -> torch.nn.Module:
     """The pretrained model with the head the task's objective trains."""
     objective = objective_for(task)
     try:
-        return objective.model_class().from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], **objective.model_kwargs())
+        return objective.model_class().from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype),
+                                                       **objective.model_kwargs())
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
 
@@ -113,7 +106,7 @@ def build_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any, rank: int, worl
                           f"{cfg.tokenizer or cfg.model!r} accepts; pass --data.max_length={limit} or less.")
     splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed, encoding=d.encoding,
                               **_load_kwargs(cfg, task))
-    tokens = tokenize_splits(splits, tokenizer, max_length=d.max_length)
+    tokens = {name: tokenize(split, tokenizer, max_length=d.max_length) for name, split in splits.items()}
     collate = padding_collator(tokenizer)
     common = {"rank": rank, "world_size": world, "num_workers": d.num_workers, "seed": cfg.seed}
     train = build_dataloader(tokens[task.train_split], collate, batch_size=d.micro_batch_size, train=True, **common)

@@ -6,17 +6,15 @@ Every loaded split is normalised to the columns `text_a`, `text_b` (pair tasks o
 GLUE TSV folders (`source="glue-tsv"`) are read in the layouts of the GLUE distribution:
     cola  headerless: source, label, original label, sentence (a header row naming `sentence`
           and `label` is also accepted)
-    sst2  header `sentence label`
     mrpc  header `Quality #1 ID #2 ID #1 String #2 String` (Quality is the label)
     qqp   header `id qid1 qid2 question1 question2 is_duplicate`
     stsb  header `index genre filename year old_index source1 source2 sentence1 sentence2 score`
     mnli  header `index promptID pairID genre ... sentence1 sentence2 [label1..label5] gold_label`,
           dev files dev_matched.tsv and dev_mismatched.tsv
-    qnli  header `index question sentence label`
-    rte / wnli  header `index sentence1 sentence2 label`
-Any other task reads a headered TSV whose columns carry the task's own names. Files are
-train.tsv and dev.tsv (or `<split>.tsv` for a split not called validation). Fields are split on
-tabs with no quote handling, as the GLUE files require.
+Any other task (sst2, qnli, rte, wnli among them) reads a headered TSV whose columns carry the
+task's own names; other columns, such as `index`, are ignored. Files are train.tsv and dev.tsv (or
+`<split>.tsv` for a split not called validation). Fields are split on tabs with no quote handling,
+as the GLUE files require.
 
 Files are read by datasets' csv, json and parquet builders, in the encoding given (utf-8 unless
 told); our checks on top name the file and the fix: rows of the wrong width, missing columns,
@@ -44,12 +42,11 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from fsam_ds.trainer.tasks import TaskSpec, get_task
+from fsam_ds.trainer.tasks import GLUE_TASKS, TaskSpec, get_task
 
 TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
 SOURCES = ("hub", "glue-tsv", "files")
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 PathLike = str | os.PathLike
 
@@ -62,9 +59,8 @@ class DataError(ValueError):
 class TsvLayout:
     """How one GLUE task's TSV files are laid out."""
 
-    header: bool = True
     names: tuple[str, ...] = ()
-    """Column names of a headerless file."""
+    """Column names of a headerless file; empty when the file has a header row."""
     rename: Mapping[str, str] = field(default_factory=dict, hash=False)
     """File column -> task column (applied only where the task column is absent)."""
     dev_files: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -72,18 +68,15 @@ class TsvLayout:
 
 
 GLUE_TSV_LAYOUTS: Mapping[str, TsvLayout] = MappingProxyType({
-    "cola": TsvLayout(header=False, names=("source", "label", "original_label", "sentence")),
-    "sst2": TsvLayout(),
+    "cola": TsvLayout(names=("source", "label", "original_label", "sentence")),
     "mrpc": TsvLayout(rename={"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"}),
     "qqp": TsvLayout(rename={"is_duplicate": "label"}),
     "stsb": TsvLayout(rename={"score": "label"}),
     "mnli": TsvLayout(rename={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
                       dev_files={"validation_matched": "dev_matched.tsv",
                                  "validation_mismatched": "dev_mismatched.tsv"}),
-    "qnli": TsvLayout(),
-    "rte": TsvLayout(),
-    "wnli": TsvLayout(),
 })
+"""The GLUE tasks whose files are not a headered TSV with the task's own column names."""
 
 
 @dataclass
@@ -100,27 +93,11 @@ class _Raw:
 
 # ----------------------------------------------------------------------------------------- reading
 
-def _causes(err: BaseException) -> Iterator[BaseException]:
-    """`err` and the errors it was raised from (datasets wraps a reader's error in its own)."""
-    current: BaseException | None = err
-    while current is not None:
-        yield current
-        current = current.__cause__
-
-
 def _encoding_error(path: Path, encoding: str, err: UnicodeError) -> DataError:
     return DataError(
         f"{path} is not valid {encoding} text ({err}). Save the file as UTF-8, or give its encoding: "
         "--data.encoding=latin-1 (or cp1252, utf-16, ...) for fsam-train, encoding='latin-1' for "
         "load_task_splits.")
-
-
-def _check_encoding(encoding: str) -> None:
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"data.encoding = {encoding!r} is not a text encoding Python knows; use e.g. utf-8, "
-                        "latin-1 or cp1252 (the names of Python's codecs module).") from None
 
 
 def _load_file(builder: str, path: Path, encoding: str, fix: str = "", **options: Any) -> dict[str, list]:
@@ -136,8 +113,10 @@ def _load_file(builder: str, path: Path, encoding: str, fix: str = "", **options
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
                                          keep_in_memory=True, **options).to_dict()
-        except Exception as err:  # datasets raises its own DatasetGenerationError around the reader's error
-            *_, detail = _causes(err)
+        except Exception as err:
+            detail: BaseException = err  # datasets raises its own DatasetGenerationError around the reader's error
+            while detail.__cause__ is not None:
+                detail = detail.__cause__
             if isinstance(detail, UnicodeError):
                 raise _encoding_error(path, encoding, detail) from None
             fix = fix or f"Repair the file, or save it in one of the formats {', '.join(FILE_FORMATS)}"
@@ -221,7 +200,7 @@ def _read_json(path: Path, encoding: str) -> dict[str, list]:
     return data
 
 
-def _read_file(path: Path, *, required: Sequence[str], bad_rows: str, encoding: str) -> dict[str, list]:
+def _read_file(path: Path, *, bad_rows: str, encoding: str) -> dict[str, list]:
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of "
@@ -229,7 +208,7 @@ def _read_file(path: Path, *, required: Sequence[str], bad_rows: str, encoding: 
     if not path.is_file():
         raise DataError(f"{path} not found; check the path given for this split.")
     if fmt in ("csv", "tsv"):
-        return _read_delimited(path, tsv=fmt == "tsv", encoding=encoding, required=required, bad_rows=bad_rows)
+        return _read_delimited(path, tsv=fmt == "tsv", encoding=encoding, bad_rows=bad_rows)
     if fmt == "parquet":
         return _load_file("parquet", path, encoding)
     return _read_json(path, encoding)
@@ -251,7 +230,7 @@ def _read_glue_tsv(data_dir: Path, spec: TaskSpec, split: str, bad_rows: str, en
                         f"train.tsv and {', '.join(_glue_tsv_path(data_dir, spec, s).name for s in spec.dev_splits)}; "
                         "point data_dir at that folder, or use source='files' with data_files={split: path}.")
     layout = GLUE_TSV_LAYOUTS.get(spec.name, TsvLayout())
-    columns = _read_delimited(path, tsv=True, encoding=encoding, names=() if layout.header else layout.names,
+    columns = _read_delimited(path, tsv=True, encoding=encoding, names=layout.names,
                               required=spec.required_columns, bad_rows=bad_rows)
     columns = _renamed(columns, layout.rename)
     return _Raw(f"File {str(path)!r}", columns)
@@ -278,8 +257,7 @@ def _hub_unreachable() -> str | None:
 
 
 def _hub_name(spec: TaskSpec) -> str:
-    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
-    return f"the hub dataset {spec.hub_id!r}{config} (task {spec.name!r})"
+    return repr(spec.hub_id) + (f", config {spec.hub_config!r}" if spec.hub_config else "")
 
 
 def _check_hub(spec: TaskSpec) -> None:
@@ -288,9 +266,10 @@ def _check_hub(spec: TaskSpec) -> None:
 
     why = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
     if why is not None:
-        raise DataError(f"Cannot load {_hub_name(spec)}: the Hugging Face hub at {datasets.config.HF_ENDPOINT} does "
-                        f"not answer ({why}). Check the network, or, if the dataset is already in your datasets "
-                        f"cache, set HF_HUB_OFFLINE=1 to load it from there. {LOCAL_FILES_HINT}")
+        raise DataError(f"Cannot load the hub dataset {_hub_name(spec)} (task {spec.name!r}): the Hugging Face hub "
+                        f"at {datasets.config.HF_ENDPOINT} does not answer ({why}). Check the network, or, if the "
+                        "dataset is already in your datasets cache, set HF_HUB_OFFLINE=1 to load it from there. "
+                        f"{LOCAL_FILES_HINT}")
 
 
 def _read_hub(spec: TaskSpec, split: str, hub_kwargs: Mapping[str, Any], rename: Mapping[str, str]) -> _Raw:
@@ -303,15 +282,14 @@ def _read_hub(spec: TaskSpec, split: str, hub_kwargs: Mapping[str, Any], rename:
     except ConnectionError as err:
         if not datasets.config.HF_HUB_OFFLINE:
             raise
-        raise DataError(f"Cannot load {_hub_name(spec)}: the hub is switched off (HF_HUB_OFFLINE or "
-                        f"HF_DATASETS_OFFLINE) and the dataset is not in the datasets cache ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}). Unset the variable to download it "
-                        f"once. {LOCAL_FILES_HINT}") from None
+        raise DataError(f"Cannot load the hub dataset {_hub_name(spec)} (task {spec.name!r}): the hub is switched "
+                        f"off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and the dataset is not in the datasets cache "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Unset the variable "
+                        f"to download it once. {LOCAL_FILES_HINT}") from None
     wanted = set(spec.required_columns) | set(rename)
     present = list(ds.column_names)
     ds = ds.select_columns([c for c in present if c in wanted])
-    config = f", config {spec.hub_config!r}" if spec.hub_config else ""
-    return _Raw(f"Hub dataset {spec.hub_id!r}{config}, split {split!r},", ds.to_dict(), present=present)
+    return _Raw(f"Hub dataset {_hub_name(spec)}, split {split!r},", ds.to_dict(), present=present)
 
 
 # ---------------------------------------------------------------------------------------- checking
@@ -347,17 +325,13 @@ def _bad_listing(bad: Counter) -> str:
 def _label_key(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        value = value.strip()
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        # "1.0" as written by tools that store labels as floats is class 1.
-        return str(int(number)) if number.is_integer() else value
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)  # bools become BoolQ/WiC's "True"/"False"
+    text = str(value).strip()  # bools become BoolQ/WiC's "True"/"False"
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    # "1.0" as written by tools that store labels as floats is class 1.
+    return str(int(number)) if number.is_integer() else text
 
 
 def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
@@ -365,14 +339,8 @@ def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
     lookup = {str(i): i for i in range(spec.num_labels)}
     lookup.update({name: i for i, name in enumerate(spec.label_names)})
     lookup.update(spec.label_map or {})
-    ids: list[int] = []
-    bad: Counter = Counter()
-    for value in values:
-        key = _label_key(value)
-        if key in lookup:
-            ids.append(lookup[key])
-        else:
-            bad[repr(value)] += 1
+    keys = [_label_key(value) for value in values]
+    bad = Counter(repr(value) for value, key in zip(values, keys) if key not in lookup)
     if bad:
         raw = f"; or the raw values {_quoted(list(spec.label_map))} (label_map)" if spec.label_map else ""
         unlabeled = (" -1 is how GLUE and SuperGLUE mark unlabelled test examples; load a labelled split."
@@ -382,27 +350,25 @@ def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
             f"task {spec.name!r}: {_bad_listing(bad)}. Allowed: the ids 0..{spec.num_labels - 1}, or the names "
             f"{_quoted(spec.label_names)}{raw}.{unlabeled} Fix or drop those rows, or pass a task with a "
             "label_map (dataclasses.replace(task, label_map={...})) that maps them to class ids.")
-    return ids
+    return [lookup[key] for key in keys]
+
+
+def _score(value: Any) -> float:
+    try:
+        return math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _scores(values: list, spec: TaskSpec, origin: str) -> list[float]:
-    out: list[float] = []
-    bad: Counter = Counter()
-    for value in values:
-        try:
-            score = math.nan if isinstance(value, bool) else float(value)
-        except (TypeError, ValueError):
-            score = math.nan
-        if math.isfinite(score):
-            out.append(score)
-        else:
-            bad[repr(value)] += 1
+    scores = [_score(value) for value in values]
+    bad = Counter(repr(value) for value, score in zip(values, scores) if not math.isfinite(score))
     if bad:
         raise DataError(
             f"{origin} column {spec.label_column!r} has {sum(bad.values())} label(s) that are not finite "
             f"numbers: {_bad_listing(bad)}. Task {spec.name!r} is a regression task, so every label must be a "
             "float (e.g. STS-B similarity in [0, 5]); fix or drop those rows.")
-    return out
+    return scores
 
 
 def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
@@ -416,23 +382,19 @@ def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
             f"so task {spec.name!r} has nothing to train or evaluate on in this split. Add examples, one per row, "
             "below the header, or give this split a file that has them (data.train_file / data.dev_file; "
             "data_files in load_task_splits).")
-    for name in spec.required_columns:
+    fields = [c for c in spec.required_columns if c != spec.label_column]
+    for name in fields:
         empty = [i for i, v in enumerate(columns[name]) if v is None]
-        if empty and name != spec.label_column:
+        if empty:
             raise DataError(f"{raw.origin} column {name!r} is null in {len(empty)} row(s) (rows "
                             f"{_quoted(empty[:10])}{', ...' if len(empty) > 10 else ''}); task {spec.name!r} reads "
                             "text from it. Fill or drop those rows.")
-    fields = [c for c in spec.required_columns if c != spec.label_column]
-    n = len(columns[spec.label_column])
-    if spec.text_templates is None:
-        texts = [[str(v) for v in columns[c]] for c in spec.text_columns]
-    else:
-        rows = [{c: columns[c][i] for c in fields} for i in range(n)]
-        texts = [[t.format_map(r) for r in rows] for t in spec.text_templates]
-    data: dict[str, list] = {TEXT_A: texts[0]}
+    rows = [dict(zip(fields, values)) for values in zip(*(columns[c] for c in fields))]
+    texts = list(zip(*(spec.texts(row) for row in rows)))  # one tuple per text column
+    data: dict[str, list] = {TEXT_A: list(texts[0])}
     features = {TEXT_A: Value("string")}
     if spec.is_pair:
-        data[TEXT_B] = texts[1]
+        data[TEXT_B] = list(texts[1])
         features[TEXT_B] = Value("string")
     labels = columns[spec.label_column]
     if spec.is_regression:
@@ -468,7 +430,7 @@ def load_task_splits(
     task's column names). `columns` renames data columns to task columns. `train_per_class`
     keeps that many training examples per class, chosen by `seed` (see `sample_per_class`).
     `bad_rows`: CSV/TSV rows of the wrong width are skipped with a warning, or raise. `encoding`:
-    the text encoding of CSV/TSV/JSON files. Files are read by datasets' csv/json/parquet builders.
+    the text encoding of CSV/TSV/JSON files.
     """
     spec = get_task(task)
     rename = dict(columns or {})
@@ -477,7 +439,11 @@ def load_task_splits(
         raise DataError(f"source = {source!r} is not one of {', '.join(SOURCES)}.")
     if bad_rows not in ("warn", "error"):
         raise DataError(f"bad_rows = {bad_rows!r} must be 'warn' or 'error'.")
-    _check_encoding(encoding)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"data.encoding = {encoding!r} is not a text encoding Python knows; use e.g. utf-8, "
+                        "latin-1 or cp1252 (the names of Python's codecs module).") from None
     if source == "glue-tsv" and data_dir is None:
         raise DataError("source='glue-tsv' needs data_dir, the folder holding train.tsv and the dev file(s).")
     if source == "files":
@@ -505,9 +471,8 @@ def load_task_splits(
             raw = _read_glue_tsv(Path(data_dir), split_spec, split, bad_rows, encoding)  # type: ignore[arg-type]
         else:
             path = Path(data_files[split])  # type: ignore[index]
-            raw = _Raw(f"File {str(path)!r}", _read_file(path, required=split_spec.required_columns,
-                                                        bad_rows=bad_rows, encoding=encoding))
-            if path.suffix.lower() == ".tsv" and split_spec.name in GLUE_TSV_LAYOUTS:
+            raw = _Raw(f"File {str(path)!r}", _read_file(path, bad_rows=bad_rows, encoding=encoding))
+            if path.suffix.lower() == ".tsv" and split_spec.name in GLUE_TASKS:
                 raw.hint = " For the GLUE distribution's own TSV files use source='glue-tsv' with data_dir."
         out[split] = _normalize(raw, split_spec, rename)
     if train_per_class is not None and spec.train_split in out:
@@ -540,8 +505,7 @@ def sample_per_class(dataset: Dataset, n: int, *, seed: int) -> Dataset:
     chosen = []
     for class_id in range(feature.num_classes):
         members = np.flatnonzero(labels == class_id)
-        order = np.random.default_rng([seed, class_id]).permutation(len(members))
-        chosen.append(members[order[:n]])
+        chosen.append(np.random.default_rng([seed, class_id]).permutation(members)[:n])
     return dataset.select(np.sort(np.concatenate(chosen)).tolist())
 
 
@@ -563,19 +527,13 @@ def tokenize(dataset: Dataset, tokenizer: Any, *, max_length: int = 128) -> Data
     regression = not isinstance(dataset.features[LABEL], ClassLabel)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
+        # the tokenizer returns the inputs its model takes (its model_input_names), token types or not
         enc = tokenizer(batch[TEXT_A], batch[TEXT_B] if pair else None, truncation=True, max_length=max_length)
-        out = {k: enc[k] for k in MODEL_INPUTS if k in enc}
-        out["labels"] = batch[LABEL]
-        return out
+        return {**enc, "labels": batch[LABEL]}
 
     tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
     tokenized = tokenized.cast_column("labels", Value("float32" if regression else "int64"))
     return tokenized.with_format("torch")
-
-
-def tokenize_splits(splits: Mapping[str, Dataset], tokenizer: Any, *,
-                    max_length: int = 128) -> dict[str, Dataset]:
-    return {name: tokenize(ds, tokenizer, max_length=max_length) for name, ds in splits.items()}
 
 
 def padding_collator(tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> Callable[[list], dict]:
@@ -634,8 +592,6 @@ def build_dataloader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
-    drop_last_batch: bool = False,
-    pin_memory: bool = False,
 ) -> DataLoader:
     """A loader over this rank's shard of `dataset` (`batch_size` is per rank).
 
@@ -646,10 +602,6 @@ def build_dataloader(
     train=False: the examples in order, in `ShardSampler` shards (see there for `num_real`).
     """
     _check_rank(rank, world_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size = {batch_size!r} must be an integer >= 1.")
-    if len(dataset) == 0:
-        raise DataError("The dataset is empty; there is nothing to batch.")
     sampler: Sampler[int]
     if train:
         if len(dataset) < world_size:
@@ -659,8 +611,7 @@ def build_dataloader(
                                      drop_last=True)
     else:
         sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=num_workers, drop_last=drop_last_batch, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
 from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, hub_error, load_model, load_tokenizer,
                                    resolve_config)
 from fsam_ds.trainer.checkpoint import (ResumePoint, TrainerState, check_same_run, clear_earlier_run, discard_after,
@@ -288,6 +289,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
         raise hub_error(cfg.model, "model", err) from None
     ds_config = resolve_config(cfg, world, total, hidden)
     model = load_model(cfg, task)
+    enable_activation_checkpointing(model, cfg.gradient_checkpointing, ds_config)
     if cfg.precision == "fp32" and cfg.dtype != "float32":
         print(f"warning: dtype {cfg.dtype} with precision fp32 trains the {cfg.dtype} weights directly, "
               "without an fp32 master copy.", file=sys.stderr, flush=True)

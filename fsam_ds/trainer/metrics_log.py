@@ -20,6 +20,7 @@ never shadow the standard library's `logging`, which wandb and transformers impo
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import netrc
@@ -28,7 +29,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -60,32 +61,26 @@ def wandb_api_key_configured() -> bool:
     return bool(entry and entry[2])
 
 
-def resolve_wandb_mode(mode: str) -> WandbMode:
+def resolve_wandb_mode(mode: WandbMode | Literal["auto"]) -> WandbMode:
     """`auto` -> online with credentials, else offline; an explicit WANDB_MODE/WANDB_DISABLED wins over auto."""
-    if mode in ("online", "offline", "disabled"):
-        return mode  # type: ignore[return-value]
     if mode != "auto":
-        raise ValueError(f"wandb mode must be online, offline, disabled or auto, got {mode!r}")
+        return mode
     if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         return "disabled"
-    env_mode = os.environ.get("WANDB_MODE", "").lower()
+    env_mode = os.environ.get("WANDB_MODE", "").lower().replace("dryrun", "offline")  # dryrun: wandb's old offline
     if env_mode in ("offline", "disabled", "online"):
         return env_mode  # type: ignore[return-value]
-    if env_mode == "dryrun":
-        return "offline"
     return "online" if wandb_api_key_configured() else "offline"
 
 
 def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
+    """H:MM:SS, or '?' for a negative or non-finite estimate."""
+    return str(datetime.timedelta(seconds=int(seconds))) if math.isfinite(seconds) and seconds >= 0 else "?"
 
 
 # ---------------------------------------------------------------------------- metrics.jsonl lines
 
+# str() of each non-finite float -> one shared float object: two reads of a file compare equal, though nan != nan
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -93,43 +88,40 @@ class MetricsFileError(ValueError):
     """A metrics.jsonl line, other than a cut-short last one, that is not a JSON object."""
 
 
-def _plain(value: Any) -> Any:
-    """Tensors and numpy values -> Python numbers and lists; containers walked."""
+def _plain(value: Any, leaf: Callable[[Any], Any] = lambda v: v) -> Any:
+    """Nested dicts and lists with `leaf` applied to each other value; tensors and numpy values become Python
+    numbers and lists first."""
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         value = value.tolist()  # a 0-d tensor or a numpy scalar gives a number
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, leaf) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        return [_plain(v, leaf) for v in value]
+    return leaf(value)
+
+
+def _encode_nonfinite(value: Any) -> Any:
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _decode_nonfinite(value: Any) -> Any:
+    return _NONFINITE.get(value, value) if isinstance(value, str) else value
 
 
 def encode_nonfinite(value: Any) -> Any:
-    """`value` with every non-finite float replaced by its string; the trainer's other JSON files use it too."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: encode_nonfinite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_nonfinite(v) for v in value]
-    return value
+    """`value` with every non-finite float as its string; the trainer's other JSON files use it too."""
+    return _plain(value, _encode_nonfinite)
 
 
 def decode_nonfinite(value: Any) -> Any:
     """The inverse of `encode_nonfinite` on what json.loads returns."""
-    if isinstance(value, str):
-        return _NONFINITE.get(value, value)
-    if isinstance(value, dict):
-        return {k: decode_nonfinite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_nonfinite(v) for v in value]
-    return value
+    return _plain(value, _decode_nonfinite)
 
 
 def encode_event(record: dict[str, Any]) -> str:
     """One metrics.jsonl line (without the newline) for a record of Python values."""
     # allow_nan=False: a non-finite float that escaped the encoding would be invalid JSON; fail loudly
-    return json.dumps(encode_nonfinite(_plain(record)), allow_nan=False, default=str)
+    return json.dumps(encode_nonfinite(record), allow_nan=False, default=str)
 
 
 def read_events(path: str | os.PathLike, event: str | None = None) -> list[dict[str, Any]]:
@@ -180,8 +172,13 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
         return
     kept = [r for r in read_events(path)
             if r.get("event") != "summary" and not (isinstance(r.get("step"), int) and r["step"] > step)]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(encode_event(r) + "\n" for r in kept), encoding="utf-8")
+    _replace_file(path, "".join(encode_event(r) + "\n" for r in kept))
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `text` to a temporary file, then move it over `path`: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -201,12 +198,9 @@ class RunLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.resumed = bool(cfg.resume) if resumed is None else resumed
         self.total_steps = total_steps
-        self.log_every = cfg.log.log_every
-        self.metrics_path = self.output_dir / METRICS_FILE
-        self.config_path = self.output_dir / "config.json"
         # Line buffering flushes each event as it is written, so a crash loses nothing logged.
-        self._file = open(self.metrics_path, "a" if self.resumed else "w", encoding="utf-8", buffering=1)
-        self._write_config()
+        self._file = open(self.output_dir / METRICS_FILE, "a" if self.resumed else "w", encoding="utf-8", buffering=1)
+        _replace_file(self.output_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
         self._start_time = time.time()
         self._window_start = time.perf_counter()
         self._window_losses: list[float] = []
@@ -219,20 +213,6 @@ class RunLogger:
         self._init_wandb(resolve_wandb_mode(cfg.log.wandb))
         self.log("start", step=start_step, resumed=self.resumed, total_steps=total_steps,
                  wandb_mode=self.wandb_mode)
-
-    # ---- files
-
-    def _write_config(self) -> None:
-        data = config_to_dict(self.cfg)
-        tmp = self.config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.config_path)
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if self._file.closed:
-            return
-        self._file.write(encode_event(record) + "\n")
-        self._file.flush()
 
     # ---- wandb
 
@@ -251,14 +231,18 @@ class RunLogger:
                           stacklevel=3)
             mode = "offline"
         timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S))
+        # Continue the same wandb run on resume so the curves stay in one place.
+        id_file = self.output_dir / "wandb-run-id"
+        same_run: dict[str, Any] = {}
+        if self.resumed and id_file.is_file():
+            same_run = {"id": id_file.read_text(encoding="utf-8").strip(), "resume": "allow"}
         for attempt in ([mode, "offline"] if mode == "online" else [mode]):
             try:
                 settings = wandb.Settings(init_timeout=timeout, finish_timeout=DEFAULT_FINISH_TIMEOUT_S,
                                           console="off", silent=True, reinit="create_new")
                 self._run = wandb.init(
                     project=self.cfg.log.wandb_project, name=self.output_dir.name, dir=str(self.output_dir),
-                    config=config_to_dict(self.cfg), mode=attempt, settings=settings,
-                    **self._resume_kwargs())
+                    config=config_to_dict(self.cfg), mode=attempt, settings=settings, **same_run)
             except Exception as err:  # training must not die because of wandb
                 warnings.warn(f"wandb.init(mode={attempt!r}) failed ({type(err).__name__}: {err}); "
                               + ("falling back to offline." if attempt != "offline" else
@@ -267,30 +251,19 @@ class RunLogger:
             self.wandb_mode = attempt
             self._run.define_metric("step")
             self._run.define_metric("*", step_metric="step")
-            (self.output_dir / "wandb-run-id").write_text(self._run.id + "\n", encoding="utf-8")
+            id_file.write_text(self._run.id + "\n", encoding="utf-8")
             return
-
-    def _resume_kwargs(self) -> dict[str, Any]:
-        # Continue the same wandb run on resume so the curves stay in one place.
-        id_file = self.output_dir / "wandb-run-id"
-        if self.resumed and id_file.is_file():
-            return {"id": id_file.read_text(encoding="utf-8").strip(), "resume": "allow"}
-        return {}
 
     def _wandb_log(self, event: str, record: dict[str, Any]) -> None:
         # "start" is bookkeeping for the report; "summary" goes to the run summary, not the history.
         if self._run is None or event in ("start", "summary"):
             return
-        payload: dict[str, Any] = {}
+        payload: dict[str, Any] = {}  # "step" as it is, numbers as "<event>/<key>", dicts as "<event>/<key>/<k>"
         for key, value in record.items():
-            if key in ("event", "time"):
-                continue
-            if key == "step":
-                payload["step"] = value
-            elif isinstance(value, dict):
+            if isinstance(value, dict):
                 payload.update({f"{event}/{key}/{k}": v for k, v in value.items()})
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                payload[f"{event}/{key}"] = value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "time":
+                payload["step" if key == "step" else f"{event}/{key}"] = value
         try:
             self._run.log(payload)
         except Exception as err:
@@ -301,13 +274,10 @@ class RunLogger:
 
     def log(self, event: str, step: int | None = None, **fields: Any) -> dict[str, Any]:
         """Write one event line immediately (and to wandb); returns the record written."""
-        record: dict[str, Any] = {"event": event}
-        if step is not None:
-            record["step"] = step
-        record.update(fields)
-        record["time"] = round(time.time(), 3)
-        record = _plain(record)
-        self._write(record)
+        step_field = {} if step is None else {"step": step}
+        record = _plain({"event": event, **step_field, **fields, "time": round(time.time(), 3)})
+        if not self._file.closed:
+            self._file.write(encode_event(record) + "\n")
         self._wandb_log(event, record)
         return record
 
@@ -325,7 +295,7 @@ class RunLogger:
         throughput = self._window_examples / elapsed if elapsed > 0 else float("nan")
         self._bar.update(step - self._bar.n)
         self._bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{throughput:.1f}", refresh=False)
-        if step % self.log_every != 0:
+        if step % self.cfg.log.log_every != 0:
             return None
         mean_loss = sum(self._window_losses) / len(self._window_losses)
         record = self.log("train", step=step, loss=mean_loss, examples_per_s=throughput, **scalars)
@@ -353,13 +323,8 @@ class RunLogger:
     def log_eval(self, step: int, metrics: dict[str, Any], metric_name: str | None = None,
                  epoch: int | float | None = None) -> dict[str, Any]:
         """One dev evaluation; `metric_name` marks which key is the model-selection metric."""
-        fields: dict[str, Any] = {}
-        if epoch is not None:
-            fields["epoch"] = epoch
-        if metric_name is not None:
-            fields["metric_name"] = metric_name
-        fields.update(metrics)
-        record = self.log("eval", step=step, **fields)
+        labels = {k: v for k, v in (("epoch", epoch), ("metric_name", metric_name)) if v is not None}
+        record = self.log("eval", step=step, **labels, **metrics)
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         self.console(f"eval @ step {step}: {shown}")
         return record
@@ -388,8 +353,7 @@ class RunLogger:
                 warnings.warn(f"wandb finish failed ({err}); the offline files stay in {self.output_dir}.",
                               stacklevel=2)
             self._run = None
-        if not self._file.closed:
-            self._file.close()
+        self._file.close()
 
     def __enter__(self) -> RunLogger:
         return self
@@ -403,40 +367,18 @@ class NullLogger:
 
     wandb_mode: WandbMode = "disabled"
 
-    def log(self, event: str, step: int | None = None, **fields: Any) -> None:
+    def _do_nothing(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def train_step(self, step: int, loss: float, examples: int, **scalars: Any) -> None:
-        return None
-
-    def console(self, message: str) -> None:
-        return None
-
-    def log_eval(self, step: int, metrics: dict[str, Any], metric_name: str | None = None,
-                 epoch: int | float | None = None) -> None:
-        return None
-
-    def log_mask(self, step: int, density: dict[str, float]) -> None:
-        return None
-
-    def summary(self, best_metric: float | None, metric_name: str, **extra: Any) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
+    log = train_step = console = log_eval = log_mask = summary = close = __exit__ = _do_nothing
 
     def __enter__(self) -> NullLogger:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def open_run_logger(cfg: TrainConfig, rank: int | None = None, total_steps: int | None = None,
                     start_step: int = 0, resumed: bool | None = None) -> RunLogger | NullLogger:
     """A RunLogger on rank 0, a NullLogger elsewhere (`rank` defaults to $RANK, else 0)."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
+    if (int(os.environ.get("RANK", "0")) if rank is None else rank) != 0:
         return NullLogger()
     return RunLogger(cfg, total_steps=total_steps, start_step=start_step, resumed=resumed)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 from fsam_ds.sam.config import SAM_TYPES, ConfigError, SAMConfig, invalid_value
+from fsam_ds.trainer.run_identity import config_hash, flatten_config
 
 __all__ = [
     "BASELINE_SAM_TYPE", "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",
@@ -95,6 +96,11 @@ class EvalSection:
     save_best: bool = True
 
 
+def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
+    if not ok:
+        raise invalid_value(key, value, requirement, hint)
+
+
 # {config_hash}: 8 hex digits of every setting that can change the result (fsam_ds.trainer.run_identity)
 DEFAULT_OUTPUT_DIR = "runs/{task}-{sam_type}-s{seed}-{config_hash}"
 
@@ -108,6 +114,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0
     ds_config: str | None = None
+    # activation checkpointing: false, true (= non_reentrant) or reentrant (fsam_ds.trainer.activation_checkpointing)
+    gradient_checkpointing: bool | Literal["reentrant", "non_reentrant"] = False
     # load_config fills in {key} placeholders (any config key, e.g. {sam.rho}) so runs get their own folder
     output_dir: str = DEFAULT_OUTPUT_DIR
     seed: int = 42
@@ -124,36 +132,74 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Range checks across all sections; raises ConfigError naming the first bad key."""
-        _validate(self)
+        o, d, lg, e = self.optim, self.data, self.log, self.eval  # sam checked itself when it was built
+        _check(bool(self.task), "task", self.task, "is empty; a task name is required", "e.g. --task=sst2")
+        _check(bool(self.model), "model", self.model, "is empty; a model is required",
+               "Give a hub id (e.g. --model=roberta-base) or a local checkpoint folder.")
+        _check(0 <= self.zero_stage <= 3, "zero_stage", self.zero_stage, "must be one of 0, 1, 2, 3")
+        if self.ds_config is not None:
+            _check(Path(self.ds_config).is_file(), "ds_config", self.ds_config, "is not an existing file")
+        if isinstance(self.resume, str):
+            _check(Path(self.resume).exists(), "resume", self.resume, "is neither true/false nor an existing path")
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "is empty")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0",
+               "0 saves a checkpoint at each evaluation.")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.max_consecutive_skipped >= 0, "max_consecutive_skipped", self.max_consecutive_skipped,
+               "must be >= 0", "0 never stops a run for skipped steps.")
+
+        _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+        _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+        _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "must both lie in [0, 1)")
+        _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+        _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must lie in [0, 1)")
+        _check(o.power > 0, "optim.power", o.power, "must be > 0")
+        _check(0 <= o.lr_end < o.lr, "optim.lr_end", o.lr_end, f"must lie in [0, optim.lr) = [0, {o.lr})")
+        _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be >= 0", "0 derives it from optim.epochs.")
+        _check(o.epochs >= 1 or o.max_steps > 0, "optim.epochs", o.epochs, "must be >= 1 when optim.max_steps is 0")
+        _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0", "0 turns clipping off.")
+
+        for name in ("max_length", "micro_batch_size", "eval_batch_size", "grad_accum"):
+            _check(getattr(d, name) >= 1, f"data.{name}", getattr(d, name), "must be >= 1")
+        _check(d.limit_per_class >= 0, "data.limit_per_class", d.limit_per_class, "must be >= 0",
+               "0 keeps every example.")
+        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+
+        _check(lg.log_every >= 1, "log.log_every", lg.log_every, "must be >= 1")
+        _check(bool(lg.wandb_project), "log.wandb_project", lg.wandb_project, "is empty")
+
+        _check(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0", "0 evaluates only per epoch.")
+        _check(e.every_steps > 0 or e.every_epoch or not e.save_best, "eval.save_best", e.save_best,
+               "needs evaluations, but eval.every_steps is 0 and eval.every_epoch is false",
+               "Set eval.every_epoch=true or eval.every_steps > 0, or eval.save_best=false.")
 
 
-SECTIONS: dict[str, type] = {
-    "sam": SAMSection, "optim": OptimSection, "data": DataSection, "log": LogSection, "eval": EvalSection,
-}
+SECTIONS: dict[str, type] = {"sam": SAMSection, "optim": OptimSection, "data": DataSection, "log": LogSection,
+                             "eval": EvalSection}
 
 
 # ---------------------------------------------------------------------------------------------
 # Key resolution
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """Field name -> resolved type, for the dataclass fields only (not ClassVars)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 @functools.cache
 def _all_keys() -> dict[str, Any]:
-    """Dotted key -> field type, for every settable field."""
-    keys = {name: tp for name, tp in _hints(TrainConfig).items() if name not in SECTIONS}
-    for section, cls in SECTIONS.items():
-        keys.update({f"{section}.{name}": tp for name, tp in _hints(cls).items()})
+    """Dotted key -> resolved field type, for every settable field (dataclass fields, not ClassVars)."""
+    keys: dict[str, Any] = {}
+    for prefix, cls in [("", TrainConfig), *((f"{section}.", cls) for section, cls in SECTIONS.items())]:
+        hints = typing.get_type_hints(cls)
+        keys.update({prefix + f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in SECTIONS})
     return keys
 
 
 def config_keys() -> list[str]:
     """Every dotted key that `load_config` accepts."""
     return list(_all_keys())
+
+
+def _value(cfg: TrainConfig, key: str) -> Any:
+    """The value of a dotted key."""
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def _resolve_key(raw: str, source: str) -> str:
@@ -163,7 +209,7 @@ def _resolve_key(raw: str, source: str) -> str:
     if key in keys:
         return key
     if key in SECTIONS:
-        example = next(iter(_hints(SECTIONS[key])))
+        example = dataclasses.fields(SECTIONS[key])[0].name
         raise ConfigError(f"Config key '{raw}' ({source}) names a whole section; set its fields one by one, "
                           f"e.g. '{key}.{example}'.")
     # Sweep agents pass flat names; accept them where exactly one section has that field.
@@ -203,11 +249,8 @@ def _describe(tp: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
-class _Mismatch(Exception):
-    """Internal: the value does not fit the type; turned into a ConfigError with the key's name."""
-
-
 def _coerce(value: Any, tp: Any) -> Any:
+    """`value` converted to `tp`; ValueError if it does not fit (turned into a ConfigError naming the key)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         if type(None) in args and (value is None or str(value).strip().lower() in _NONE):
@@ -215,49 +258,44 @@ def _coerce(value: Any, tp: Any) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, option)
-            except _Mismatch:
+            except ValueError:
                 continue
-        raise _Mismatch
+        raise ValueError
     if origin is Literal:
         for choice in (c for c in args if str(c) == str(value).strip()):
             return choice
-        raise _Mismatch
+        raise ValueError
     if origin in (tuple, list):
         items = _split_list(value)
         item_types = [args[0]] * len(items) if origin is list or args[1:] == (Ellipsis,) else list(args)
         if len(items) != len(item_types):
-            raise _Mismatch
+            raise ValueError
         converted = [_coerce(v, t) for v, t in zip(items, item_types)]
         return tuple(converted) if origin is tuple else converted
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower() if isinstance(value, (int, str)) else ""
+        text = str(value).strip().lower() if isinstance(value, (int, str)) else ""  # a bool is an int: "true"
         if text not in _TRUE + _FALSE:
-            raise _Mismatch
+            raise ValueError
         return text in _TRUE
     if tp in (int, float):
         if isinstance(value, float) and tp is int and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, str) if tp is int else (int, float, str)):
-            raise _Mismatch
-        try:
-            number = tp(value)  # YAML 1.1 reads "2e-5" (no dot) as a string, so numbers from files land here too
-        except ValueError:
-            raise _Mismatch from None
+            raise ValueError
+        number = tp(value)  # YAML 1.1 reads "2e-5" (no dot) as a string, so numbers from files land here too
         if not math.isfinite(number):  # inf passes every range check (lr > 0, rho >= 0) yet wrecks the run
-            raise _Mismatch
+            raise ValueError
         return number
     if tp is str and isinstance(value, str):
         return value
-    raise _Mismatch
+    raise ValueError
 
 
 def _split_list(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return list(value)
     if not isinstance(value, str):
-        raise _Mismatch
+        raise ValueError
     text = value.strip()
     if text.startswith("["):
         # JSON, or Python's str() of a list as the wandb agent writes it; a regex like "[Ll]ayer" falls through.
@@ -270,41 +308,20 @@ def _split_list(value: Any) -> list[Any]:
     return [part.strip() for part in text.split(",")] if text else []
 
 
-def _convert(key: str, value: Any, source: str) -> Any:
-    tp = _all_keys()[key]
-    try:
-        return _coerce(value, tp)
-    except _Mismatch:
-        raise ConfigError(f"Invalid value for config key '{key}' ({source}): {value!r} is not "
-                          f"{_describe(tp)}. The default is {json.dumps(_default(key))}.") from None
-
-
-def _default(key: str) -> Any:
-    value: Any = config_to_dict(TrainConfig())
-    for part in key.split("."):
-        value = value[part]
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # Sources: config file and command line
 
 
-def _flatten(data: dict[str, Any], source: str) -> list[tuple[str, Any]]:
-    """Nested file content -> [(user key, value)] with section keys joined by dots."""
-    items: list[tuple[str, Any]] = []
+def _flatten(data: dict[str, Any], source: str) -> list[tuple[str, Any, str]]:
+    """Nested file content -> [(user key, value, source)] with section keys joined by dots."""
     for key, value in data.items():
-        if isinstance(value, dict):
-            if str(key).replace("-", "_") not in SECTIONS:
-                raise ConfigError(f"Config key '{key}' ({source}) holds a mapping, but only the sections "
-                                  f"{', '.join(SECTIONS)} may; did you mean a dotted key?")
-            items.extend((f"{key}.{sub}", v) for sub, v in value.items())
-        else:
-            items.append((str(key), value))
-    return items
+        if isinstance(value, dict) and str(key).replace("-", "_") not in SECTIONS:
+            raise ConfigError(f"Config key '{key}' ({source}) holds a mapping, but only the sections "
+                              f"{', '.join(SECTIONS)} may; did you mean a dotted key?")
+    return [(key, value, source) for key, value in flatten_config(data).items()]
 
 
-def _read_file(path: str) -> list[tuple[str, Any]]:
+def _read_file(path: str) -> list[tuple[str, Any, str]]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"Config file '{path}' given with --config does not exist.")
@@ -319,9 +336,6 @@ def _read_file(path: str) -> list[tuple[str, Any]]:
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of keys to values, not {type(data).__name__}.")
     return _flatten(data, f"in {path}")
-
-
-_IGNORED = ("local_rank",)  # passed by the deepspeed launcher to every process
 
 
 def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]]:
@@ -340,7 +354,7 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]
             value = argv[i + 1] if takes_next else "true"  # a bare flag switches a boolean on
             i += takes_next
         i += 1
-        if key.replace("-", "_") in _IGNORED:
+        if key.replace("-", "_") == "local_rank":  # passed by the deepspeed launcher to every process
             continue
         if key == "config":
             if config_file is not None:
@@ -361,24 +375,19 @@ def _build(items: list[tuple[str, Any, str]]) -> TrainConfig:
     for raw, value, source in items:
         key = _resolve_key(raw, source)
         section, _, name = key.rpartition(".")
-        values[section][name] = _convert(key, value, source)
+        try:
+            values[section][name] = _coerce(value, _all_keys()[key])
+        except ValueError:
+            raise ConfigError(f"Invalid value for config key '{key}' ({source}): {value!r} is not "
+                              f"{_describe(_all_keys()[key])}. The default is "
+                              f"{json.dumps(_value(TrainConfig(), key))}.") from None
     # Sections are built whole (the SAM section is frozen and checks itself on construction).
     cfg = TrainConfig(**values[""], **{section: cls(**values[section]) for section, cls in SECTIONS.items()})
-    _fill_defaults(cfg)
-    _validate(cfg)
-    return cfg
-
-
-def _fill_defaults(cfg: TrainConfig) -> None:
     if cfg.tokenizer is None and cfg.model:
         cfg.tokenizer = cfg.model
     cfg.output_dir = _PLACEHOLDER.sub(lambda match: _placeholder_value(cfg, match), cfg.output_dir)
-
-
-def _config_hash(cfg: TrainConfig) -> str:
-    from fsam_ds.trainer.run_identity import config_hash
-
-    return config_hash(config_to_dict(cfg))
+    cfg.validate()
+    return cfg
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -387,14 +396,11 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 def _placeholder_value(cfg: TrainConfig, match: re.Match[str]) -> str:
     """`{key}` in output_dir -> that key's value (dotted or unique flat name); other braces stay."""
     if match.group(1) == "config_hash":
-        return _config_hash(cfg)
+        return config_hash(config_to_dict(cfg))
     try:
-        key = _resolve_key(match.group(1), "output_dir placeholder")
+        value = _value(cfg, _resolve_key(match.group(1), "output_dir placeholder"))
     except ConfigError:
         return match.group(0)
-    value: Any = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
     return f"{value:g}" if isinstance(value, float) else str(value).replace("/", "_")
 
 
@@ -409,15 +415,12 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         print(format_help())
         raise SystemExit(0)
     config_file, overrides = _parse_argv(argv)
-    items: list[tuple[str, Any, str]] = []
-    if config_file is not None:
-        items = [(k, v, f"in {config_file}") for k, v in _read_file(config_file)]
-    return _build(items + overrides)
+    return _build((_read_file(config_file) if config_file is not None else []) + overrides)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from `config_to_dict` output (e.g. a run's config.json)."""
-    return _build([(k, v, "in the given dict") for k, v in _flatten(data, "in the given dict")])
+    return _build(_flatten(data, "in the given dict"))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -429,56 +432,5 @@ def format_help() -> str:
     lines = ["Usage: fsam-train [--config FILE.yaml|.json] [--key=value ...]", "",
              "Keys (flat names work where unique across sections, e.g. --rho for sam.rho):"]
     for key, tp in _all_keys().items():
-        lines.append(f"  --{key:<28} {_describe(tp)}  [default: {json.dumps(_default(key))}]")
+        lines.append(f"  --{key:<28} {_describe(tp)}  [default: {json.dumps(_value(TrainConfig(), key))}]")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Range validation
-
-
-def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
-    if not ok:
-        raise invalid_value(key, value, requirement, hint)
-
-
-def _validate(cfg: TrainConfig) -> None:
-    o, d, lg, e = cfg.optim, cfg.data, cfg.log, cfg.eval  # cfg.sam checked itself when it was built
-    _check(bool(cfg.task), "task", cfg.task, "is empty; a task name is required", "e.g. --task=sst2")
-    _check(bool(cfg.model), "model", cfg.model, "is empty; a model is required",
-           "Give a hub id (e.g. --model=roberta-base) or a local checkpoint folder.")
-    _check(0 <= cfg.zero_stage <= 3, "zero_stage", cfg.zero_stage, "must be one of 0, 1, 2, 3")
-    if cfg.ds_config is not None:
-        _check(Path(cfg.ds_config).is_file(), "ds_config", cfg.ds_config, "is not an existing file")
-    if isinstance(cfg.resume, str):
-        _check(Path(cfg.resume).exists(), "resume", cfg.resume, "is neither true/false nor an existing path")
-    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "is empty")
-    _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0",
-           "0 saves a checkpoint at each evaluation.")
-    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
-    _check(cfg.max_consecutive_skipped >= 0, "max_consecutive_skipped", cfg.max_consecutive_skipped,
-           "must be >= 0", "0 never stops a run for skipped steps.")
-
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "must both lie in [0, 1)")
-    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
-    _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must lie in [0, 1)")
-    _check(o.power > 0, "optim.power", o.power, "must be > 0")
-    _check(0 <= o.lr_end < o.lr, "optim.lr_end", o.lr_end, f"must lie in [0, optim.lr) = [0, {o.lr})")
-    _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be >= 0", "0 derives it from optim.epochs.")
-    _check(o.epochs >= 1 or o.max_steps > 0, "optim.epochs", o.epochs, "must be >= 1 when optim.max_steps is 0")
-    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0", "0 turns clipping off.")
-
-    for name in ("max_length", "micro_batch_size", "eval_batch_size", "grad_accum"):
-        _check(getattr(d, name) >= 1, f"data.{name}", getattr(d, name), "must be >= 1")
-    _check(d.limit_per_class >= 0, "data.limit_per_class", d.limit_per_class, "must be >= 0", "0 keeps every example.")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-
-    _check(lg.log_every >= 1, "log.log_every", lg.log_every, "must be >= 1")
-    _check(bool(lg.wandb_project), "log.wandb_project", lg.wandb_project, "is empty")
-
-    _check(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0", "0 evaluates only per epoch.")
-    _check(e.every_steps > 0 or e.every_epoch or not e.save_best, "eval.save_best", e.save_best,
-           "needs evaluations, but eval.every_steps is 0 and eval.every_epoch is false",
-           "Set eval.every_epoch=true or eval.every_steps > 0, or eval.save_best=false.")

@@ -15,8 +15,7 @@ import hashlib
 import json
 from typing import Any
 
-__all__ = ["NO_EFFECT_ON_RESULTS", "SAFE_TO_CHANGE_ON_RESUME", "config_hash", "flatten_config", "run_differences",
-           "run_defining"]
+__all__ = ["NO_EFFECT_ON_RESULTS", "SAFE_TO_CHANGE_ON_RESUME", "config_hash", "flatten_config", "run_differences"]
 
 NO_EFFECT_ON_RESULTS = (
     "output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "max_consecutive_skipped",
@@ -28,35 +27,31 @@ SAFE_TO_CHANGE_ON_RESUME = NO_EFFECT_ON_RESULTS + ("optim.max_steps", "optim.epo
 """Keys a resumed run takes from its new command line (extending a run, evaluating more often)."""
 
 
-def _matches(key: str, patterns: tuple[str, ...]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
-
-
 def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Nested config dict (`config_to_dict`) -> {dotted key: value}."""
+    """Nested config dict (`config_to_dict`, a config file's content) -> {dotted key: value}."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
             flat.update({f"{key}.{sub}": v for sub, v in value.items()})
         else:
-            flat[key] = value
+            flat[str(key)] = value
     return flat
 
 
-def run_defining(config: dict[str, Any]) -> dict[str, Any]:
-    """The dotted keys and values a resumed run must share with its checkpoint."""
-    return {k: v for k, v in flatten_config(config).items() if not _matches(k, SAFE_TO_CHANGE_ON_RESUME)}
+def _without(config: dict[str, Any], patterns: tuple[str, ...]) -> dict[str, Any]:
+    """{dotted key: value} of `config` less the keys `patterns` name (a trailing dot: the whole section)."""
+    return {k: v for k, v in flatten_config(config).items()
+            if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in patterns)}
 
 
 def config_hash(config: dict[str, Any]) -> str:
     """8 hex digits of sha256 over every key that can change the run's result (sorted JSON)."""
-    kept = {k: v for k, v in flatten_config(config).items() if not _matches(k, NO_EFFECT_ON_RESULTS)}
-    text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(_without(config, NO_EFFECT_ON_RESULTS), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
 def run_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for each run-defining key whose value differs (null where one side lacks it)."""
-    before, after = run_defining(saved), run_defining(current)
+    before, after = _without(saved, SAFE_TO_CHANGE_ON_RESUME), _without(current, SAFE_TO_CHANGE_ON_RESUME)
     return [f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
             for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
@@ -31,14 +32,6 @@ class UnknownTaskError(ValueError):
     """A task name that is not in the registry."""
 
 
-def _pearson(labels: np.ndarray, predictions: np.ndarray) -> float:
-    return float(stats.pearsonr(predictions, labels).statistic)
-
-
-def _spearman(labels: np.ndarray, predictions: np.ndarray) -> float:
-    return float(stats.spearmanr(predictions, labels).statistic)
-
-
 METRICS: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] = MappingProxyType({
     "accuracy": lambda y, p: float(accuracy_score(y, p)),
     # F1 of the positive class 1 (MRPC: equivalent, QQP: duplicate), as GLUE scores it.
@@ -46,8 +39,8 @@ METRICS: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] = MappingProxyT
     # Unweighted mean over the classes present in labels or predictions, as SuperGLUE scores CB.
     "macro_f1": lambda y, p: float(f1_score(y, p, average="macro", zero_division=0.0)),
     "mcc": lambda y, p: float(matthews_corrcoef(y, p)),
-    "pearson": _pearson,
-    "spearman": _spearman,
+    "pearson": lambda y, p: float(stats.pearsonr(p, y).statistic),
+    "spearman": lambda y, p: float(stats.spearmanr(p, y).statistic),
 })
 """Metric functions, each called as fn(labels, predictions) -> float."""
 
@@ -76,16 +69,12 @@ class TaskSpec:
     """Raw label values (as strings) mapped to label ids before anything else, e.g. {'-1': 0}."""
     split_tasks: Mapping[str, str] = field(default_factory=dict, hash=False)
     """Splits that come from another task's data: split name -> that task's name."""
-    description: str = ""
 
     def __post_init__(self) -> None:
         for name in ("label_map", "split_tasks"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, MappingProxyType(dict(value)))
-        self.validate()
-
-    def validate(self) -> None:
         where = f"TaskSpec {self.name!r}"
         if len(self.text_columns) not in (1, 2):
             raise ValueError(f"{where}: text_columns = {self.text_columns!r} must name one column or a pair.")
@@ -132,7 +121,7 @@ class TaskSpec:
         if self.text_templates is None:
             names = list(self.text_columns)
         else:
-            names = [f for t in self.text_templates for f in _template_fields(t)]
+            names = [f for t in self.text_templates for _, f, _, _ in string.Formatter().parse(t) if f]
         return tuple(dict.fromkeys([*names, self.label_column]))
 
     def texts(self, row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -145,10 +134,6 @@ class TaskSpec:
         """The task whose data (hub config, columns) provides `split`."""
         other = self.split_tasks.get(split)
         return self if other is None else get_task(other)
-
-
-def _template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def _glue(name: str, text: tuple[str, ...], labels: tuple[str, ...] | None, metrics: tuple[str, ...],
@@ -168,50 +153,35 @@ _BOOL = ("False", "True")
 _PAIR_SCORE = ("accuracy", "f1", COMBINED)
 
 _ALL = (
-    _glue("cola", ("sentence",), ("unacceptable", "acceptable"), ("mcc", "accuracy"), "mcc",
-          description="CoLA: grammatical acceptability; scored by Matthews correlation."),
-    _glue("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy",
-          description="SST-2: binary sentiment of movie-review sentences."),
-    _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), _PAIR_SCORE, COMBINED,
-          description="MRPC: paraphrase detection; accuracy and F1 of the 'equivalent' class."),
-    _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), _PAIR_SCORE, COMBINED,
-          description="QQP: duplicate Quora questions; accuracy and F1 of the 'duplicate' class."),
-    _glue("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearman", COMBINED), COMBINED,
-          description="STS-B: similarity score in [0, 5]; regression, Pearson and Spearman correlation."),
+    _glue("cola", ("sentence",), ("unacceptable", "acceptable"), ("mcc", "accuracy"), "mcc"),
+    _glue("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy"),
+    _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), _PAIR_SCORE, COMBINED),
+    _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), _PAIR_SCORE, COMBINED),
+    _glue("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearman", COMBINED), COMBINED),
     _glue("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
-          "accuracy", dev_splits=("validation_matched", "validation_mismatched"),
-          description="MNLI: 3-way NLI; accuracy on the matched (selects) and mismatched dev sets."),
-    _glue("qnli", ("question", "sentence"), _NLI2, ("accuracy",), "accuracy",
-          description="QNLI: does the sentence answer the question."),
-    _glue("rte", ("sentence1", "sentence2"), _NLI2, ("accuracy",), "accuracy",
-          description="RTE (GLUE): 2-way entailment."),
-    _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy",
-          description="WNLI: Winograd schemas recast as NLI (note the label order differs from RTE)."),
-    _superglue("boolq", "boolq", ("question", "passage"), _BOOL, ("accuracy",), "accuracy",
-               description="BoolQ: yes/no question about a passage."),
+          "accuracy", dev_splits=("validation_matched", "validation_mismatched")),
+    _glue("qnli", ("question", "sentence"), _NLI2, ("accuracy",), "accuracy"),
+    _glue("rte", ("sentence1", "sentence2"), _NLI2, ("accuracy",), "accuracy"),
+    # WNLI's label order is the reverse of RTE's
+    _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy"),
+    _superglue("boolq", "boolq", ("question", "passage"), _BOOL, ("accuracy",), "accuracy"),
     _superglue("cb", "cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"),
-               ("accuracy", "macro_f1", COMBINED), COMBINED,
-               description="CommitmentBank: 3-way NLI; accuracy and macro-F1."),
-    _superglue("superglue-rte", "rte", ("premise", "hypothesis"), _NLI2, ("accuracy",), "accuracy",
-               description="RTE (SuperGLUE copy, premise/hypothesis columns): 2-way entailment."),
+               ("accuracy", "macro_f1", COMBINED), COMBINED),
+    _superglue("superglue-rte", "rte", ("premise", "hypothesis"), _NLI2, ("accuracy",), "accuracy"),
     _superglue("wic", "wic", ("sentence1", "sentence2"), _BOOL, ("accuracy",), "accuracy",
-               text_templates=("{word}: {sentence1}", "{sentence2}"),
-               description="WiC: is the target word used in the same sense in both sentences."),
+               text_templates=("{word}: {sentence1}", "{sentence2}")),
     # The diagnostics have only a labelled test split. They are scored the SuperGLUE way: a model
-    # trained on RTE, checkpoints selected on RTE's validation split, the diagnostic only reported.
+    # trained on RTE, checkpoints selected on RTE's validation split, the diagnostic only reported
+    # (AX-b: MCC on 'test'; AX-g: accuracy, as Winogender's gender parity needs pair ids the hub copy lacks).
     _superglue("axb", "axb", ("sentence1", "sentence2"), _NLI2, ("accuracy", "mcc"), "accuracy",
                dev_splits=("validation", "test"),
-               split_tasks={"train": "superglue-rte", "validation": "superglue-rte"},
-               description="AX-b broad-coverage diagnostic (report MCC on 'test'); trained and selected on RTE."),
+               split_tasks={"train": "superglue-rte", "validation": "superglue-rte"}),
     _superglue("axg", "axg", ("premise", "hypothesis"), _NLI2, ("accuracy",), "accuracy",
                dev_splits=("validation", "test"),
-               split_tasks={"train": "superglue-rte", "validation": "superglue-rte"},
-               description="AX-g Winogender diagnostic (accuracy on 'test'; gender parity needs pair ids "
-                           "the hub copy lacks); trained and selected on RTE."),
+               split_tasks={"train": "superglue-rte", "validation": "superglue-rte"}),
     TaskSpec(name="polarity", hub_id=POLARITY_HUB_ID, hub_config=None, text_columns=("text",),
              label_names=("neg", "pos"), metrics=("accuracy",), select_metric="accuracy",
-             label_map={"-1": 0, "1": 1},
-             description="Pang & Lee sentence polarity (rotten_tomatoes); raw files label 1 / -1."),
+             label_map={"-1": 0, "1": 1}),  # the raw files label 1 / -1
 )
 
 TASKS: Mapping[str, TaskSpec] = MappingProxyType({t.name: t for t in _ALL})
@@ -225,10 +195,6 @@ _ALIASES = {
 }
 
 
-def task_names() -> list[str]:
-    return sorted(TASKS)
-
-
 def get_task(name: str | TaskSpec) -> TaskSpec:
     """The registered task called `name` (case-insensitive; '_' and '-' are interchangeable)."""
     if isinstance(name, TaskSpec):
@@ -240,15 +206,13 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
     close = difflib.get_close_matches(key, [*TASKS, *_ALIASES], n=3, cutoff=0.6)
     close = list(dict.fromkeys(_ALIASES.get(c, c) for c in close))
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownTaskError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(task_names())}.")
+    raise UnknownTaskError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(TASKS))}.")
 
 
 def _to_numpy(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):  # a torch tensor; bf16 has no numpy dtype
+    if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
-        if values.is_floating_point():
-            values = values.float()
-        values = values.numpy()
+        return (values.float() if values.is_floating_point() else values).numpy()  # bf16 has no numpy dtype
     return np.asarray(values)
 
 

@@ -14,6 +14,9 @@ What each stage owns and how e reaches the weights of the next forward pass:
   materialised at that moment (persistent small ones, or still gathered) also get the full e.
   `engine.step()` rewrites partitions (and persistent parameters) from the master.
 
+Under ZeRO-Offload (`fsam_ds.zero.offload`) the same reads and writes reach CPU buffers: the fp32
+master and its gradient (optimizer offload), and `ds_tensor` itself (parameter offload).
+
 When a step is skipped (overflow) the master was not applied, so stages 1-3 restore the weights
 from it explicitly (`restore_from_master`).
 """
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.shards import Comm, Piece, ShardAccess, TensorShards, TorchComm
+from fsam_ds.zero.offload import optimizer_offloaded, restart_offloaded_accumulation
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23
@@ -167,6 +171,8 @@ class PartitionShards(_EngineShards):
             address = mapping.lp_fragment_address
             self.pieces.append(Piece(n, i, p.numel(), address.start, address.numel, c))
             self._owners.append(p)
+        # under offload_optimizer the fragments below are views of the CPU fp32 master and its gradient
+        self._offloaded = optimizer_offloaded(engine)
 
     def _fragment(self, p: Tensor) -> Tensor | None:
         index = _private(p, "_index_in_param_group", "a ZeRO-1/2 parameter")
@@ -199,6 +205,8 @@ class PartitionShards(_EngineShards):
             fragment = self._fragment(p)
             if fragment is not None:
                 fragment.zero_()
+        if self._offloaded:
+            restart_offloaded_accumulation(self.engine.optimizer)
 
     def weights(self) -> list[Tensor]:
         return [p._hp_mapping.hp_fragment.reshape(-1).float() for p in self._owners]
@@ -275,7 +283,8 @@ class Stage3Shards(_EngineShards):
             if delta is None:
                 continue
             local = p.ds_tensor.view(-1)[: piece.size]
-            local.copy_(local.float().add_(delta))
+            # under offload_optimizer delta is on the CPU, next to the gradient, and ds_tensor on the device
+            local.copy_(local.float().add_(delta.to(local.device)))
             pieces_of[id(p)] = [(piece, delta)]
         # every rank takes part in the all-reduces of the materialised parameters, with or without pieces
         self._write_full(self._materialised(), pieces_of, add=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 SHM_DIR = Path("/dev/shm")
 
@@ -150,10 +152,6 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     down and leaves with os._exit; a rank still running at `timeout`, or 10 s after another rank
     failed, is killed. Raises with the failing rank's traceback, or says which rank timed out.
     """
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     context = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fsam-ranks-", dir=workdir) as tmp:

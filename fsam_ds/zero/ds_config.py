@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fsam_ds.sam.config import ConfigError
+from fsam_ds.zero.offload import allow_client_optimizer, check_offload
 
 __all__ = ["ConfigError", "PRECISIONS", "FP16_SCALER_DEFAULTS", "build_ds_config", "resolve_ds_config"]
 
@@ -99,6 +100,8 @@ def resolve_ds_config(
     _reject_unsupported(r)
     _resolve_precision(r, precision)
     _resolve_zero(r, zero_stage, hidden_size)
+    if check_offload(r.config, zero_stage, r.fail):
+        allow_client_optimizer(r.config, r.fail)
     r.match(config, "train_micro_batch_size_per_gpu", micro_batch_size, "data.micro_batch_size")
     r.match(config, "gradient_accumulation_steps", grad_accum, "data.grad_accum")
     _resolve_train_batch(r, micro_batch_size, grad_accum, world_size)
@@ -182,6 +185,7 @@ def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed con
     fp16 = config.get("fp16") or {}
     zero = config.get("zero_optimization") or {}
     stage = zero.get("stage", 0)
+    check_offload(r.config, stage, r.fail)
     if zero.get("round_robin_gradients") and stage in (1, 2):
         # DeepSpeed (0.19) orders the flat buffer round-robin over ranks but maps parameters to their
         # fragments (`_hp_mapping`) in the original order when no alignment padding intervenes: the
@@ -190,8 +194,8 @@ def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed con
         r.fail("has zero_optimization.round_robin_gradients true, but at ZeRO stage 1/2 DeepSpeed's map from "
                "parameters to their shard fragments does not follow the round-robin buffer order, so the SAM "
                "step would perturb and update the wrong entries. Remove zero_optimization.round_robin_gradients "
-               "(or set it to false); it only speeds up gradient copies to CPU under offload, which the SAM step "
-               "does not support anyway.")
+               "(or set it to false); it only speeds up gradient copies to CPU under offload, and offload runs "
+               "without it.")
     if isinstance(fp16, dict) and fp16.get("enabled") is True and stage == 0:
         r.fail("has fp16 enabled at ZeRO stage 0, where DeepSpeed's optimizer unscales a loss it never "
                "scaled (updates come out divided by the loss scale). Use ZeRO stage 1, 2 or 3 with fp16, "
@@ -210,17 +214,6 @@ def _reject_unsupported(r: _Resolver) -> None:
     zero = r.config.get("zero_optimization", {})
     if not isinstance(zero, dict):
         r.fail(f"zero_optimization is {zero!r}; it must be an object such as {{\"stage\": 2}}.")
-    for key in ("offload_optimizer", "offload_param"):
-        section = zero.get(key)
-        device = section.get("device", "none") if isinstance(section, dict) else section
-        if section is not None and device != "none":
-            r.fail(f"zero_optimization.{key} is {section!r}, but CPU/NVMe offload is not supported by the SAM "
-                   f"step (it perturbs the parameters and reads the gradients in device memory). Remove "
-                   f"zero_optimization.{key}; use ZeRO stage 3 and a smaller micro batch to save memory.")
-    for key in ("cpu_offload", "cpu_offload_param"):
-        if zero.get(key):
-            r.fail(f"zero_optimization.{key} is true (deprecated CPU offload), which the SAM step does not "
-                   f"support. Remove zero_optimization.{key}.")
 
 
 def _resolve_precision(r: _Resolver, precision: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from fsam_ds.sam.candidates import fisher_candidates
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
 from fsam_ds.sam.driver import (NULL_OBSERVER, ObservedThroughCore, StepObserver, StepOutput, TrainStepper,
@@ -130,7 +131,7 @@ class SAMEngine(ObservedThroughCore):
         names = [n for n, _ in named]
         params = [p for _, p in named]
         self.data_comm = TorchComm(getattr(engine, "data_parallel_group", None))
-        self.shards = shards_for_engine(engine, names, params, [config.is_candidate(n) for n in names],
+        self.shards = shards_for_engine(engine, names, params, fisher_candidates(config, names, engine.module),
                                         self.data_comm)
         initial_lr = engine.optimizer.param_groups[0]
         self.core = SharpnessAware(config, self.shards.pieces, len(params),
