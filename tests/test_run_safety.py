@@ -229,3 +229,96 @@ def test_manifest_sees_a_one_byte_change_a_truncation_and_a_missing_file(tmp_pat
     assert damage(tmp_path) == "blob.bin has 1000 bytes where the manifest records 1048576"
     blob.unlink()
     assert damage(tmp_path) == "blob.bin is missing"
+
+
+# --------------------------------------------------------------------- 5. what the run folder records
+
+def _save_and_load_a_nonfinite_state(rank: int, world: int, out: Path, model: Path) -> tuple[Path, dict, dict]:
+    import math
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fsam_ds.trainer.checkpoint import TrainerState, export_model, load_checkpoint, save_checkpoint
+
+    sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state: None,
+                                 load_checkpoint=lambda root, tag: None)
+    order = {"world_size": 1, "micro_batch_size": 8, "grad_accum": 1, "seed": 3, "steps_per_epoch": 8}
+    state = TrainerState(step=3, total_steps=8, data=order, last_metrics={"pearson": math.nan, "loss": math.inf},
+                         best_metric=0.5, best_metrics={"pearson": 0.5, "loss": -math.inf})
+    folder = save_checkpoint(sam_engine, out, state, keep=1, run_config={})
+    loaded, _ = load_checkpoint(sam_engine, folder, order, 8)
+    engine = SimpleNamespace(module=AutoModelForSequenceClassification.from_pretrained(model),
+                             zero_optimization_stage=lambda: 0)
+    export_model(engine, AutoTokenizer.from_pretrained(model), out / "best", {"metrics": state.last_metrics})
+    return folder, loaded.last_metrics, loaded.best_metrics
+
+
+def test_checkpoints_and_exports_write_nan_as_metrics_jsonl_does(assets, tmp_path):
+    """trainer_state.json and best.json hold a nan or infinite dev metric the way metrics.jsonl does (as
+    `encode_event` writes it), and a resumed run reads it back as the float, not as None."""
+    import json
+    import math
+
+    from dist_harness import run_distributed
+    from fsam_ds.trainer.metrics_log import encode_event
+
+    out = tmp_path / "run"
+    folder, last, best = run_distributed(_save_and_load_a_nonfinite_state, 1, tmp_path, out, assets["model"])[0]
+    in_metrics_jsonl = json.loads(encode_event({"pearson": math.nan, "loss": math.inf}))
+    assert in_metrics_jsonl == {"pearson": "nan", "loss": "inf"}
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["last_metrics"] == in_metrics_jsonl and state["best_metrics"]["loss"] == "-inf"
+    assert json.loads((out / "best" / "best.json").read_text())["metrics"] == in_metrics_jsonl
+    assert math.isnan(last["pearson"]) and last["loss"] == math.inf and best == {"pearson": 0.5, "loss": -math.inf}
+    verify_folder(folder)
+
+
+PERTURBED_CASES = [  # per rank: first-pass mean loss, the perturbed losses of the examples it kept
+    ([0.5, []], [1.5, [1.0, 2.0, 6.0]]),  # ESAM kept no example on rank 0
+    ([0.5, [5.0]], [1.5, [1.0, 1.0, 1.0]]),  # the mean of the ranks' means would be 3
+]
+
+
+def _logged_losses(rank: int, world: int) -> list[tuple[float, float]]:
+    """(loss, perturbed_loss) that `log_step` logs for each of PERTURBED_CASES on this rank."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from fsam_ds.sam.core import StepStats
+    from fsam_ds.sam.driver import StepOutput
+    from fsam_ds.trainer.checkpoint import TrainerState
+    from fsam_ds.trainer.loop import Run, log_step
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.logged: list[tuple[float, float]] = []
+
+        def train_step(self, step: int, loss: float, examples: int, **scalars) -> None:
+            self.logged.append((loss, scalars["perturbed_loss"]))
+
+    cfg = load_config(["--task=sst2", "--model=m", "--sam.sam_type=esam"])
+    sam_engine = SimpleNamespace(engine=SimpleNamespace(device=torch.device("cpu")))
+    run = Run(cfg, None, None, sam_engine, None, Recorder(), TrainerState(step=1), [], "")
+    for case in PERTURBED_CASES:
+        loss, kept = case[rank]
+        perturbed = sum(kept) / len(kept) if kept else math.nan
+        out = StepOutput(loss, perturbed, StepStats(True, 1.0, 0.05, 0.1), False, len(kept))
+        log_step(run, out, lr=1e-3, examples=16, epoch=0.1)
+    return run.logger.logged
+
+
+def test_the_logged_perturbed_loss_is_the_mean_over_the_examples_kept_on_all_ranks(tmp_path):
+    """ESAM keeps different numbers of examples on each rank, maybe none: the step logs the mean over
+    every example kept in the global batch, not the mean of the ranks' means (nan if one kept none)."""
+    from dist_harness import run_distributed
+
+    logged = run_distributed(_logged_losses, 2, tmp_path)
+    expected = []
+    for case in PERTURBED_CASES:
+        kept = [loss for _, losses in case for loss in losses]
+        expected += [sum(first for first, _ in case) / 2, sum(kept) / len(kept)]
+    for rank_logged in logged:
+        assert [value for pair in rank_logged for value in pair] == pytest.approx(expected, rel=1e-12)

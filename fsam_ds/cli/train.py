@@ -24,7 +24,6 @@ from fsam_ds.trainer.run_config import load_config
 from fsam_ds.zero.distributed import init_distributed, teardown
 
 
-
 def _report(err: BaseException) -> None:
     # one message per node: the same bad setting fails on every rank, a missing file maybe on one node
     if os.environ.get("LOCAL_RANK", "0") == "0":

@@ -12,6 +12,9 @@ Layout under the run's output_dir:
     best/, final/          Hugging Face model folders (config, tokenizer, fp32 weights, manifest.json);
                            best/ also holds best.json with the step and the dev metrics that selected it.
 
+Non-finite floats (a dev metric that is nan) are written as in metrics.jsonl, as the strings "nan", "inf"
+and "-inf", and read back as floats (`fsam_ds.trainer.metrics_log.encode_nonfinite`).
+
 Checkpoints assume a file system that every rank sees (as DeepSpeed's do): rank 0 hashes and
 verifies the whole folder.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -34,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError
+from fsam_ds.trainer.metrics_log import decode_nonfinite, encode_nonfinite
 from fsam_ds.trainer.run_identity import SAFE_TO_CHANGE_ON_RESUME, run_differences
 
 CHECKPOINT_DIR = "checkpoints"
@@ -72,8 +75,7 @@ class TrainerState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 class CheckpointDamaged(ConfigError):
@@ -154,16 +156,15 @@ def _sha256(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------ checkpoints
 
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoints/step<N> under `root`, complete or not, oldest first."""
+    matches = [(_TAG.match(folder.name), folder) for folder in (root.iterdir() if root.is_dir() else [])]
+    return sorted((int(match.group(1)), folder) for match, folder in matches if match)
+
+
 def _complete(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under `root` (its manifest written), oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for folder in root.iterdir():
-        match = _TAG.match(folder.name)
-        if match and (folder / MANIFEST).is_file():
-            found.append((int(match.group(1)), folder))
-    return sorted(found)
+    return [(step, folder) for step, folder in _step_folders(root) if (folder / MANIFEST).is_file()]
 
 
 @dataclass
@@ -182,9 +183,8 @@ def find_checkpoint(resume: bool | str, output_dir: str | os.PathLike) -> Resume
         return ResumePoint(None)
     if resume is True:
         root = Path(output_dir) / CHECKPOINT_DIR
-        found = _complete(root)
         damaged = []
-        for _, folder in reversed(found):
+        for _, folder in reversed(_complete(root)):
             problem = damage(folder)
             if problem is None:
                 return ResumePoint(folder, damaged)
@@ -206,8 +206,8 @@ def find_checkpoint(resume: bool | str, output_dir: str | os.PathLike) -> Resume
         folder = found[0]
     problem = damage(folder)
     if problem is not None:
-        intact = [f for _, f in reversed(_complete(folder.parent)) if f != folder and damage(f) is None]
-        fix = (f"Resume from the newest intact checkpoint with --resume={intact[0]}" if intact
+        intact = next((f for _, f in reversed(_complete(folder.parent)) if f != folder and damage(f) is None), None)
+        fix = (f"Resume from the newest intact checkpoint with --resume={intact}" if intact
                else "No other intact checkpoint is next to it; restore it from a copy or start afresh")
         raise CheckpointDamaged(f"Checkpoint {str(folder)!r} is damaged: {problem}, so resuming from it would "
                                 f"load corrupt state. {fix}.")
@@ -249,12 +249,10 @@ def save_checkpoint(sam_engine: Any, output_dir: str | os.PathLike, state: Train
 
 
 def _prune(root: Path, keep: int) -> None:
-    complete = _complete(root)
-    for _, folder in complete[:-keep]:
-        shutil.rmtree(folder, ignore_errors=True)
-    kept = {folder for _, folder in complete[-keep:]}
-    for folder in root.iterdir():  # leftovers of a save that was cut short
-        if _TAG.match(folder.name) and folder.is_dir() and folder not in kept:
+    """Removes all but the `keep` newest complete checkpoints, and the leftovers of saves cut short."""
+    kept = {folder for _, folder in _complete(root)[-keep:]}
+    for _, folder in _step_folders(root):
+        if folder not in kept:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -295,17 +293,12 @@ def load_checkpoint(sam_engine: Any, folder: Path, expected: dict[str, int],
     return state, torch.load(rng_file, weights_only=False)
 
 
-def discard_after(output_dir: str | os.PathLike, step: int) -> list[int]:
+def discard_after(output_dir: str | os.PathLike, step: int) -> None:
     """Removes the checkpoints of steps after `step` (a run resumed from an older checkpoint replaces
-    that future) and returns their steps; rank 0 only."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    removed = []
-    for folder in root.iterdir() if root.is_dir() else []:
-        match = _TAG.match(folder.name)
-        if match and int(match.group(1)) > step:
+    that future); rank 0 only."""
+    for n, folder in _step_folders(Path(output_dir) / CHECKPOINT_DIR):
+        if n > step:
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(int(match.group(1)))
-    return sorted(removed)
 
 
 def earlier_run(output_dir: str | os.PathLike) -> list[str]:
@@ -384,20 +377,9 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(encode_nonfinite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no nan/inf; they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return decode_nonfinite(json.loads(path.read_text(encoding="utf-8")))

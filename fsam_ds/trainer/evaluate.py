@@ -17,14 +17,6 @@ from fsam_ds.sam.shards import unpack_bits
 from fsam_ds.trainer.objectives import Objective
 
 
-def _gather(local: Any) -> list[Any]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [local]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, local)
-    return out
-
-
 @torch.no_grad()
 def _outputs(engine: Any, loader: DataLoader, objective: Objective) -> dict[str, Tensor]:
     rows: dict[str, list[Tensor]] = defaultdict(list)
@@ -44,7 +36,8 @@ def evaluate(engine: Any, loaders: Mapping[str, DataLoader], objective: Objectiv
     results: dict[str, dict[str, float]] = {}
     try:
         for split, loader in loaders.items():
-            parts = _gather(_outputs(engine, loader, objective))
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, _outputs(engine, loader, objective))
             results[split] = objective.metrics({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
     finally:
         engine.train(was_training)

@@ -9,11 +9,9 @@ summary), checkpoints/step<N>/ (exact resume), best/ and final/ (Hugging Face mo
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import math
-import random
 import sys
 import time
 import warnings
@@ -21,20 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
-from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_model_path, hub_error, load_model,
-                           load_tokenizer, resolve_config)
+from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, hub_error, load_model, load_tokenizer,
+                                   resolve_config)
 from fsam_ds.trainer.checkpoint import (ResumePoint, TrainerState, check_same_run, clear_earlier_run, discard_after,
                                         earlier_run, export_model, find_checkpoint, load_checkpoint,
                                         save_checkpoint, set_aside, set_rng_state)
-from fsam_ds.trainer.metrics_log import trim_metrics
+from fsam_ds.trainer.metrics_log import open_run_logger, trim_metrics
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.sam.core import StepStats
+from fsam_ds.sam.driver import StepOutput
 from fsam_ds.trainer.data import DataError, set_epoch
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.objectives import Objective, objective_for
@@ -49,12 +46,6 @@ KNOWN_ERRORS = (ConfigError, DataError, TrainError, UnknownTaskError, Unsupporte
 
 class TrainingFailed(Exception):
     """The run itself went wrong (e.g. every update skipped); fsam-train exits with status 3."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every accelerator device
 
 
 def _quiet_libraries(rank: int, progress: bool) -> None:
@@ -96,19 +87,6 @@ class Run:
         return objective_for(self.task)
 
 
-class _Skip(Sampler[int]):
-    """A sampler without its first `skip` indices."""
-
-    def __init__(self, sampler: Sampler[int], skip: int) -> None:
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
 def _batches(run: Run, epoch: int, skip_steps: int) -> Iterator[dict]:
     """The epoch's micro-batches from step `skip_steps` on, identical to those of an uninterrupted run."""
     loader = run.data.train
@@ -118,24 +96,30 @@ def _batches(run: Run, epoch: int, skip_steps: int) -> Iterator[dict]:
     # skipping indices instead of batches avoids loading and collating what the run already trained on;
     # the skip is a whole number of batches, so the remaining batches are cut the same way
     skip = skip_steps * run.cfg.data.grad_accum * loader.batch_size
-    return iter(DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=_Skip(loader.sampler, skip),
+    return iter(DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=list(loader.sampler)[skip:],
                            collate_fn=loader.collate_fn, num_workers=loader.num_workers,
                            pin_memory=loader.pin_memory, drop_last=loader.drop_last, generator=loader.generator))
 
 
-def _global_mean(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
+def _global_losses(out: StepOutput, device: torch.device) -> tuple[float, float]:
+    """The step's mean loss and mean perturbed loss over the global batch. Every rank has as many
+    examples in the first pass, but ESAM's ranks keep different numbers (maybe none) for the second,
+    so its mean is the sum over the examples kept on all ranks over their count."""
+    kept = out.examples_kept
+    perturbed_sum = out.perturbed_loss * kept if kept else 0.0  # a rank that kept none reports nan
+    sums = torch.tensor([out.loss, perturbed_sum, kept], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    loss, perturbed_sum, kept = sums.tolist()
+    return loss / dist.get_world_size(), perturbed_sum / kept if kept else math.nan
 
 
-def log_step(run: Run, out: Any, lr: float, examples: int, epoch: float) -> None:
+def log_step(run: Run, out: StepOutput, lr: float, examples: int, epoch: float) -> None:
     """Counts the step if it was lost (see `stop_if_not_training`) and logs it."""
-    loss, perturbed = _global_mean([out.loss, out.perturbed_loss], run.engine.device)
+    loss, perturbed = _global_losses(out, run.engine.device)
     lost = out.skipped or not math.isfinite(loss)  # any rank's non-finite loss makes the mean non-finite
     run.state.skipped_steps += int(lost)
     run.state.consecutive_skipped = run.state.consecutive_skipped + 1 if lost else 0
-    s: StepStats = out.stats
+    s = out.stats
     scalars: dict[str, Any] = {"lr": lr, "epoch": round(epoch, 4)}
     if run.cfg.sam.sam_type != "none" or math.isfinite(s.grad_norm):  # DeepSpeed may not compute it
         scalars["grad_norm"] = s.grad_norm
@@ -287,16 +271,15 @@ def _refuse_earlier_run(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, rank: int, world: int) -> None:
     """The run. Nothing in output_dir is deleted, cut or replaced until the configuration, resume point,
     tokenizer, data, model, DeepSpeed config and engine have all been checked and built."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, set_seed
 
     started = time.time()
     task = get_task(cfg.task)
-    run_config = config_to_dict(cfg)
     point = _resume_point(cfg, rank)
     if point.folder is not None:
-        check_same_run(point.folder, run_config)
+        check_same_run(point.folder, config_to_dict(cfg))
     _quiet_libraries(rank, cfg.log.progress)
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)  # python, numpy, torch and every accelerator
     tokenizer = load_tokenizer(cfg)
     data = build_data(cfg, task, tokenizer, rank, world)
     total = cfg.optim.max_steps or cfg.optim.epochs * data.steps_per_epoch
@@ -329,7 +312,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
             discard_after(cfg.output_dir, state.step)
             trim_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.step)
     dist.barrier()
-    with _open_logger(cfg, rank, total, state.step, checkpoint is not None) as logger:
+    with open_run_logger(cfg, rank, total_steps=total, start_step=state.step, resumed=checkpoint is not None) as logger:
         if checkpoint is not None:
             logger.console(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
         run = Run(cfg, task, data, sam_engine, tokenizer, logger, state, names,
@@ -338,9 +321,3 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
         if state.last_eval_step != state.step:
             run_eval(run, state.epoch + state.step_in_epoch / data.steps_per_epoch)
         finish(run, started)
-
-
-def _open_logger(cfg: TrainConfig, rank: int, total: int, start: int, resumed: bool) -> Any:
-    from fsam_ds.trainer.metrics_log import open_run_logger
-
-    return open_run_logger(cfg, rank=rank, total_steps=total, start_step=start, resumed=resumed)

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 
 __all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured",
-           "MetricsFileError", "METRICS_FILE", "encode_event", "read_events", "read_summary", "trim_metrics"]
+           "MetricsFileError", "METRICS_FILE", "encode_event", "encode_nonfinite", "decode_nonfinite", "read_events",
+           "read_summary", "trim_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 WandbMode = Literal["online", "offline", "disabled"]
@@ -107,10 +108,20 @@ def _decode_nonfinite(value: Any) -> Any:
     return _NONFINITE.get(value, value) if isinstance(value, str) else value
 
 
+def encode_nonfinite(value: Any) -> Any:
+    """`value` with every non-finite float as its string; the trainer's other JSON files use it too."""
+    return _plain(value, _encode_nonfinite)
+
+
+def decode_nonfinite(value: Any) -> Any:
+    """The inverse of `encode_nonfinite` on what json.loads returns."""
+    return _plain(value, _decode_nonfinite)
+
+
 def encode_event(record: dict[str, Any]) -> str:
     """One metrics.jsonl line (without the newline) for a record of Python values."""
     # allow_nan=False: a non-finite float that escaped the encoding would be invalid JSON; fail loudly
-    return json.dumps(_plain(record, _encode_nonfinite), allow_nan=False, default=str)
+    return json.dumps(encode_nonfinite(record), allow_nan=False, default=str)
 
 
 def read_events(path: str | os.PathLike, event: str | None = None) -> list[dict[str, Any]]:
@@ -141,7 +152,7 @@ def read_events(path: str | os.PathLike, event: str | None = None) -> list[dict[
                 f"{where} is {problem}; every line of {METRICS_FILE} is one JSON object as RunLogger writes "
                 f"it. Delete or repair line {index + 1} (only the last line of a killed run may be cut short).")
         if event is None or record.get("event") == event:
-            records.append(_plain(record, _decode_nonfinite))
+            records.append(decode_nonfinite(record))
     return records
 
 

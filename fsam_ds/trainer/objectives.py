@@ -54,10 +54,6 @@ class Objective(Protocol):
         ...
 
 
-def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _device(model: Model) -> torch.device:
     device = getattr(model, "device", None)  # a DeepSpeed engine or a transformers model
     return device if isinstance(device, torch.device) else next(model.parameters()).device
@@ -73,7 +69,8 @@ class SequenceClassification:
 
     def _logits(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Logits in fp32 (whatever the model's dtype) and the labels, on the model's device."""
-        inputs = to_device(batch, _device(model))
+        device = _device(model)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = inputs.pop("labels")
         return model(**inputs).logits.float(), labels
 

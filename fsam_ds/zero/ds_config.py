@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,8 +42,7 @@ _NATIVE_AUTO = {"data_types.keep_in_fp32_modules"}
 
 def build_ds_config(precision: str, zero_stage: int) -> dict[str, Any]:
     """The config shipped as ds_configs/zero{stage}_{precision}.json, with the trainer's fields "auto"."""
-    _check_choice("precision", precision, PRECISIONS)
-    _check_stage(zero_stage)
+    _check_precision_and_stage(precision, zero_stage)
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = STAGE3_PERSISTENCE_THRESHOLD
@@ -87,8 +87,7 @@ def resolve_ds_config(
     `hidden_size` fills the Hugging Face style bucket-size "auto" fields (DeepSpeed's defaults
     are used without it). Raises ConfigError on any clash or unresolved "auto".
     """
-    _check_choice("precision", precision, PRECISIONS)
-    _check_stage(zero_stage)
+    _check_precision_and_stage(precision, zero_stage)
     for name, value in (("data.micro_batch_size", micro_batch_size), ("data.grad_accum", grad_accum),
                         ("world_size", world_size)):
         if not _is_int(value) or value < 1:
@@ -107,8 +106,15 @@ def resolve_ds_config(
     r.match(config, "gradient_accumulation_steps", grad_accum, "data.grad_accum")
     _resolve_train_batch(r, micro_batch_size, grad_accum, world_size)
     r.match(config, "gradient_clipping", float(grad_clip), "optim.grad_clip")
-    _resolve_optimizer(r, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    _resolve_scheduler(r, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps)
+    _match_params(r, "optimizer", {"lr": (lr, "optim.lr"), "weight_decay": (weight_decay, "optim.weight_decay"),
+                                   "betas": (list(betas) if betas is not None else None, "optim.betas"),
+                                   "eps": (eps, "optim.eps")})
+    scheduler = _match_params(r, "scheduler", {
+        "warmup_num_steps": (warmup_steps, "warmup steps (optim.warmup_ratio x total steps)"),
+        "total_num_steps": (total_steps, "optim.max_steps"), "warmup_max_lr": (lr, "optim.lr")})
+    if scheduler is not None:
+        # The trainer's warmup starts from 0; a concrete floor in the file is the user's choice.
+        r.match(scheduler, "warmup_min_lr", 0.0, "", add_missing=False, check=False)
     _reject_leftover_auto(r)
     if precision == "fp16" and zero_stage == 0:
         warnings.warn(
@@ -119,12 +125,12 @@ def resolve_ds_config(
     return config
 
 
+@dataclass
 class _Resolver:
     """Fills or checks one field at a time and words the errors."""
 
-    def __init__(self, config: dict[str, Any], source: str) -> None:
-        self.config = config
-        self.source = source
+    config: dict[str, Any]
+    source: str
 
     def fail(self, message: str) -> None:
         raise ConfigError(f"{self.source}: {message}")
@@ -194,7 +200,7 @@ def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed con
         r.fail("has fp16 enabled at ZeRO stage 0, where DeepSpeed's optimizer unscales a loss it never "
                "scaled (updates come out divided by the loss scale). Use ZeRO stage 1, 2 or 3 with fp16, "
                "or bf16 at stage 0.")
-    left = [path for path in _auto_paths(r.config) if path not in _NATIVE_AUTO]
+    left = _auto_paths(r.config)
     if left:
         r.fail(f'still has "auto" for {", ".join(left)}; DeepSpeed cannot fill these. Pass the config through '
                "fsam_ds.zero.ds_config.resolve_ds_config(...) with the training arguments, or give concrete values.")
@@ -216,7 +222,7 @@ def _resolve_precision(r: _Resolver, precision: str) -> None:
         if "bf16" in config:
             r.fail("has both 'bf16' and 'bfloat16' sections. Keep only 'bf16'.")
         config["bf16"] = config.pop("bfloat16")
-    enabled = {}
+    enabled: dict[str, bool] = {}
     for name in ("fp16", "bf16"):
         section = config.setdefault(name, {})
         if not isinstance(section, dict):
@@ -230,11 +236,11 @@ def _resolve_precision(r: _Resolver, precision: str) -> None:
     if enabled["fp16"] and enabled["bf16"]:
         r.fail(f"fp16.enabled and bf16.enabled are both true but precision is {precision!r}. "
                f"Enable at most one, the one matching precision (or set both to \"auto\").")
+    file_precision = next((name for name, on in enabled.items() if on), "fp32")
     for name in ("fp16", "bf16"):
         if enabled[name] != (precision == name):
             r.fail(f"{name}.enabled is {str(enabled[name]).lower()} but precision is {precision!r}. "
-                   f"Set {name}.enabled to \"auto\", or pass --precision="
-                   f"{name if enabled[name] else _file_precision(enabled)} to match the file.")
+                   f"Set {name}.enabled to \"auto\", or pass --precision={file_precision} to match the file.")
     fp16 = config["fp16"]
     if enabled["fp16"]:
         for key, default in FP16_SCALER_DEFAULTS.items():
@@ -242,10 +248,6 @@ def _resolve_precision(r: _Resolver, precision: str) -> None:
     for key in _FP16_AUTO_FALSE:
         if fp16.get(key) == AUTO:
             fp16[key] = False
-
-
-def _file_precision(enabled: Mapping[str, bool]) -> str:
-    return next((name for name, on in enabled.items() if on), "fp32")
 
 
 def _resolve_zero(r: _Resolver, zero_stage: int, hidden_size: int | None) -> None:
@@ -280,48 +282,24 @@ def _resolve_train_batch(r: _Resolver, micro: int, accum: int, world: int) -> No
     r.config["train_batch_size"] = want
 
 
-def _resolve_optimizer(r: _Resolver, *, lr: float | None, weight_decay: float | None,
-                       betas: Sequence[float] | None, eps: float | None) -> None:
-    params = _section_params(r, "optimizer")
-    if params is None:
-        return
-    args = {"lr": (lr, "optim.lr"), "weight_decay": (weight_decay, "optim.weight_decay"),
-            "betas": (list(betas) if betas is not None else None, "optim.betas"), "eps": (eps, "optim.eps")}
-    _match_params(r, "optimizer", params, args)
-
-
-def _resolve_scheduler(r: _Resolver, *, lr: float | None, total_steps: int | None,
-                       warmup_steps: int | None) -> None:
-    params = _section_params(r, "scheduler")
-    if params is None:
-        return
-    args = {"warmup_num_steps": (warmup_steps, "warmup steps (optim.warmup_ratio x total steps)"),
-            "total_num_steps": (total_steps, "optim.max_steps"),
-            "warmup_max_lr": (lr, "optim.lr")}
-    _match_params(r, "scheduler", params, args)
-    # The trainer's warmup starts from 0; a concrete floor in the file is the user's choice.
-    r.match(params, "warmup_min_lr", 0.0, "", add_missing=False, check=False)
-
-
-def _section_params(r: _Resolver, name: str) -> dict[str, Any] | None:
+def _match_params(r: _Resolver, name: str, args: Mapping[str, tuple[Any, str]]) -> dict[str, Any] | None:
+    """Fills or checks the params of the optimizer or scheduler section against the trainer's (value,
+    argument) pairs; returns the params, or None without such a section."""
     section = r.config.get(name)
     if section is None:
         return None
     if not isinstance(section, dict) or not isinstance(section.get("params", {}), dict):
         r.fail(f"{name} is {section!r}; it must be an object with 'type' and a 'params' object.")
-    return section.setdefault("params", {})
-
-
-def _match_params(r: _Resolver, name: str, params: dict[str, Any],
-                  args: Mapping[str, tuple[Any, str]]) -> None:
+    params = section.setdefault("params", {})
     for key, (value, arg) in args.items():
         # Only fields the file names are checked; absent ones keep DeepSpeed's defaults.
         if value is not None:
             r.match(params, key, value, arg, path=f"{name}.params.{key}", add_missing=False)
+    return params
 
 
 def _reject_leftover_auto(r: _Resolver) -> None:
-    left = [path for path in _auto_paths(r.config) if path not in _NATIVE_AUTO]
+    left = _auto_paths(r.config)
     if left:
         r.fail(f'cannot resolve "auto" for {", ".join(left)}. Only the batch sizes, gradient_clipping, '
                "fp16/bf16 settings, zero_optimization.stage and the optimizer/scheduler values the trainer "
@@ -330,11 +308,12 @@ def _reject_leftover_auto(r: _Resolver) -> None:
 
 
 def _auto_paths(node: Any, prefix: str = "") -> list[str]:
+    """Where `node` still says "auto", other than where DeepSpeed fills it itself."""
     if isinstance(node, dict):
         return [p for key, value in node.items() for p in _auto_paths(value, f"{prefix}{key}.")]
     if isinstance(node, list):
         return [p for i, value in enumerate(node) for p in _auto_paths(value, f"{prefix}{i}.")]
-    return [prefix[:-1]] if node == AUTO else []
+    return [prefix[:-1]] if node == AUTO and prefix[:-1] not in _NATIVE_AUTO else []
 
 
 def _same(have: Any, want: Any) -> bool:
@@ -357,11 +336,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} is {value!r}; it must be one of {', '.join(choices)}.")
-
-
-def _check_stage(zero_stage: Any) -> None:
+def _check_precision_and_stage(precision: Any, zero_stage: Any) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision is {precision!r}; it must be one of {', '.join(PRECISIONS)}.")
     if not _is_int(zero_stage) or not 0 <= zero_stage <= 3:
         raise ConfigError(f"zero_stage is {zero_stage!r}; it must be 0, 1, 2 or 3.")
