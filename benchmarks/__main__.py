@@ -2,6 +2,8 @@
 
     python -m benchmarks core --threads 1                 # one process: ours vs pytorch-optimizer's SAM
     python -m benchmarks zero --stages 1 2 3 --steps 30   # 2 DeepSpeed ZeRO ranks over gloo (CPU)
+    python -m benchmarks zero --backend nccl --world-size 1   # the same on GPUs, one rank per GPU
+    python -m benchmarks.gpu_check OUT_DIR                # GPU readiness: CUDA tests + ratios (scripts/gpu_check.sh)
 
 `core` compares against pytorch-optimizer, which the dev extra installs (`pip install -e '.[dev]'`).
 """
@@ -20,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "communication benchmarks of the SAM family.")
     sub = parser.add_subparsers(dest="command", required=True)
     core.add_arguments(sub.add_parser("core", help="one process: ours vs pytorch-optimizer's SAM, on CPU"))
-    zero.add_arguments(sub.add_parser("zero", help="DeepSpeed ZeRO stages on local gloo ranks (CPU)"))
+    zero.add_arguments(sub.add_parser("zero", help="DeepSpeed ZeRO stages on local gloo ranks (CPU) or NCCL "
+                                                   "ranks (GPUs)"))
     return parser
 
 

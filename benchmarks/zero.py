@@ -1,6 +1,7 @@
 """`python -m benchmarks zero`: DeepSpeed AdamW vs fisher-sam vs fisher-esam on ZeRO stages, local gloo ranks.
 
     python -m benchmarks zero --stages 1 2 3 --steps 30 [--dtype bf16] [--json FILE]
+    python -m benchmarks zero --backend nccl --world-size 1 ...   # on GPUs: rank r on GPU r
 
 The ranks are spawned here (no launcher needed) with one thread each. Per stage, every rank
 builds one engine per method from the same tiny BERT config, then runs the methods' steps
@@ -12,6 +13,8 @@ alternately, with a barrier before each step. Per method:
 * memory: heap (mallinfo2) sampled at the edges of every phase and at every collective during the
   warm-up steps after the engine is built; peak minus the heap before the model and engine were
   built (and, in the JSON, minus the heap after `initialize`, and the total);
+* on GPUs (`--backend nccl`) also the device's peak (`torch.cuda.max_memory_allocated`) over the same
+  span, above the device memory in use before the build: the heap is then host memory only;
 * collective bytes per step: `benchmarks.measure.CollectiveCounter`, per rank, median over steps;
 * a profile: time and collective bytes per phase of the step, as the engine reports its phases to
   its observer (`SAMEngine` and the AdamW baseline `PlainEngine` take `observer=`).
@@ -52,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, hidden=128, layers=2, heads=2, vocab=1000)
     parser.add_argument("--micro-batch", type=int, default=8, help="examples per rank and step")
     parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                        help="gloo: CPU ranks; nccl: one rank per GPU (world size <= visible GPUs), steps timed "
+                             "to the device's completion")
     parser.add_argument("--persistence-threshold", type=int, default=None,
                         help="ZeRO-3 stage3_param_persistence_threshold (default: 10 x hidden, the Hugging Face "
                              f"\"auto\" rule; the shipped configs say {STAGE3_PERSISTENCE_THRESHOLD}, which would "
@@ -139,6 +145,7 @@ class RankBench:
     # ---------------------------------------------------------------- running
     def _run_step(self, method: ZeroMethod, batch: dict) -> tuple[float, dict, dict]:
         import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
 
         dist.barrier()
         self.counter.take()
@@ -146,6 +153,7 @@ class RankBench:
         self.current = method
         start = time.perf_counter()
         method.step(batch)
+        get_accelerator().synchronize()  # a GPU step has ended when its kernels have (a no-op on the CPU)
         elapsed = time.perf_counter() - start
         self.current = None
         self.counter.active = False
@@ -154,6 +162,10 @@ class RankBench:
     def build_and_warm(self, name: str, stage: int, batches: list[dict]) -> ZeroMethod:
         """Builds the method's model and engine and runs the warm-up steps, sampling the heap."""
         gc.collect()
+        on_gpu = self.o["backend"] == "nccl"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+            device_before_build = torch.cuda.memory_allocated()
         before_build = heap_in_use()
         method = self.build(name, stage)
         gc.collect()
@@ -165,6 +177,8 @@ class RankBench:
                          "after_initialize": after_init,
                          "peak_above_before_build": _minus(peak, before_build),
                          "peak_above_after_initialize": _minus(peak, after_init)}
+        if on_gpu:
+            method.memory["cuda_peak_above_before_build"] = torch.cuda.max_memory_allocated() - device_before_build
         return method
 
     def _prime(self, stage: int, batches: list[dict]) -> None:
@@ -179,7 +193,11 @@ class RankBench:
 
     def run_stage(self, stage: int) -> dict:
         o = self.o
-        batches = random_batches(4, o["micro_batch"], o["seq"], o["vocab"], seed=100 + self.rank)
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().current_device_name()
+        batches = [{k: v.to(device) for k, v in batch.items()}
+                   for batch in random_batches(4, o["micro_batch"], o["seq"], o["vocab"], seed=100 + self.rank)]
         names = list(METHODS) + [f"{m}{REBUILD}" for m in METHODS if m != "adamw"]
         self._prime(stage, batches)
         methods = [self.build_and_warm(name, stage, batches) for name in names]
@@ -223,12 +241,12 @@ def _rank_bench(rank: int, world: int, options: dict) -> dict:
     bench = RankBench(rank, world, options)  # wraps torch.distributed before DeepSpeed binds to it
     if not options["verbose"]:
         _quiet()
-    init_distributed("gloo")
+    init_distributed(options["backend"])
     return bench.run()
 
 
 def spawn_ranks(options: dict, world: int, timeout: float) -> list[dict]:
-    return run_local_ranks(_rank_bench, world, options, timeout=timeout, init=None)
+    return run_local_ranks(_rank_bench, world, options, timeout=timeout, init=None, backend=options["backend"])
 
 
 # ====================================================================== summary
@@ -255,6 +273,8 @@ def summarise_method(per_rank: list[dict]) -> dict:
         "peak_above_before_build": _max_or_none([r["memory"]["peak_above_before_build"] for r in per_rank]),
         "peak_above_after_initialize": _max_or_none([r["memory"]["peak_above_after_initialize"] for r in per_rank]),
         "peak_total": _max_or_none([r["memory"]["peak"] for r in per_rank]),
+        "cuda_peak_above_before_build": _max_or_none([r["memory"].get("cuda_peak_above_before_build")
+                                                      for r in per_rank]),
         "profile_rank0": median_profile(per_rank[0]["profiles"], per_rank[0]["times"]),
     }
 
@@ -279,6 +299,7 @@ def summarise_stage(stage: int, per_rank: list[dict]) -> dict:
             "memory_ratio_after_initialize": ratio(m["peak_above_after_initialize"],
                                                    adamw["peak_above_after_initialize"]),
             "memory_ratio_total": ratio(m["peak_total"], adamw["peak_total"]),
+            "cuda_memory_ratio": ratio(m["cuda_peak_above_before_build"], adamw["cuda_peak_above_before_build"]),
             "collective_ratio": ratio(m["collective_bytes"], adamw["collective_bytes"]),
         }
     out["targets"] = targets.check(stage, out)
@@ -287,7 +308,7 @@ def summarise_stage(stage: int, per_rank: list[dict]) -> dict:
 
 def run_zero(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in ("stages", "steps", "warmup", "dtype", "hidden", "layers", "heads", "vocab",
-                                               "seq", "micro_batch", "persistence_threshold", "verbose")}
+                                               "seq", "micro_batch", "persistence_threshold", "verbose", "backend")}
     started = time.perf_counter()
     per_rank = spawn_ranks(options, args.world_size, args.timeout)
     stages = {s: summarise_stage(int(s), [r[s] for r in per_rank]) for s in per_rank[0]}
@@ -308,8 +329,8 @@ def _mib(nbytes: float | None) -> float | None:
 
 def format_zero_report(result: dict) -> str:
     c = result["config"]
-    head = (f"benchmarks zero: {c['world_size']} gloo ranks (1 thread each), tiny BERT hidden {c['hidden']}, "
-            f"{c['layers']} layers, vocab {c['vocab']}, seq {c['seq']} ({c['parameters'] / 1e6:.2f} M parameters), "
+    head = (f"benchmarks zero: {c['world_size']} {c.get('backend', 'gloo')} ranks (1 thread each), "
+            f"tiny BERT hidden {c['hidden']}, {c['layers']} layers, vocab {c['vocab']}, seq {c['seq']} ({c['parameters'] / 1e6:.2f} M parameters), "
             f"micro-batch {c['micro_batch']} per rank, {c['dtype']}; median of {c['steps']} interleaved steps\n"
             + _format_zero_config(c["zero_optimization"]))
     header = ["stage", "AdamW ms", "fsam ms", "fesam ms", "fsam/AdamW", "fesam/AdamW", f"rebuild/{MASK_INTERVAL}",
@@ -359,10 +380,12 @@ def _format_memory_views(result: dict) -> str:
             m = s["methods"][name]
             rows.append([stage, name, fmt(_mib(m["peak_total"]), ".1f"), fmt(_mib(m["peak_above_before_build"]), ".2f"),
                          fmt(_mib(m["peak_above_after_initialize"]), ".2f"),
+                         fmt(_mib(m.get("cuda_peak_above_before_build")), ".2f"),
                          m["memory_per_rank"][0].get("peak_at", "")])
     return ("memory per rank (larger rank), MiB: total heap peak; peak above the heap before the model and engine "
-            "were built; peak above the heap after initialize (before the first step)\n"
-            + table(["stage", "method", "total peak", "above pre-build", "above pre-training",
+            "were built; peak above the heap after initialize (before the first step); GPU: the device's peak "
+            "above its use before the build (n/a on gloo)\n"
+            + table(["stage", "method", "total peak", "above pre-build", "above pre-training", "GPU above pre-build",
                      "peak sampled at (rank 0)"], rows))
 
 

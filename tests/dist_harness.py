@@ -1,4 +1,4 @@
-"""Runs a test function on N local processes over gloo (see `fsam_ds.distributed.run_local_ranks`)."""
+"""Runs a test function on N local processes, over gloo or NCCL (see `fsam_ds.zero.distributed.run_local_ranks`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ __all__ = ["free_port", "run_distributed"]
 
 
 def run_distributed(fn: Callable, world_size: int, tmp_path: Path, *args: Any, timeout: float = 240,
-                    use_deepspeed: bool = False, release_shm: bool = True) -> list[Any]:
-    """Returns [fn(0, world_size, *args), fn(1, ...), ...]; raises if any rank failed or timed out."""
+                    use_deepspeed: bool = False, release_shm: bool = True, backend: str = "gloo") -> list[Any]:
+    """Returns [fn(0, world_size, *args), fn(1, ...), ...]; raises if any rank failed or timed out.
+    `backend="nccl"` puts rank r on GPU r."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return run_local_ranks(fn, world_size, *args, timeout=timeout, init="deepspeed" if use_deepspeed else "gloo",
-                           release_shm=release_shm, workdir=tmp_path)
+    return run_local_ranks(fn, world_size, *args, timeout=timeout, init="deepspeed" if use_deepspeed else "plain",
+                           release_shm=release_shm, workdir=tmp_path, backend=backend)

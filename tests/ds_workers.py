@@ -1,4 +1,7 @@
-"""Code that runs inside the 2-rank DeepSpeed test processes (imported by the spawned workers)."""
+"""Code that runs inside the 2-rank DeepSpeed test processes (imported by the spawned workers).
+
+The same workers run on GPUs (tests/test_cuda.py, NCCL): batches go to the rank's accelerator device
+in `split`, and every tensor a worker returns is brought back to the CPU, where the tests compare."""
 
 from __future__ import annotations
 
@@ -108,10 +111,14 @@ def ds_config(stage: int, dtype: str = "fp32", micro: int = 4, gas: int = 1, **z
 
 
 def split(batch: dict, rank: int, world: int, parts: int = 1) -> list[dict]:
-    """This rank's share of a global batch, as `parts` micro-batches."""
+    """This rank's share of a global batch, as `parts` micro-batches, on the rank's DeepSpeed device
+    (the CPU under the CPU accelerator, where the move is free)."""
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().current_device_name()
     n = next(iter(batch.values())).shape[0]
     per_rank = n // world
-    mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+    mine = {k: v[rank * per_rank:(rank + 1) * per_rank].to(device) for k, v in batch.items()}
     size = per_rank // parts
     return [{k: v[i * size:(i + 1) * size] for k, v in mine.items()} for i in range(parts)]
 
@@ -126,7 +133,7 @@ def full_params(engine) -> list[torch.Tensor]:
             master = None
         else:
             master = safe_get_full_fp32_param(p)
-        out.append((p.detach().float() if master is None else master).clone().reshape(-1))
+        out.append((p.detach().float() if master is None else master).cpu().clone().reshape(-1))
     return out
 
 
@@ -173,7 +180,7 @@ def full_grads(engine) -> list[torch.Tensor]:
     out = []
     for p in engine.module.parameters():
         g = p.grad if engine.zero_optimization_stage() == 0 else safe_get_full_grad(p)
-        out.append(g.detach().float().clone().reshape(-1))
+        out.append(g.detach().float().cpu().clone().reshape(-1))
     return out
 
 
@@ -213,8 +220,8 @@ def module_full_params(engine) -> list[torch.Tensor]:
     params = list(engine.module.parameters())
     if engine.zero_optimization_stage() == 3:
         with deepspeed.zero.GatheredParameters(params):
-            return [p.detach().clone().reshape(-1) for p in params]
-    return [p.detach().clone().reshape(-1) for p in params]
+            return [p.detach().cpu().clone().reshape(-1) for p in params]
+    return [p.detach().cpu().clone().reshape(-1) for p in params]
 
 
 def poisonable_loss(kind: str):
@@ -482,3 +489,8 @@ def run_reused_parameters(rank: int, world: int, cases: list[tuple[int, str]], s
             continue
         results[(stage, mode)] = full_params(sam_engine.engine)
     return results
+
+
+def run_each(rank: int, world: int, fn, cases: list[tuple]) -> list:
+    """[fn(rank, world, *case) for each case] in one launch: starting the ranks costs more than these runs."""
+    return [fn(rank, world, *case) for case in cases]

@@ -404,3 +404,43 @@ def test_zero_command_line_parses_the_documented_form():
     assert config["gradient_clipping"] == 0.0
     assert config["zero_optimization"]["reduce_bucket_size"] == 128 * 128
     assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 1280
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
+<testcase classname="test_cuda" name="test_a" time="12.34"/>
+<testcase classname="test_cuda" name="test_b" time="1.0"><failure message="boom">trace</failure></testcase>
+<testcase classname="test_cuda" name="test_c" time="0"><skipped message="needs a CUDA GPU"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_gpu_check_summary_from_given_results(tmp_path):
+    """The GPU check reads pytest's junit XML and the benchmark's JSON; a failed or skipped test fails it."""
+    from benchmarks import gpu_check
+
+    (tmp_path / "tests.xml").write_text(JUNIT)
+    tests = gpu_check.read_tests(tmp_path / "tests.xml")
+    assert tests == {"test_a": {"outcome": "passed", "seconds": 12.3}, "test_b": {"outcome": "failure", "seconds": 1.0},
+                     "test_c": {"outcome": "skipped", "seconds": 0.0}}
+    (tmp_path / "zero.json").write_text(json.dumps({"stages": {"3": _zero_stage(3)}}))
+    ratios = gpu_check.read_ratios(tmp_path / "zero.json")
+    assert ratios["3"]["fisher-sam"]["step_ratio"] == pytest.approx(195 / 105)
+    assert ratios["3"]["fisher-esam"]["collective_ratio"] == pytest.approx(2.1)
+    assert ratios["3"]["fisher-sam"]["cuda_memory_ratio"] is None  # gloo ranks: no device memory
+    summary = {"world_size": 1, "environment": {"gpus": ["H200"]}, "tests": tests, "seconds": 5.0, "passed": False,
+               "parts": {"cuda tests": {"status": "failed (exit 1)", "seconds": 4.0}},
+               "ratios": {"fp32": ratios}}
+    text = gpu_check.format_summary(summary)
+    assert "1.857" in text and "2.143" in text and "FAILED" in text and "failure" in text  # 195/105, 225/105
+    assert gpu_check.read_tests(tmp_path / "absent.xml") == {}
+
+
+def test_gpu_check_dry_run_prints_the_cuda_tests_and_the_nccl_benchmarks(tmp_path, capsys):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main([str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "-m pytest -q -m cuda tests/test_cuda.py" in text and f"--timeout={gpu_check.TEST_TIMEOUT_S}" in text
+    for dtype in ("fp32", "bf16"):
+        assert f"zero --backend nccl --world-size <visible GPUs> --dtype {dtype}" in text
+    assert sum(part.limit_s for part in gpu_check.parts(tmp_path, 1)) < 600  # the 10-minute budget
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing

@@ -22,3 +22,15 @@ def test_shared_memory_segments_are_unlinked_after_setup(tmp_path, release):
 def test_a_failing_rank_is_reported_and_its_blocked_peer_stopped(tmp_path):
     with pytest.raises(RuntimeError, match="rank 1 failed:(.|\n)*rank one gives up"):
         run_distributed(w.fail_on_rank_one, 2, tmp_path, use_deepspeed=False, timeout=120)
+
+
+def test_unknown_backend_and_too_few_gpus_for_nccl_are_refused_before_any_rank_starts():
+    import torch
+
+    from fsam_ds.zero.distributed import run_local_ranks
+
+    with pytest.raises(ValueError, match="backend='mpi' is not one of \\['gloo', 'nccl'\\]"):
+        run_local_ranks(w.fail_on_rank_one, 2, backend="mpi")
+    too_many = torch.cuda.device_count() + 1
+    with pytest.raises(ValueError, match=f"world_size={too_many} NCCL ranks need as many visible GPUs"):
+        run_local_ranks(w.fail_on_rank_one, too_many, backend="nccl")

@@ -22,16 +22,23 @@ def bf16_round(model):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_update_applied_at_unperturbed_master(stage, tmp_path):
-    res = run_distributed(run_bf16, 2, tmp_path, stage, "mlp", "fisher-sam", use_deepspeed=True)[0]
+    assert_bf16_update_applied(run_distributed(run_bf16, 2, tmp_path, stage, "mlp", "fisher-sam",
+                                               use_deepspeed=True)[0])
+
+
+def assert_bf16_update_applied(res: dict, device: str = "cpu") -> None:
+    """`run_bf16`'s report (mlp, fisher-sam): each update applied at the unperturbed master, and a
+    second-pass gradient within bf16 noise of the fp32 reference. `device`: where the ranks stepped;
+    the shadow optimizer steps there too, so that its kernels, and so its last bits, are DeepSpeed's."""
     # shadow: torch AdamW from DeepSpeed's initial master, fed DeepSpeed's own second-pass gradient
-    shadow = [t.clone().requires_grad_(True) for t in res["initial_master"]]
+    shadow = [t.clone().to(device).requires_grad_(True) for t in res["initial_master"]]
     opt = torch.optim.AdamW(shadow, lr=1e-2, weight_decay=0.0)
     for g2, master, module in zip(res["g2"], res["masters"], res["module"]):
         for p, g in zip(shadow, g2):
-            p.grad = g.clone()
+            p.grad = g.clone().to(device)
         opt.step()
         for p, m in zip(shadow, master):
-            assert torch.equal(p.detach(), m), "update not applied at the unperturbed master"
+            assert torch.equal(p.detach().cpu(), m), "update not applied at the unperturbed master"
         for m, lp in zip(master, module):
             assert torch.equal(m.to(torch.bfloat16), lp), "module weights are not the bf16 cast of the master"
     # second-pass gradient of step 1 against an fp32 reference from the same (bf16-rounded) start

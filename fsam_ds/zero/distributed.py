@@ -88,18 +88,25 @@ def teardown() -> None:
 
 # ------------------------------------------------------------------ local multi-process runs
 
+# the DeepSpeed accelerator each backend runs on: gloo ranks stay on the CPU, NCCL rank r drives GPU r
+# (init_distributed sets the device from LOCAL_RANK)
+ACCELERATOR = {"gloo": "cpu", "nccl": "cuda"}
+
+
 def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple,
-               init: str | None, release_shm: bool) -> None:
+               init: str | None, release_shm: bool, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                      OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+                      OMP_NUM_THREADS="1", DS_ACCELERATOR=ACCELERATOR[backend])
     # one thread per rank: the ranks share the machine's cores, more threads oversubscribe them
     torch.set_num_threads(1)
     try:
         if init == "deepspeed":
-            init_distributed("gloo", release_shm=release_shm)
-        elif init == "gloo":
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            init_distributed(backend, release_shm=release_shm)
+        elif init == "plain":
+            if backend == "nccl":
+                torch.cuda.set_device(rank)
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
         result: Any = ("ok", fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - the traceback goes back to the parent
         result = ("error", traceback.format_exc())
@@ -143,20 +150,29 @@ def _wait(procs: list, outs: list[str], timeout: float) -> tuple[list[tuple | No
 
 def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240,
                     init: str | None = "deepspeed", release_shm: bool = True,
-                    workdir: str | os.PathLike | None = None) -> list[Any]:
-    """[fn(0, world_size, *args), fn(1, ...), ...] from `world_size` spawned local processes over gloo.
+                    workdir: str | os.PathLike | None = None, backend: str = "gloo") -> list[Any]:
+    """[fn(0, world_size, *args), fn(1, ...), ...] from `world_size` spawned local processes.
 
-    `init`: "deepspeed" (`init_distributed` over gloo, which releases the shared memory unless told not to),
-    "gloo" (a plain torch process group) or None (`fn` sets the group up itself). `fn` must be
+    `backend`: "gloo" (CPU ranks on DeepSpeed's CPU accelerator) or "nccl" (rank r on GPU r, one GPU
+    per rank). `init`: "deepspeed" (`init_distributed` over `backend`, which releases gloo's shared
+    memory unless told not to), "plain" (a plain torch process group) or None (`fn` sets the group up
+    itself, reading the backend's accelerator from DS_ACCELERATOR). `fn` must be
     importable by the spawned processes. Results travel through files, each rank tears its group
     down and leaves with os._exit; a rank still running at `timeout`, or 10 s after another rank
     failed, is killed. Raises with the failing rank's traceback, or says which rank timed out.
     """
+    if backend not in ACCELERATOR:
+        raise ValueError(f"run_local_ranks: backend={backend!r} is not one of {sorted(ACCELERATOR)}; use "
+                         "'gloo' on CPUs or 'nccl' with one CUDA device per rank")
+    if backend == "nccl" and world_size > torch.cuda.device_count():
+        raise ValueError(f"run_local_ranks: world_size={world_size} NCCL ranks need as many visible GPUs, "
+                         f"found {torch.cuda.device_count()}; pass world_size <= torch.cuda.device_count()")
     context = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fsam-ranks-", dir=workdir) as tmp:
         outs = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
-        procs = [context.Process(target=_rank_main, args=(fn, r, world_size, port, outs[r], args, init, release_shm))
+        procs = [context.Process(target=_rank_main, args=(fn, r, world_size, port, outs[r], args, init, release_shm,
+                                                           backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()
