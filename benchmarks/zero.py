@@ -38,7 +38,8 @@ from benchmarks.measure import (LR, MASK_INTERVAL, REBUILD, WEIGHT_DECAY, MiB, C
                                 PhaseProfile, add_model_arguments, count_parameters, fmt, heap_in_use, median,
                                 median_profile, per_example_loss, profile_rows, random_batches, ratio, rotated, table,
                                 tiny_bert)
-from fsam_ds.zero.distributed import init_distributed, run_local_ranks
+from benchmarks.ranks import run_local_ranks
+from fsam_ds.zero.distributed import init_distributed
 
 METHODS = ("adamw", "fisher-sam", "fisher-esam")
 MODEL_SHAPE = ("hidden", "layers", "heads", "vocab", "seq")

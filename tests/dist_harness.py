@@ -1,11 +1,12 @@
-"""Runs a test function on N local processes, over gloo or NCCL (see `fsam_ds.zero.distributed.run_local_ranks`)."""
+"""Runs a test function on N local processes, over gloo or NCCL (see `benchmarks.ranks.run_local_ranks`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
-from fsam_ds.zero.distributed import free_port, run_local_ranks
+from benchmarks.ranks import run_local_ranks
+from fsam_ds.zero.distributed import free_port
 
 __all__ = ["free_port", "run_distributed"]
 

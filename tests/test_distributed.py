@@ -27,7 +27,7 @@ def test_a_failing_rank_is_reported_and_its_blocked_peer_stopped(tmp_path):
 def test_unknown_backend_and_too_few_gpus_for_nccl_are_refused_before_any_rank_starts():
     import torch
 
-    from fsam_ds.zero.distributed import run_local_ranks
+    from benchmarks.ranks import run_local_ranks
 
     with pytest.raises(ValueError, match="backend='mpi' is not one of \\['gloo', 'nccl'\\]"):
         run_local_ranks(w.fail_on_rank_one, 2, backend="mpi")
