@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from fsam_ds.cli.assets import minilm_path, polarity_splits
+from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.metrics_log import METRICS_FILE, read_summary
-from fsam_ds.trainer.run_config import BASELINE_SAM_TYPE
+from fsam_ds.trainer.run_config import BASELINE_SAM_TYPE, load_config
 
 # Chosen by measurement on this task (README, "Demo"): the paper's rho 0.05 was tuned on
 # RoBERTa-large; on this 22.7M-parameter model 0.02 beat 0.05 on each of three seeds.
@@ -43,10 +44,13 @@ DEMO_SETTINGS = {
 }
 
 
-def demo_args(output_dir: Path, sam_type: str, extra: list[str]) -> list[str]:
+def demo_args(root: Path, sam_type: str, extra: list[str]) -> list[str]:
+    """fsam-train's arguments. Each setting gets its own folder (the config hash), so runs with other
+    extra arguments never meet; an identical rerun replaces its identical predecessor."""
     train_csv, dev_csv = polarity_splits()
     settings = {**DEMO_SETTINGS, "model": str(minilm_path()), "data.train_file": str(train_csv),
-                "data.dev_file": str(dev_csv), "sam.sam_type": sam_type, "output_dir": str(output_dir)}
+                "data.dev_file": str(dev_csv), "sam.sam_type": sam_type, "overwrite": "true",
+                "output_dir": str(root / f"{sam_type}-{{config_hash}}")}
     return [f"--{key}={value}" for key, value in settings.items()] + list(extra)
 
 
@@ -58,14 +62,19 @@ def best_accuracy(output_dir: Path) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="runs/demo", help="runs go to OUTPUT_DIR/<sam_type>")
+    parser.add_argument("--output_dir", default="runs/demo", help="runs go to OUTPUT_DIR/<sam_type>-<config hash>")
     parser.add_argument("--compare", action="store_true", help="also train plain AdamW and print both")
     args, extra = parser.parse_known_args(argv)
     root = Path(args.output_dir)
     results = {}
     for sam_type in ["fisher-sam"] + ([BASELINE_SAM_TYPE] if args.compare else []):
-        run_dir = root / sam_type
-        command = [sys.executable, "-m", "fsam_ds.train", *demo_args(run_dir, sam_type, extra)]
+        args = demo_args(root, sam_type, extra)
+        try:
+            run_dir = Path(load_config(args).output_dir)  # also checks the extra arguments before training
+        except ConfigError as err:
+            print(f"fsam-demo: error: {err}", file=sys.stderr)
+            return 2
+        command = [sys.executable, "-m", "fsam_ds.train", *args]
         print(f"== {sam_type}: {' '.join(command[:3])} ... --output_dir={run_dir}", flush=True)
         subprocess.run(command, check=False)
         results[sam_type] = best_accuracy(run_dir)
