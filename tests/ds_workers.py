@@ -23,13 +23,13 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
 
 
-def tiny_bert() -> nn.Module:
+def tiny_bert(dropout: float = 0.0) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=48, max_position_embeddings=32, num_labels=3,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return BertForSequenceClassification(cfg)
 
 
@@ -426,13 +426,7 @@ def run_fp16_skip_keeps_fisher(rank: int, world: int, stage: int) -> dict:
 
 
 def dropout_bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32, num_labels=3,
-                     hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
-    return BertForSequenceClassification(cfg)
+    return tiny_bert(dropout=0.2)
 
 
 DEEPSPEED_CHECKPOINTING = {"activation_checkpointing": {"cpu_checkpointing": False, "number_checkpoints": None}}
