@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.metrics_log import decode_nonfinite, encode_nonfinite
+from fsam_ds.trainer.metrics_log import decode_nonfinite, encode_nonfinite, replace_file
 from fsam_ds.trainer.run_identity import SAFE_TO_CHANGE_ON_RESUME, run_differences
 
 CHECKPOINT_DIR = "checkpoints"
@@ -376,9 +376,7 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
 # ------------------------------------------------------------------------------------ helpers
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(encode_nonfinite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(encode_nonfinite(data), indent=2, allow_nan=False) + "\n")
 
 
 def _read_json(path: Path) -> dict:

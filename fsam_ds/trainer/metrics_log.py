@@ -40,7 +40,7 @@ from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 
 __all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured",
            "MetricsFileError", "METRICS_FILE", "encode_event", "encode_nonfinite", "decode_nonfinite", "read_events",
-           "read_summary", "trim_metrics"]
+           "read_summary", "replace_file", "trim_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 WandbMode = Literal["online", "offline", "disabled"]
@@ -172,10 +172,10 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
         return
     kept = [r for r in read_events(path)
             if r.get("event") != "summary" and not (isinstance(r.get("step"), int) and r["step"] > step)]
-    _replace_file(path, "".join(encode_event(r) + "\n" for r in kept))
+    replace_file(path, "".join(encode_event(r) + "\n" for r in kept))
 
 
-def _replace_file(path: Path, text: str) -> None:
+def replace_file(path: Path, text: str) -> None:
     """Write `text` to a temporary file, then move it over `path`: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -200,7 +200,7 @@ class RunLogger:
         self.total_steps = total_steps
         # Line buffering flushes each event as it is written, so a crash loses nothing logged.
         self._file = open(self.output_dir / METRICS_FILE, "a" if self.resumed else "w", encoding="utf-8", buffering=1)
-        _replace_file(self.output_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        replace_file(self.output_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
         self._start_time = time.time()
         self._window_start = time.perf_counter()
         self._window_losses: list[float] = []
