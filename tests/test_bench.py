@@ -250,10 +250,10 @@ def test_the_reference_reports_the_same_phase_names():
 def test_the_command_starts_without_pytorch_optimizer_and_core_says_what_to_install():
     run = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "core", "--reps", "1", "--warmup", "0",
                           "--memory-steps", "1", *(f"--{k}={v}" for k, v in TINY.items()), "--batch", "2"],
-                         cwd=REPO, capture_output=True, text=True)
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "pip install -e '.[dev]'" in run.stderr, run.stderr[-2000:]
     help_text = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "--help"], cwd=REPO,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, timeout=300)
     assert help_text.returncode == 0 and "{core,zero}" in help_text.stdout, help_text.stderr[-2000:]
 
 
