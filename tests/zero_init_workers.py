@@ -17,7 +17,7 @@ def run_zero_init_equivalence(rank: int, world: int, kind: str, types: list[str]
 
     from fsam_ds.trainer.build import load_model
     from fsam_ds.trainer.run_config import TrainConfig
-    from fsam_ds.trainer.tasks import get_task
+    from fsam_ds.trainer.objectives import objective_for
 
     zero = zero or {}
     config = ds_config(3, **zero)
@@ -30,7 +30,7 @@ def run_zero_init_equivalence(rank: int, world: int, kind: str, types: list[str]
                 model = mlp()
         else:
             cfg = TrainConfig(task="mnli", model=str(model_dir))  # 3 labels, as tiny_bert's head
-            model = load_model(cfg, get_task("mnli"), config)
+            model = load_model(cfg, objective_for(cfg), config)
         # partitioned from birth: a rank holds only its share of each parameter
         born[sam_type] = [(p.ds_numel, p.ds_tensor.numel(), p.numel()) for p in model.parameters()]
         sam_engine = build_engine(model, 3, sam=sam_config(sam_type), **zero)
@@ -51,14 +51,13 @@ def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) ->
     from benchmarks.measure import BackgroundPeak
     from fsam_ds.trainer.build import load_model
     from fsam_ds.trainer.run_config import TrainConfig
-    from fsam_ds.trainer.tasks import get_task
+    from fsam_ds.trainer.objectives import objective_for
 
     cfg = TrainConfig(task="sst2", model=model_dir)
-    task = get_task("sst2")
     torch.distributed.barrier()
     with BackgroundPeak() as whole:
         with BackgroundPeak() as load:
-            model = load_model(cfg, task, ds_config(3) if partitioned else None)
+            model = load_model(cfg, objective_for(cfg), ds_config(3) if partitioned else None)
         params = dict(model.named_parameters())
         held = sum((p.ds_tensor if partitioned else p).numel() * 4 for p in params.values())
         sam_engine = build_engine(model, 3, sam=sam_config("fisher-sam"), lr=1e-4)

@@ -20,11 +20,10 @@ from typing import Any, Callable
 import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
-from fsam_ds.trainer.data import DataError, build_dataloader, load_task_splits, padding_collator, tokenize
+from fsam_ds.trainer.data import DataError, build_dataloader
 from fsam_ds.trainer.model_loading import drop_unused_weight_conversions, partitioned_loading
-from fsam_ds.trainer.objectives import objective_for
+from fsam_ds.trainer.objectives import Objective
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
-from fsam_ds.trainer.tasks import TaskSpec
 
 
 class TrainError(RuntimeError):
@@ -59,10 +58,9 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         raise hub_error(name, "tokenizer", err) from None
 
 
-def load_model(cfg: TrainConfig, task: TaskSpec, ds_config: dict | None = None) -> torch.nn.Module:
-    """The pretrained model with the head the task's objective trains; partitioned from birth when
+def load_model(cfg: TrainConfig, objective: Objective, ds_config: dict | None = None) -> torch.nn.Module:
+    """The pretrained model with the head `objective` trains; partitioned from birth when
     `ds_config` (resolved) runs ZeRO-3 (`fsam_ds.trainer.model_loading`)."""
-    objective = objective_for(task)
     try:
         with partitioned_loading(ds_config or {}):
             model = objective.model_class().from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype),
@@ -73,29 +71,6 @@ def load_model(cfg: TrainConfig, task: TaskSpec, ds_config: dict | None = None) 
     return model
 
 
-def _load_kwargs(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
-    """data.source/data_dir/train_file/dev_file -> load_task_splits arguments."""
-    d = cfg.data
-    if d.source == "hub":
-        if d.train_file or d.dev_file or d.data_dir:
-            raise ConfigError("data.train_file, data.dev_file and data.data_dir are read only with "
-                              "data.source=local; set data.source=local to train on local files, or drop them "
-                              "to load the task from the Hugging Face hub.")
-        return {"source": "hub"}
-    if d.train_file or d.dev_file:
-        if not (d.train_file and d.dev_file):
-            raise ConfigError("data.source=local with files needs both data.train_file and data.dev_file "
-                              "(.csv/.tsv/.json/.jsonl/.parquet with the task's column names); data.data_dir, "
-                              "if set, is the folder they are relative to.")
-        base = Path(d.data_dir or ".")
-        files = {task.train_split: base / d.train_file, task.select_split: base / d.dev_file}
-        return {"source": "files", "data_files": files, "splits": tuple(files)}
-    if d.data_dir:
-        return {"source": "glue-tsv", "data_dir": d.data_dir}
-    raise ConfigError("data.source=local needs data.data_dir (a GLUE-style folder with train.tsv and dev.tsv) "
-                      "or data.train_file and data.dev_file.")
-
-
 @dataclass
 class Data:
     train: torch.utils.data.DataLoader
@@ -103,27 +78,25 @@ class Data:
     steps_per_epoch: int
 
 
-def build_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any, rank: int, world: int) -> Data:
+def build_data(cfg: TrainConfig, objective: Objective, tokenizer: Any, rank: int, world: int) -> Data:
     d = cfg.data
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and limit < d.max_length:
         raise ConfigError(f"data.max_length = {d.max_length} exceeds the {limit} tokens the model "
                           f"{cfg.tokenizer or cfg.model!r} accepts; pass --data.max_length={limit} or less.")
-    splits = load_task_splits(task, train_per_class=d.limit_per_class or None, seed=cfg.seed, encoding=d.encoding,
-                              **_load_kwargs(cfg, task))
-    tokens = {name: tokenize(split, tokenizer, max_length=d.max_length) for name, split in splits.items()}
-    collate = padding_collator(tokenizer)
+    tokens = objective.prepare_splits(tokenizer)
+    collate = objective.collator(tokenizer)
     common = {"rank": rank, "world_size": world, "num_workers": d.num_workers, "seed": cfg.seed}
-    train = build_dataloader(tokens[task.train_split], collate, batch_size=d.micro_batch_size, train=True, **common)
+    train = build_dataloader(tokens[objective.train_split], collate, batch_size=d.micro_batch_size, train=True, **common)
     dev = {s: build_dataloader(tokens[s], collate, batch_size=d.eval_batch_size, train=False, **common)
-           for s in tokens if s != task.train_split}
+           for s in tokens if s != objective.train_split}
     for loader in (train, *dev.values()):
         # creating an iterator draws a seed; from its own generator it leaves the global one (dropout,
         # restored on resume) alone
         loader.generator = torch.Generator().manual_seed(cfg.seed)
     steps = len(train) // d.grad_accum
     if steps == 0:
-        n = len(tokens[task.train_split])
+        n = len(tokens[objective.train_split])
         raise DataError(f"{n} training examples give each of the {world} process(es) {len(train)} micro-batch(es) "
                         f"of at most {d.micro_batch_size}, fewer than data.grad_accum = {d.grad_accum}, so not "
                         "one step fits in an epoch. Use more data, a smaller data.micro_batch_size or "

@@ -8,7 +8,6 @@ summary), checkpoints/step<N>/ (exact resume), best/ and final/ (Hugging Face mo
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_
 from fsam_ds.trainer.objectives import Objective, objective_for
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 from fsam_ds.trainer.run_identity import run_differences
-from fsam_ds.trainer.tasks import TaskSpec, UnknownTaskError, get_task
+from fsam_ds.trainer.tasks import UnknownTaskError
 from fsam_ds.zero.adapters import UnsupportedConfiguration
 from fsam_ds.zero.engine import EngineStepper
 
@@ -69,7 +68,7 @@ class Run:
     """Everything the loop needs."""
 
     cfg: TrainConfig
-    task: TaskSpec
+    objective: Objective
     data: Data
     sam_engine: EngineStepper
     tokenizer: Any
@@ -81,10 +80,6 @@ class Run:
     @property
     def engine(self) -> Any:
         return self.sam_engine.engine
-
-    @functools.cached_property
-    def objective(self) -> Objective:
-        return objective_for(self.task)
 
 
 def _batches(run: Run, epoch: int, skip_steps: int) -> Iterator[dict]:
@@ -161,16 +156,16 @@ def _fail(run: Run, what: str) -> None:
 
 
 def run_eval(run: Run, epoch: float) -> None:
-    cfg, state, task = run.cfg, run.state, run.task
+    cfg, state, objective = run.cfg, run.state, run.objective
     results = evaluate(run.engine, run.data.dev, run.objective)
-    metrics = flatten_metrics(results, task.select_split)
+    metrics = flatten_metrics(results, objective.select_split)
     state.last_eval_step, state.last_metrics = state.step, metrics
-    run.logger.log_eval(state.step, metrics, metric_name=task.select_metric, epoch=round(epoch, 4))
-    value = results[task.select_split][task.select_metric]
+    run.logger.log_eval(state.step, metrics, metric_name=objective.select_metric, epoch=round(epoch, 4))
+    value = results[objective.select_split][objective.select_metric]
     if is_better(value, state.best_metric):  # identical on every rank: all of them computed it
         state.best_metric, state.best_step, state.best_metrics = value, state.step, metrics
         if cfg.eval.save_best:
-            info = {"step": state.step, "epoch": round(epoch, 4), "metric_name": task.select_metric,
+            info = {"step": state.step, "epoch": round(epoch, 4), "metric_name": objective.select_metric,
                     "value": value, "metrics": metrics}
             export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "best", info)
 
@@ -215,12 +210,12 @@ def train_loop(run: Run, rng: dict | None) -> None:
 
 
 def finish(run: Run, started: float) -> None:
-    cfg, state, task = run.cfg, run.state, run.task
+    cfg, state, objective = run.cfg, run.state, run.objective
     if cfg.max_consecutive_skipped and state.step and state.skipped_steps == state.step:
         _fail(run, f"every one of its {state.step} steps had a non-finite loss or gradients")
     final_dir = export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "final",
                              {"step": state.step, "metrics": state.last_metrics})
-    run.logger.summary(state.best_metric, task.select_metric, best_step=state.best_step, steps=state.step,
+    run.logger.summary(state.best_metric, objective.select_metric, best_step=state.best_step, steps=state.step,
                        best_metrics=state.best_metrics, skipped_steps=state.skipped_steps,
                        sam_type=cfg.sam.sam_type, output_dir=cfg.output_dir)
     best = "none" if state.best_metric is None else f"{state.best_metric:.4f} at step {state.best_step}"
@@ -228,7 +223,7 @@ def finish(run: Run, started: float) -> None:
                 if cfg.eval.save_best and state.best_step is not None else "")
     run.logger.console(
         f"done: {state.step} steps ({state.skipped_steps} skipped) in {time.time() - started:.0f} s; "
-        f"best dev {task.select_metric} {best}; final model in {final_dir}{best_dir}")
+        f"best dev {objective.select_metric} {best}; final model in {final_dir}{best_dir}")
 
 
 def _resume_point(cfg: TrainConfig, rank: int) -> ResumePoint:
@@ -274,21 +269,21 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     from transformers import AutoConfig, set_seed
 
     started = time.time()
-    task = get_task(cfg.task)
+    objective = objective_for(cfg)
     point = _resume_point(cfg, rank)
     if point.folder is not None:
         check_same_run(point.folder, config_to_dict(cfg))
     _quiet_libraries(rank, cfg.log.progress)
     set_seed(cfg.seed)  # python, numpy, torch and every accelerator
     tokenizer = load_tokenizer(cfg)
-    data = build_data(cfg, task, tokenizer, rank, world)
+    data = build_data(cfg, objective, tokenizer, rank, world)
     total = cfg.optim.max_steps or cfg.optim.epochs * data.steps_per_epoch
     try:
         hidden = getattr(AutoConfig.from_pretrained(cfg.model), "hidden_size", None)
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
     ds_config = resolve_config(cfg, world, total, hidden)
-    model = load_model(cfg, task, ds_config)  # partitioned from birth at ZeRO-3
+    model = load_model(cfg, objective, ds_config)  # partitioned from birth at ZeRO-3
     enable_activation_checkpointing(model, cfg.gradient_checkpointing, ds_config)
     if cfg.precision == "fp32" and cfg.dtype != "float32":
         print(f"warning: dtype {cfg.dtype} with precision fp32 trains the {cfg.dtype} weights directly, "
@@ -315,7 +310,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     with open_run_logger(cfg, rank, total_steps=total, start_step=state.step, resumed=checkpoint is not None) as logger:
         if checkpoint is not None:
             logger.console(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
-        run = Run(cfg, task, data, sam_engine, tokenizer, logger, state, names,
+        run = Run(cfg, objective, data, sam_engine, tokenizer, logger, state, names,
                   getattr(model, "base_model_prefix", ""))
         train_loop(run, rng)
         if state.last_eval_step != state.step:

@@ -1,9 +1,10 @@
 """What the model learns: the seam between the training loop and the task.
 
-An objective turns a batch into per-example losses (both SAM passes use their mean, and ESAM ranks
-the examples by them, so the loss must be per example) and a dev split's per-example outputs into
-metrics. The loop, the evaluation and the engines know nothing else about the task, so a new kind
-of fine-tuning (regression, seq2seq, causal-LM) is a new `Objective`, not a change to the loop.
+An objective reads and tokenizes its data, turns a batch into per-example losses (both SAM passes
+use their mean, and ESAM ranks the examples by them, so the loss must be per example) and a dev
+split's per-example outputs into metrics. The loop, the evaluation and the engines know nothing else
+about the task, so a new kind of fine-tuning (seq2seq, causal-LM) is a new `Objective` registered in
+`OBJECTIVES`, not a change to the loop.
 
 Evaluation is collective: `eval_outputs` gives rows (dim 0 = examples) that are cut to the real
 examples, gathered from every rank and concatenated before `metrics` sees them.
@@ -11,13 +12,18 @@ examples, gathered from every rank and concatenated before `metrics` sees them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from torch import Tensor
 
-from fsam_ds.trainer.tasks import TaskSpec, compute_metrics
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.trainer.data import load_task_splits, padding_collator, tokenize
+from fsam_ds.trainer.run_config import TrainConfig
+from fsam_ds.trainer.tasks import TaskSpec, compute_metrics, get_task
 
 Model = Callable[..., Any]
 """The module or DeepSpeed engine: called with the batch's model inputs as keyword arguments."""
@@ -28,6 +34,17 @@ class Objective(Protocol):
 
     select_metric: str
     """The metric (higher is better) that picks the best checkpoint."""
+    train_split: str
+    select_split: str
+    """The dev split whose `select_metric` picks the best checkpoint."""
+
+    def prepare_splits(self, tokenizer: Any) -> dict[str, Dataset]:
+        """The train split and every dev split, read, checked and tokenized into model-ready columns."""
+        ...
+
+    def collator(self, tokenizer: Any) -> Callable[[list], Mapping[str, Tensor]]:
+        """Pads a list of tokenized examples into a batch."""
+        ...
 
     def per_example_loss(self, model: Model, batch: Mapping[str, Tensor]) -> Tensor:
         """A 1-D tensor with one loss per example of `batch`."""
@@ -63,9 +80,20 @@ class SequenceClassification:
     """Classification (cross-entropy) or regression (mean squared error, one output) of a sequence
     or a sequence pair, scored with the task's metrics (`fsam_ds.trainer.tasks`)."""
 
-    def __init__(self, task: TaskSpec) -> None:
-        self.task = task
+    def __init__(self, task: TaskSpec, cfg: TrainConfig | None = None) -> None:
+        self.task, self.cfg = task, cfg
         self.select_metric = task.select_metric
+        self.train_split, self.select_split = task.train_split, task.select_split
+
+    def prepare_splits(self, tokenizer: Any) -> dict[str, Dataset]:
+        assert self.cfg is not None, "prepare_splits needs the run's configuration"
+        d, seed = self.cfg.data, self.cfg.seed
+        splits = load_task_splits(self.task, train_per_class=d.limit_per_class or None, seed=seed,
+                                  encoding=d.encoding, **_data_sources(self.cfg, self.task))
+        return {name: tokenize(split, tokenizer, max_length=d.max_length) for name, split in splits.items()}
+
+    def collator(self, tokenizer: Any) -> Callable[[list], Mapping[str, Tensor]]:
+        return padding_collator(tokenizer)
 
     def _logits(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Logits in fp32 (whatever the model's dtype) and the labels, on the model's device."""
@@ -112,6 +140,35 @@ class SequenceClassification:
         return kwargs
 
 
-def objective_for(task: TaskSpec) -> Objective:
-    """The objective that trains and scores `task`."""
-    return SequenceClassification(task)
+def _data_sources(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
+    """data.source/data_dir/train_file/dev_file -> load_task_splits arguments."""
+    d = cfg.data
+    if d.source == "hub":
+        if d.train_file or d.dev_file or d.data_dir:
+            raise ConfigError("data.train_file, data.dev_file and data.data_dir are read only with "
+                              "data.source=local; set data.source=local to train on local files, or drop them "
+                              "to load the task from the Hugging Face hub.")
+        return {"source": "hub"}
+    if d.train_file or d.dev_file:
+        if not (d.train_file and d.dev_file):
+            raise ConfigError("data.source=local with files needs both data.train_file and data.dev_file "
+                              "(.csv/.tsv/.json/.jsonl/.parquet with the task's column names); data.data_dir, "
+                              "if set, is the folder they are relative to.")
+        base = Path(d.data_dir or ".")
+        files = {task.train_split: base / d.train_file, task.select_split: base / d.dev_file}
+        return {"source": "files", "data_files": files, "splits": tuple(files)}
+    if d.data_dir:
+        return {"source": "glue-tsv", "data_dir": d.data_dir}
+    raise ConfigError("data.source=local needs data.data_dir (a GLUE-style folder with train.tsv and dev.tsv) "
+                      "or data.train_file and data.dev_file.")
+
+
+OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {}
+"""Objectives by `task` name for the kinds of fine-tuning that are not a registered task
+(`fsam_ds.trainer.tasks`); any other name is a registered classification or regression task."""
+
+
+def objective_for(cfg: TrainConfig) -> Objective:
+    """The objective that trains and scores the run's `task`."""
+    make = OBJECTIVES.get(cfg.task.strip().lower())
+    return make(cfg) if make is not None else SequenceClassification(get_task(cfg.task), cfg)
