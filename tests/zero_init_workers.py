@@ -71,3 +71,37 @@ def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) ->
     del sam_engine
     return {"load": load.above_start, "initialize": whole.above_start, "held": held, "mismatched": mismatched,
             "checked": len(params)}
+
+
+def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int = 1234) -> list[dict]:
+    """Loads each (model class, folder, dtype, kwargs) case with `load_pretrained` at ZeRO-3, after
+    seeding as the reference does. Returns per case whether it read the partitions itself (no
+    fallback), the full parameters gathered on rank 0, and what each parameter looked like loaded."""
+    import deepspeed
+
+    import fsam_ds.trainer.model_loading as model_loading
+
+    used = []
+    planned = model_loading.load_planned
+
+    def recording(*args, **kwargs):
+        used.append(True)
+        return planned(*args, **kwargs)
+
+    model_loading.load_planned = recording
+    results = []
+    for model_class, folder, dtype, kwargs in cases:
+        used.clear()
+        torch.manual_seed(seed)
+        model = model_loading.load_pretrained(model_class, folder, dtype, ds_config(3), **kwargs)
+        params = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    params[name] = p.detach().clone()
+        results.append({"partitioned": bool(used), "params": params, "training": model.training,
+                        "born": [(p.ds_numel, p.ds_tensor.numel(), p.numel()) for p in model.parameters()],
+                        "tied": [(a, b) for a, p in model.named_parameters(remove_duplicate=False)
+                                 for b, q in model.named_parameters(remove_duplicate=False) if a < b and p is q],
+                        "buffers": {n: b.clone() for n, b in model.named_buffers()}})
+    return results
