@@ -69,9 +69,6 @@ def write_large_classifier(folder) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not reached yet: transformers' ZeRO-3 loading gathers one module at a time, "
-                   "and on CPU gloo's all-gather stages through a second buffer, so the word-embedding module "
-                   "(0.3x of this model) costs about 0.6x on top of the rank's 0.5x share")
 def test_partitioned_loading_keeps_each_rank_under_0_6_of_the_fp32_model(tmp_path):
     """Per-rank peaks (anonymous RSS, total RSS, heap) above the start of `load_model` at ZeRO-3 on 2 ranks,
     against the target of at most 0.6x the fp32 model; printed with -s, with the peaks through

@@ -357,6 +357,26 @@ def read_flat_range(file: BinaryIO, stored: StoredTensor, first: int, out: torch
         out[done:done + piece.numel()].copy_(piece)
 
 
+def _init_without_broadcast() -> type:
+    """`deepspeed.zero.Init` minus its broadcast of every new parameter from rank 0, which only makes
+    random initialisations agree across ranks: here every loaded weight is read by each rank from the
+    same file, and the rest is initialised on rank 0 and broadcast when gathered. On CPU, gloo's
+    receive leaves freed buffers resident, a fifth of this model's size on every rank but rank 0."""
+    import deepspeed
+
+    init = deepspeed.zero.Init
+    for method in ("_zero_init_param", "_convert_to_deepspeed_param"):
+        if not callable(getattr(init, method, None)):
+            return init  # another DeepSpeed: keep its own construction, broadcast included
+
+    class InitWithoutBroadcast(init):
+        def _zero_init_param(self, param: torch.nn.Parameter) -> None:
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return InitWithoutBroadcast
+
+
 def load_planned(model_class: Any, plan: LoadPlan, dtype: torch.dtype, ds_config: dict) -> Any:
     """Builds the model partitioned inside `deepspeed.zero.Init` (weights left uninitialised, as
     transformers' ZeRO-3 loading does) and fills each rank's partitions from the checkpoint; the
@@ -370,7 +390,7 @@ def load_planned(model_class: Any, plan: LoadPlan, dtype: torch.dtype, ds_config
     # set_zero3_state tells transformers the model is already inside zero.Init: its own from_config
     # would otherwise enter it again and initialise every module gathered, one at a time
     with partitioned_loading(ds_config), no_init_weights(), prevent_arange_dtype_change(), \
-            deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+            _init_without_broadcast()(config_dict_or_path=ds_config), set_zero3_state():
         model = _construct(model_class, plan.config, dtype)
     model.tie_weights()  # no_init_weights skips the tying that post_init does
 
