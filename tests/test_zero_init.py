@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from ds_workers import mlp, tiny_bert
+from ds_workers import mlp, tiny_bert, tiny_gpt2
 from test_zero_equivalence import reference, relative_update_error
 from zero_init_workers import run_load_memory, run_zero_init_equivalence
 
@@ -54,6 +54,121 @@ def test_bert_loaded_partitioned_by_the_trainer_matches_single_process(tmp_path)
         ours = torch.cat(results[0]["params"][sam_type])
         assert relative_update_error(ours, reference("bert", sam_type), start) <= 1e-4, sam_type
         assert relative_update_error(ours, reference("bert", sam_type, variant="summed"), start) > 1e-2, sam_type
+
+
+def _save_renamed(model, folder, rename) -> None:
+    """`model` saved with its state-dict keys renamed, as an older checkpoint layout would hold them."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    save_file({rename(k): v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+@pytest.mark.slow
+def test_partitioned_reading_matches_single_process_from_pretrained(tmp_path):
+    """ZeRO-3 loading on 2 ranks reads each rank's partitions from the files; gathered, every parameter
+    equals the single-process `from_pretrained` of the same checkpoint, seeded the same way (so new
+    heads match too): a base BERT into a classifier with a new head, a classifier into a base model,
+    a tied GPT-2, a sharded checkpoint, a bf16 checkpoint into fp32, BERT's legacy LayerNorm
+    gamma/beta names; a pytorch_model.bin checkpoint falls back to transformers' own ZeRO-3 loading."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from zero_init_workers import run_partitioned_loads
+
+    bert = tiny_bert()
+    bert.bert.save_pretrained(tmp_path / "base")
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    bert.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    tiny_bert().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    _save_renamed(bert, tmp_path / "legacy", lambda k: k.replace("LayerNorm.weight", "LayerNorm.gamma")
+                  .replace("LayerNorm.bias", "LayerNorm.beta"))
+    bert.config.save_pretrained(tmp_path / "bin")
+    torch.save(bert.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    f32 = torch.float32
+    cases = [(AutoModelForSequenceClassification, "base", {"num_labels": 5}),
+             (AutoModel, "sharded", {}),  # a classifier's checkpoint into the base model: the prefix stripped
+             (AutoModelForCausalLM, "gpt2", {}),
+             (AutoModelForSequenceClassification, "bf16", {}),
+             (AutoModelForSequenceClassification, "legacy", {}),
+             (AutoModelForSequenceClassification, "bin", {})]
+    cases = [(cls, str(tmp_path / folder), f32, kwargs) for cls, folder, kwargs in cases]
+    results = run_distributed(run_partitioned_loads, 2, tmp_path / "ranks", cases, use_deepspeed=True)
+    for (cls, folder, dtype, kwargs), ours in zip(cases, results[0]):
+        torch.manual_seed(1234)
+        reference = cls.from_pretrained(folder, dtype=dtype, **kwargs)
+        assert ours["partitioned"] == (not folder.endswith("bin")), folder
+        _check_partitioned_from_birth(ours["born"], 2)
+        assert not ours["training"]  # eval mode, as from_pretrained leaves it
+        expected = dict(reference.named_parameters())
+        assert set(ours["params"]) == set(expected), folder
+        for name, p in expected.items():
+            assert ours["params"][name].dtype == dtype
+            assert torch.equal(ours["params"][name], p), (folder, name)
+        for name, b in reference.named_buffers():
+            assert torch.equal(ours["buffers"][name], b), (folder, name)
+    head = results[0][0]["params"]
+    assert 0.01 < head["classifier.weight"].std() < 0.03 and not head["classifier.bias"].any()  # N(0, 0.02), 0
+    assert results[0][2]["tied"] == [("lm_head.weight", "transformer.wte.weight")]
+
+
+def _plan(folder, **kwargs):
+    from transformers import AutoModelForSequenceClassification
+
+    from fsam_ds.trainer.model_loading import plan_partitioned_load
+
+    return plan_partitioned_load(AutoModelForSequenceClassification, str(folder), torch.float32,
+                                 {"zero_optimization": {"stage": 3}}, **kwargs)
+
+
+def test_partitioned_reading_refuses_damaged_and_mismatched_checkpoints_and_falls_back_on_the_rest(tmp_path):
+    """From the files' headers alone: a truncated file and weights that do not fit config.json raise
+    errors naming the file, the tensor and the fix; what the reading does not cover (no safetensors
+    file, model arguments that are not config fields) falls back to transformers' loading."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fsam_ds.trainer.model_loading import CheckpointError, Fallback
+
+    good = tmp_path / "good"
+    tiny_bert().save_pretrained(good)
+    plan = _plan(good)
+    assert plan.missing == [] and plan.unexpected == [] and len(plan.parameters) == len(list(tiny_bert().parameters()))
+
+    truncated = tmp_path / "truncated"
+    tiny_bert().save_pretrained(truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=r"truncated.*model\.safetensors is damaged.*claims bytes.*Save the model"):
+        _plan(truncated)
+    (truncated / "model.safetensors").write_bytes(b"\xff" * 8 + data[8:])
+    with pytest.raises(CheckpointError, match=r"header claims"):
+        _plan(truncated)
+
+    narrow = tmp_path / "narrow"  # weights of a hidden-16 model under a hidden-32 config.json
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=97, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=48, max_position_embeddings=32, num_labels=3)
+                                  ).save_pretrained(narrow)
+    tiny_bert().config.save_pretrained(narrow)
+    with pytest.raises(CheckpointError, match=r"holds 'bert\.embeddings\.word_embeddings\.weight' with shape \[97, 16\]"
+                       r".*\[97, 32\].*config\.json and the weights disagree"):
+        _plan(narrow)
+
+    head = tmp_path / "head"  # another head size: a new head with ignore_mismatched_sizes, as the trainer asks
+    tiny_bert().save_pretrained(head)
+    plan = _plan(head, num_labels=2, ignore_mismatched_sizes=True)
+    assert sorted(plan.missing) == ["classifier.bias", "classifier.weight"]
+    with pytest.raises(CheckpointError, match="classifier.weight"):
+        _plan(head, num_labels=2)
+
+    (good / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(Fallback, match="no model.safetensors"):
+        _plan(good)
+    with pytest.raises(Fallback, match="not configuration fields"):
+        _plan(head, not_a_config_field=1)
+    with pytest.raises(Fallback, match="not a local folder"):
+        _plan(tmp_path / "absent" / "x" / "y")
 
 
 def write_large_classifier(folder) -> int:
