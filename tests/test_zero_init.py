@@ -86,16 +86,18 @@ def test_partitioned_reading_matches_single_process_from_pretrained(tmp_path):
     bert.config.save_pretrained(tmp_path / "bin")
     torch.save(bert.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    f32 = torch.float32
-    cases = [(AutoModelForSequenceClassification, "base", {"num_labels": 5}),
-             (AutoModel, "sharded", {}),  # a classifier's checkpoint into the base model: the prefix stripped
-             (AutoModelForCausalLM, "gpt2", {}),
-             (AutoModelForSequenceClassification, "bf16", {}),
-             (AutoModelForSequenceClassification, "legacy", {}),
-             (AutoModelForSequenceClassification, "bin", {})]
-    cases = [(cls, str(tmp_path / folder), f32, kwargs) for cls, folder, kwargs in cases]
+    f32, bf16, cpu = torch.float32, torch.bfloat16, {"offload_param": {"device": "cpu"}}
+    cases = [(AutoModelForSequenceClassification, "base", f32, {"num_labels": 5}, {}),
+             (AutoModel, "sharded", f32, {}, {}),  # a classifier's checkpoint into the base model: prefix stripped
+             (AutoModelForCausalLM, "gpt2", f32, {}, {}),
+             (AutoModelForSequenceClassification, "bf16", f32, {}, {}),
+             (AutoModelForSequenceClassification, "legacy", f32, {}, {}),
+             (AutoModelForSequenceClassification, "bin", f32, {}, {}),
+             (AutoModelForSequenceClassification, "sharded", bf16, {}, {"dtype": "bf16"}),  # fp32 into bf16
+             (AutoModelForSequenceClassification, "base", f32, {"num_labels": 5}, cpu)]  # partitions offloaded
+    cases = [(cls, str(tmp_path / folder), dtype, kwargs, config) for cls, folder, dtype, kwargs, config in cases]
     results = run_distributed(run_partitioned_loads, 2, tmp_path / "ranks", cases, use_deepspeed=True)
-    for (cls, folder, dtype, kwargs), ours in zip(cases, results[0]):
+    for (cls, folder, dtype, kwargs, _), ours in zip(cases, results[0]):
         torch.manual_seed(1234)
         reference = cls.from_pretrained(folder, dtype=dtype, **kwargs)
         assert ours["partitioned"] == (not folder.endswith("bin")), folder
@@ -108,6 +110,9 @@ def test_partitioned_reading_matches_single_process_from_pretrained(tmp_path):
             assert torch.equal(ours["params"][name], p), (folder, name)
         for name, b in reference.named_buffers():
             assert torch.equal(ours["buffers"][name], b), (folder, name)
+        # save_pretrained writes the names the checkpoint had, as after the whole-model load
+        assert ours["conversions"] == [c.source_patterns for c in getattr(reference, "_weight_conversions", [])]
+    assert results[0][4]["conversions"]  # the legacy gamma/beta renames were used
     head = results[0][0]["params"]
     assert 0.01 < head["classifier.weight"].std() < 0.03 and not head["classifier.bias"].any()  # N(0, 0.02), 0
     assert results[0][2]["tied"] == [("lm_head.weight", "transformer.wte.weight")]
@@ -169,6 +174,25 @@ def test_partitioned_reading_refuses_damaged_and_mismatched_checkpoints_and_fall
         _plan(head, not_a_config_field=1)
     with pytest.raises(Fallback, match="not a local folder"):
         _plan(tmp_path / "absent" / "x" / "y")
+
+
+def test_a_hub_id_is_read_from_the_local_cache_and_never_downloaded(tmp_path, monkeypatch):
+    """A hub id whose snapshot is in huggingface_hub's cache is read from there; one that is not falls
+    back to transformers' own loading (which may download it), without touching the network here."""
+    import huggingface_hub.constants
+
+    from fsam_ds.trainer.model_loading import Fallback, checkpoint_folder
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-bert" / "snapshots" / "abc123"
+    tiny_bert().save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert checkpoint_folder("org/tiny-bert") == snapshot
+    assert _plan("org/tiny-bert").folder == snapshot
+    assert checkpoint_folder("org/other") is None
+    with pytest.raises(Fallback, match="nor in the local hub cache"):
+        _plan("org/other")
 
 
 def write_large_classifier(folder) -> int:

@@ -78,9 +78,10 @@ def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) ->
 
 
 def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int = 1234) -> list[dict]:
-    """Loads each (model class, folder, dtype, kwargs) case with `load_pretrained` at ZeRO-3, after
-    seeding as the reference does. Returns per case whether it read the partitions itself (no
-    fallback), the full parameters gathered on rank 0, and what each parameter looked like loaded."""
+    """Loads each (model class, folder, dtype, kwargs, DeepSpeed config arguments) case with
+    `load_pretrained` at ZeRO-3, after seeding as the reference does. Returns per case whether it
+    read the partitions itself (no fallback), the full parameters gathered on rank 0, what each
+    parameter looked like loaded, and the checkpoint-name conversions the model keeps for saving."""
     import deepspeed
 
     import fsam_ds.trainer.model_loading as model_loading
@@ -94,10 +95,10 @@ def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int =
 
     model_loading.load_planned = recording
     results = []
-    for model_class, folder, dtype, kwargs in cases:
+    for model_class, folder, dtype, kwargs, config in cases:
         used.clear()
         torch.manual_seed(seed)
-        model = model_loading.load_pretrained(model_class, folder, dtype, ds_config(3), **kwargs)
+        model = model_loading.load_pretrained(model_class, folder, dtype, ds_config(3, **config), **kwargs)
         params = {}
         for name, p in model.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):
@@ -107,5 +108,6 @@ def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int =
                         "born": [(p.ds_numel, p.ds_tensor.numel(), p.numel()) for p in model.parameters()],
                         "tied": [(a, b) for a, p in model.named_parameters(remove_duplicate=False)
                                  for b, q in model.named_parameters(remove_duplicate=False) if a < b and p is q],
-                        "buffers": {n: b.clone() for n, b in model.named_buffers()}})
+                        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+                        "conversions": [c.source_patterns for c in getattr(model, "_weight_conversions", [])]})
     return results
