@@ -71,7 +71,8 @@ def test_partitioned_reading_matches_single_process_from_pretrained(tmp_path):
     equals the single-process `from_pretrained` of the same checkpoint, seeded the same way (so new
     heads match too): a base BERT into a classifier with a new head, a classifier into a base model,
     a tied GPT-2, a sharded checkpoint, a bf16 checkpoint into fp32, BERT's legacy LayerNorm
-    gamma/beta names; a pytorch_model.bin checkpoint falls back to transformers' own ZeRO-3 loading."""
+    gamma/beta names, fp32 into bf16 partitions, partitions offloaded to the CPU; a pytorch_model.bin
+    checkpoint falls back to transformers' own ZeRO-3 loading; a truncated file stops every rank."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from zero_init_workers import run_partitioned_loads
@@ -86,6 +87,9 @@ def test_partitioned_reading_matches_single_process_from_pretrained(tmp_path):
     bert.config.save_pretrained(tmp_path / "bin")
     torch.save(bert.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    tiny_bert().save_pretrained(tmp_path / "truncated")
+    data = (tmp_path / "truncated" / "model.safetensors").read_bytes()
+    (tmp_path / "truncated" / "model.safetensors").write_bytes(data[:-100])
     f32, bf16, cpu = torch.float32, torch.bfloat16, {"offload_param": {"device": "cpu"}}
     cases = [(AutoModelForSequenceClassification, "base", f32, {"num_labels": 5}, {}),
              (AutoModel, "sharded", f32, {}, {}),  # a classifier's checkpoint into the base model: prefix stripped
@@ -94,10 +98,13 @@ def test_partitioned_reading_matches_single_process_from_pretrained(tmp_path):
              (AutoModelForSequenceClassification, "legacy", f32, {}, {}),
              (AutoModelForSequenceClassification, "bin", f32, {}, {}),
              (AutoModelForSequenceClassification, "sharded", bf16, {}, {"dtype": "bf16"}),  # fp32 into bf16
-             (AutoModelForSequenceClassification, "base", f32, {"num_labels": 5}, cpu)]  # partitions offloaded
+             (AutoModelForSequenceClassification, "base", f32, {"num_labels": 5}, cpu),  # partitions offloaded
+             (AutoModelForSequenceClassification, "truncated", f32, {}, {})]
     cases = [(cls, str(tmp_path / folder), dtype, kwargs, config) for cls, folder, dtype, kwargs, config in cases]
     results = run_distributed(run_partitioned_loads, 2, tmp_path / "ranks", cases, use_deepspeed=True)
-    for (cls, folder, dtype, kwargs, _), ours in zip(cases, results[0]):
+    for rank_results in results:  # every rank stops with the error (none waits in a collective)
+        assert f"{tmp_path}/truncated/model.safetensors is damaged" in rank_results[-1]["error"]
+    for (cls, folder, dtype, kwargs, _), ours in zip(cases[:-1], results[0]):
         torch.manual_seed(1234)
         reference = cls.from_pretrained(folder, dtype=dtype, **kwargs)
         assert ours["partitioned"] == (not folder.endswith("bin")), folder

@@ -81,7 +81,8 @@ def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int =
     """Loads each (model class, folder, dtype, kwargs, DeepSpeed config arguments) case with
     `load_pretrained` at ZeRO-3, after seeding as the reference does. Returns per case whether it
     read the partitions itself (no fallback), the full parameters gathered on rank 0, what each
-    parameter looked like loaded, and the checkpoint-name conversions the model keeps for saving."""
+    parameter looked like loaded, and the checkpoint-name conversions the model keeps for saving; or
+    the `CheckpointError` it raised."""
     import deepspeed
 
     import fsam_ds.trainer.model_loading as model_loading
@@ -98,7 +99,11 @@ def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int =
     for model_class, folder, dtype, kwargs, config in cases:
         used.clear()
         torch.manual_seed(seed)
-        model = model_loading.load_pretrained(model_class, folder, dtype, ds_config(3, **config), **kwargs)
+        try:
+            model = model_loading.load_pretrained(model_class, folder, dtype, ds_config(3, **config), **kwargs)
+        except model_loading.CheckpointError as err:  # raised on every rank, or the others would wait
+            results.append({"error": str(err)})
+            continue
         params = {}
         for name, p in model.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):
@@ -111,3 +116,4 @@ def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int =
                         "buffers": {n: b.clone() for n, b in model.named_buffers()},
                         "conversions": [c.source_patterns for c in getattr(model, "_weight_conversions", [])]})
     return results
+

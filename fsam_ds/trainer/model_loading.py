@@ -95,14 +95,20 @@ def load_pretrained(model_class: Any, name: str, dtype: torch.dtype, ds_config: 
     ds_config = ds_config or {}
     if not zero3_enabled(ds_config):
         return model_class.from_pretrained(name, dtype=dtype, **kwargs)
+    plan, why, error = None, "another rank cannot read this checkpoint partitioned", None
     try:
         plan = plan_partitioned_load(model_class, name, dtype, ds_config, **kwargs)
     except Fallback as reason:
-        plan, why = None, str(reason)
-    if not _every_rank_agrees(plan is not None):
-        plan, why = None, why if plan is None else "another rank cannot read this checkpoint partitioned"
-    if plan is None:
-        if torch.distributed.get_rank() == 0:
+        why = str(reason)
+    except CheckpointError as err:
+        error = err
+    # what follows is collective: every rank takes the same path, or raises
+    agreed = _least_over_ranks(0 if error is not None else 2 if plan is not None else 1)
+    if agreed == 0:
+        raise error or CheckpointError(f"Another rank could not read the checkpoint {name}; its error says what "
+                                       "is wrong with the files it sees.")
+    if agreed == 1:
+        if _rank() == 0:
             print(f"note: {name} loads through transformers' ZeRO-3 loading (one module gathered at a time): {why}")
         with partitioned_loading(ds_config):
             model = model_class.from_pretrained(name, dtype=dtype, **kwargs)
@@ -320,15 +326,20 @@ def plan_partitioned_load(model_class: Any, name: str, dtype: torch.dtype, ds_co
                     [c for c in conversions if c.was_used()])
 
 
-def _every_rank_agrees(ready: bool) -> bool:
-    """Whether every rank can take the partitioned path (they all must, or none: it is collective)."""
+def _rank() -> int:
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if initialized else 0
+
+
+def _least_over_ranks(value: int) -> int:
+    """The smallest of the ranks' `value`s (an all-reduce; the value itself without a process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return ready
+        return value
     from deepspeed.accelerator import get_accelerator
 
-    flag = torch.tensor([int(ready)], device=get_accelerator().current_device_name())
+    flag = torch.tensor([value], device=get_accelerator().current_device_name())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    return int(flag.item())
 
 
 # ------------------------------------------------------------------------------ reading the partitions
@@ -394,7 +405,7 @@ def load_planned(model_class: Any, plan: LoadPlan, dtype: torch.dtype, ds_config
         model = _construct(model_class, plan.config, dtype)
     model.tie_weights()  # no_init_weights skips the tying that post_init does
 
-    rank = torch.distributed.get_rank()
+    rank = _rank()
     parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     with contextlib.ExitStack() as files, torch.no_grad():
         opened: dict[Path, BinaryIO] = {}
