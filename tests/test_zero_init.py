@@ -151,7 +151,7 @@ def test_partitioned_reading_refuses_damaged_and_mismatched_checkpoints_and_fall
     tiny_bert().save_pretrained(truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[:-100])
-    with pytest.raises(CheckpointError, match=r"truncated.*model\.safetensors is damaged.*claims bytes.*Save the model"):
+    with pytest.raises(CheckpointError, match=r"truncated.*model\.safetensors is damaged.*claims bytes.*Save "):
         _plan(truncated)
     (truncated / "model.safetensors").write_bytes(b"\xff" * 8 + data[8:])
     with pytest.raises(CheckpointError, match=r"header claims"):

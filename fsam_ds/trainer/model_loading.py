@@ -175,13 +175,15 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
         if key == "__metadata__":
             continue
         try:
-            type_name, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            type_name, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"the header entry of {key!r} is not a tensor's dtype, shape and data_offsets") from None
+            raise _corrupt(path, f"the header entry of {key!r} is not a tensor's dtype, shape and "
+                                 "data_offsets") from None
         dtype = SAFETENSORS_DTYPES.get(type_name)
         if dtype is None:
             raise Fallback(f"{path.name} stores {key!r} as {type_name}, a type this reading does not copy")
-        stored = StoredTensor(path, key, dtype, shape, data_start + int(begin))
+        stored = StoredTensor(path, key, dtype, shape, data_start + begin)
         if end - begin != stored.numel * dtype.itemsize or data_start + end > size:
             raise _corrupt(path, f"{key!r} ({type_name}, shape {list(shape)}) claims bytes {begin}..{end} of "
                                  f"the {size - data_start} data bytes")
