@@ -54,6 +54,10 @@ def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) ->
     from fsam_ds.trainer.objectives import objective_for
 
     cfg = TrainConfig(task="sst2", model=model_dir)
+    # transformers' BERT code (about 100 MiB resident once imported, whatever the model's size) is
+    # imported before the baseline: the figures are what loading the weights costs
+    import transformers.models.bert.modeling_bert  # noqa: F401
+
     torch.distributed.barrier()
     with BackgroundPeak() as whole:
         with BackgroundPeak() as load:
@@ -70,3 +74,45 @@ def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) ->
     del sam_engine
     return {"load": load.above_start, "initialize": whole.above_start, "held": held, "mismatched": mismatched,
             "checked": len(params)}
+
+
+def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int = 1234) -> list[dict]:
+    """Loads each (model class, folder, dtype, kwargs, DeepSpeed config arguments) case with
+    `load_pretrained` at ZeRO-3, after seeding as the reference does. Returns per case whether it
+    read the partitions itself (no fallback), the full parameters gathered on rank 0, what each
+    parameter looked like loaded, and the checkpoint-name conversions the model keeps for saving; or
+    the `CheckpointError` it raised."""
+    import deepspeed
+
+    import fsam_ds.trainer.model_loading as model_loading
+
+    used = []
+    planned = model_loading.load_planned
+
+    def recording(*args, **kwargs):
+        used.append(True)
+        return planned(*args, **kwargs)
+
+    model_loading.load_planned = recording
+    results = []
+    for model_class, folder, dtype, kwargs, config in cases:
+        used.clear()
+        torch.manual_seed(seed)
+        try:
+            model = model_loading.load_pretrained(model_class, folder, dtype, ds_config(3, **config), **kwargs)
+        except model_loading.CheckpointError as err:  # raised on every rank, or the others would wait
+            results.append({"error": str(err)})
+            continue
+        params = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    params[name] = p.detach().clone()
+        results.append({"partitioned": bool(used), "params": params, "training": model.training,
+                        "born": [(p.ds_numel, p.ds_tensor.numel(), p.numel()) for p in model.parameters()],
+                        "tied": [(a, b) for a, p in model.named_parameters(remove_duplicate=False)
+                                 for b, q in model.named_parameters(remove_duplicate=False) if a < b and p is q],
+                        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+                        "conversions": [c.source_patterns for c in getattr(model, "_weight_conversions", [])]})
+    return results
+

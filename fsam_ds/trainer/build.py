@@ -21,7 +21,7 @@ import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.trainer.data import DataError, build_dataloader
-from fsam_ds.trainer.model_loading import drop_unused_weight_conversions, partitioned_loading
+from fsam_ds.trainer.model_loading import CheckpointError, load_pretrained
 from fsam_ds.trainer.objectives import Objective
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
 
@@ -62,13 +62,12 @@ def load_model(cfg: TrainConfig, objective: Objective, ds_config: dict | None = 
     """The pretrained model with the head `objective` trains; partitioned from birth when
     `ds_config` (resolved) runs ZeRO-3 (`fsam_ds.trainer.model_loading`)."""
     try:
-        with partitioned_loading(ds_config or {}):
-            model = objective.model_class().from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype),
-                                                            **objective.model_kwargs())
+        return load_pretrained(objective.model_class(), cfg.model, getattr(torch, cfg.dtype), ds_config,
+                               **objective.model_kwargs())
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
-    drop_unused_weight_conversions(model)
-    return model
+    except CheckpointError as err:
+        raise TrainError(f"model = {cfg.model!r}: {err}") from None
 
 
 @dataclass

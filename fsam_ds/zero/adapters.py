@@ -70,6 +70,16 @@ def _private(obj: object, attribute: str, what: str) -> object:
     return value
 
 
+def zero3_partition(p: Tensor, rank: int) -> tuple[int, int]:
+    """The flat range of ZeRO-3 parameter `p` that partition `rank` holds: its `p.ds_tensor` holds
+    elements [offset, offset + size) of the flattened parameter, then padding up to an equal share."""
+    for attribute in ("ds_tensor", "ds_numel"):
+        _private(p, attribute, "a ZeRO-3 parameter")
+    partition = p.ds_tensor.numel()
+    offset = rank * partition
+    return offset, max(0, min(partition, p.ds_numel - offset))
+
+
 class _EngineShards:
     """What the stage 1/2 and 3 adapters share: the loss scale, unscaled reads, bucketed full writes."""
 
@@ -224,11 +234,8 @@ class Stage3Shards(_EngineShards):
     def __init__(self, engine, names, params, candidates, comm) -> None:
         super().__init__(engine, params, comm)
         for i, (n, p, c) in enumerate(zip(names, params, candidates)):
-            for attribute in ("ds_tensor", "ds_numel", "ds_status"):
-                _private(p, attribute, "a ZeRO-3 parameter")
-            partition = p.ds_tensor.numel()
-            offset = comm.rank * partition
-            size = max(0, min(partition, p.ds_numel - offset))
+            _private(p, "ds_status", "a ZeRO-3 parameter")
+            offset, size = zero3_partition(p, comm.rank)
             self.pieces.append(Piece(n, i, p.ds_numel, offset, size, c))
             self._owners.append(p)
 
