@@ -145,11 +145,12 @@ def test_regression_on_a_pair_from_parquet(model, tmp_path):
     assert summary["metric_name"] == "pearson"
     assert json.loads((out / "config.json").read_text())["data"]["labels"] == []
     rows = predict(out / "best", dev_file, tmp_path / "p.jsonl", "--no-progress")
-    gold = np.array([r["similarity"] for r in fx.score_rows(24, seed=1)])
+    # the trainer holds scores as float32, and its batches are padded otherwise: equal to float32 rounding
+    gold = np.array([r["similarity"] for r in fx.score_rows(24, seed=1)], dtype=np.float32).astype(np.float64)
     scores = np.array([r["prediction"]["score"] for r in rows])
     logged = eval_at(out, summary["best_step"])
-    assert logged["pearson"] == pytest.approx(stats.pearsonr(scores, gold).statistic, abs=1e-9)
-    assert logged["spearman"] == pytest.approx(stats.spearmanr(scores, gold).statistic, abs=1e-9)
+    assert logged["pearson"] == pytest.approx(stats.pearsonr(scores, gold).statistic, abs=1e-6)
+    assert logged["spearman"] == pytest.approx(stats.spearmanr(scores, gold).statistic, abs=1e-6)
     assert logged["pearson"] != pytest.approx(stats.pearsonr(scores, gold[::-1]).statistic, abs=1e-6)
 
 
