@@ -25,7 +25,7 @@ def test_label_set_is_sorted_numerically_for_numbers_and_as_text_otherwise(tmp_p
         "mixed", "neg", "pos")
     with pytest.raises(DataError, match=r"holds 1 distinct label\(s\) \('yes'\).*--task=regression"):
         infer_label_names(table(tmp_path / "c.csv", ["yes", "yes"]), "label")
-    with pytest.raises(DataError, match=r"has no column 'stars'.*Columns present: 'text', 'label'.*--data.label_column"):
+    with pytest.raises(DataError, match=r"no column 'stars'.*Columns present: 'text', 'label'.*--data.label_column"):
         infer_label_names(tmp_path / "a.csv", "stars")
 
 

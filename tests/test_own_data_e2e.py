@@ -33,8 +33,8 @@ def own_args(model: Path, train: Path, dev: Path, out: Path, **extra) -> list[st
     # no data.source: --task=classification|regression with files implies local
     args = {"task": "classification", "model": model, "data.train_file": train, "data.dev_file": dev,
             "output_dir": out, "data.micro_batch_size": 8, "data.eval_batch_size": 16, "data.max_length": 32,
-            "optim.lr": 1e-2, "optim.schedule": "constant", "optim.warmup_ratio": 0.0, "log.wandb": "disabled", "log.progress": False,
-            "log.log_every": 100, "seed": 3}
+            "optim.lr": 1e-2, "optim.schedule": "constant", "optim.warmup_ratio": 0.0, "log.wandb": "disabled",
+            "log.progress": False, "log.log_every": 100, "seed": 3}
     args.update(extra)
     return [f"--{k}={v}" for k, v in args.items()]
 
