@@ -39,6 +39,10 @@ def write_tiny_model(folder: Path, num_labels: int = 2, dropout: float = 0.1) ->
     return folder
 
 
+def _filler(rng: random.Random) -> str:
+    return " ".join(rng.choice(FILLER) for _ in range(rng.randint(3, 7)))
+
+
 def _sentence(rng: random.Random, label: int) -> str:
     words = [rng.choice(FILLER) for _ in range(rng.randint(3, 7))]
     for _ in range(rng.randint(1, 2)):
@@ -76,6 +80,59 @@ def write_stsb_files(folder: Path, n_train: int = 48, n_dev: int = 24, seed: int
                 f.write(json.dumps({"sentence1": a, "sentence2": b, "label": round(score, 2)}) + "\n")
         paths.append(path)
     return paths[0], paths[1]
+
+
+def write_table(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """`rows` as a .csv, .json (one list of objects), .jsonl or .parquet file, by the path's extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".parquet":
+        import pandas as pd
+
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        raise ValueError(f"write_table: no writer for {path.suffix!r}")
+    return path
+
+
+MOODS = ("upbeat", "grim", "torn")  # string labels that sort in another order than they are drawn
+
+
+def pair_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Own-data pairs: a `claim` with positive words (upbeat), negative words (grim) or none (torn), and
+    a `reply` of filler words; label column `mood`."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        mood = MOODS[i % 3]
+        claim = _sentence(rng, int(mood == MOODS[0])) if mood != MOODS[2] else _filler(rng)
+        rows.append({"id": f"ex{i}", "claim": claim, "reply": _filler(rng), "mood": mood})
+    return rows
+
+
+def review_rows(n: int, seed: int, labels: tuple[str, str] = ("no", "yes")) -> list[dict[str, Any]]:
+    """Own-data single texts: `review`, labelled `labels[1]` when its sentiment words are positive."""
+    rng = random.Random(seed)
+    return [{"review": _sentence(rng, i % 2), "liked": labels[i % 2]} for i in range(n)]
+
+
+def score_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Own-data regression pairs: `left`, `right` and a float `similarity` (high when the sentiments agree)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = i % 2, (i // 2) % 2
+        score = 4.0 + rng.random() if a == b else rng.random()
+        rows.append({"left": _sentence(rng, a), "right": _sentence(rng, b), "similarity": round(score, 2)})
+    return rows
 
 
 def base_args(model: Path, train: Path, dev: Path, out: Path, **extra: Any) -> list[str]:

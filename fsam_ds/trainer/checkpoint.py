@@ -9,8 +9,9 @@ Layout under the run's output_dir:
                            (a killed run) and is never resumed from; one whose files differ from it
                            is damaged and is never loaded.
     checkpoints/damaged-step<N>/   a damaged checkpoint that resume=true passed over, kept for inspection.
-    best/, final/          Hugging Face model folders (config, tokenizer, fp32 weights, manifest.json);
-                           best/ also holds best.json with the step and the dev metrics that selected it.
+    best/, final/          Hugging Face model folders (config, tokenizer, fp32 weights, manifest.json) with
+                           run_config.json, the run's configuration (fsam-predict rebuilds the task from
+                           it); best/ also holds best.json with the step and the dev metrics that selected it.
 
 Non-finite floats (a dev metric that is nan) are written as in metrics.jsonl, as the strings "nan", "inf"
 and "-inf", and read back as floats (`fsam_ds.trainer.metrics_log.encode_nonfinite`).
@@ -350,8 +351,10 @@ def full_state_dict(engine: Any, keep: bool = True) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: dict | None = None) -> Path:
-    """Writes a Hugging Face model folder (loadable with from_pretrained); collective."""
+def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: dict | None = None,
+                 run_config: dict[str, Any] | None = None) -> Path:
+    """Writes a Hugging Face model folder (loadable with from_pretrained), with the run's configuration
+    as run_config.json when given; collective."""
     folder = Path(folder)
     state_dict = full_state_dict(engine, keep=dist.get_rank() == 0)  # only rank 0 writes
     if dist.get_rank() == 0:
@@ -366,6 +369,8 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
         tokenizer.save_pretrained(tmp)
         if info is not None:
             _write_json(tmp / f"{folder.name}.json", info)
+        if run_config is not None:
+            _write_json(tmp / RUN_CONFIG_FILE, run_config)
         write_manifest(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)

@@ -42,7 +42,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from fsam_ds.trainer.tasks import GLUE_TASKS, TaskSpec, get_task
+from fsam_ds.trainer.tasks import GLUE_TASKS, OWN_DATA_TASKS, TaskSpec, get_task
 
 TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
 SOURCES = ("hub", "glue-tsv", "files")
@@ -306,15 +306,27 @@ def _quoted(values: Sequence[Any]) -> str:
     return ", ".join(repr(v) for v in values)
 
 
-def _missing_columns(raw: _Raw, spec: TaskSpec, missing: list[str], rename: Mapping[str, str]) -> DataError:
+OWN_COLUMNS_FLAGS = "--data.text_columns=<text column>[,<second text column>] --data.label_column=<label column>"
+
+
+def _missing_columns(raw: _Raw, spec: TaskSpec, missing: list[str], rename: Mapping[str, str],
+                     labelled: bool = True) -> DataError:
     texts = _quoted(spec.text_templates) if spec.text_templates else _quoted(spec.text_columns)
     also = f" (and {_quoted(missing[1:])})" if len(missing) > 1 else ""
     after = f" after renaming with columns={dict(rename)}" if rename else ""
+    label = f", label from {spec.label_column!r}" if labelled else ""
+    if not labelled:  # a file to predict on: the columns are those the model was trained on
+        fix = f"Give a file with the column(s) {texts}, or rename its columns to those."
+    elif spec.name in OWN_DATA_TASKS:
+        fix = f"Name the file's columns: {OWN_COLUMNS_FLAGS}."
+    else:
+        fix = (f"Rename the column in the data, or pass columns={{'<column in the data>': {missing[0]!r}}} to "
+               f"load_task_splits; or, from the command line, train on the file as your own data: "
+               f"--task={'regression' if spec.is_regression else 'classification'} {OWN_COLUMNS_FLAGS}.")
     return DataError(
         f"{raw.origin} has no column {missing[0]!r}{also}{after}, which task {spec.name!r} needs "
-        f"(texts from {texts}, label from {spec.label_column!r}). Columns present: "
-        f"{_quoted(raw.present or list(raw.columns)) or 'none'}. Rename the column in the data, or pass "
-        f"columns={{'<column in the data>': {missing[0]!r}}} to load_task_splits.{raw.hint}")
+        f"(texts from {texts}{label}). Columns present: "
+        f"{_quoted(raw.present or list(raw.columns)) or 'none'}. {fix}{raw.hint}")
 
 
 def _bad_listing(bad: Counter) -> str:
@@ -334,23 +346,78 @@ def _label_key(value: Any) -> str | None:
     return str(int(number)) if number.is_integer() else text
 
 
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
     assert spec.label_names is not None
-    lookup = {str(i): i for i in range(spec.num_labels)}
+    # class ids stand for the classes too, unless a class is itself named by an integer (own data
+    # labelled 1, 2, 5): then "1" must mean that class, and "0" no class at all
+    ids_allowed = not any(_is_integer(name) for name in spec.label_names)
+    lookup = {str(i): i for i in range(spec.num_labels)} if ids_allowed else {}
     lookup.update({name: i for i, name in enumerate(spec.label_names)})
     lookup.update(spec.label_map or {})
     keys = [_label_key(value) for value in values]
     bad = Counter(repr(value) for value, key in zip(values, keys) if key not in lookup)
     if bad:
         raw = f"; or the raw values {_quoted(list(spec.label_map))} (label_map)" if spec.label_map else ""
+        ids = f"the ids 0..{spec.num_labels - 1}, or " if ids_allowed else ""
         unlabeled = (" -1 is how GLUE and SuperGLUE mark unlabelled test examples; load a labelled split."
                      if "-1" in bad or "'-1'" in bad else "")
+        if spec.name in OWN_DATA_TASKS:
+            fix = ("Fix or drop those rows, or give the whole label set with --data.labels=<class>,<class>,... "
+                   "(without it the label set is the sorted labels of data.train_file).")
+        else:
+            own = (f" From the command line, train on the file as your own data instead, with the labels it has: "
+                   f"--task=classification --data.text_columns={','.join(spec.text_columns)} "
+                   f"--data.label_column={spec.label_column} (the label set is then read from data.train_file, "
+                   "or given with --data.labels)." if spec.text_templates is None else "")
+            fix = ("Fix or drop those rows, or, from Python, pass a task with a label_map "
+                   f"(dataclasses.replace(task, label_map={{...}})) that maps them to class ids.{own}")
         raise DataError(
             f"{origin} column {spec.label_column!r} has {sum(bad.values())} label(s) outside the label set of "
-            f"task {spec.name!r}: {_bad_listing(bad)}. Allowed: the ids 0..{spec.num_labels - 1}, or the names "
-            f"{_quoted(spec.label_names)}{raw}.{unlabeled} Fix or drop those rows, or pass a task with a "
-            "label_map (dataclasses.replace(task, label_map={...})) that maps them to class ids.")
+            f"task {spec.name!r}: {_bad_listing(bad)}. Allowed: {ids}the names "
+            f"{_quoted(spec.label_names)}{raw}.{unlabeled} {fix}")
     return [lookup[key] for key in keys]
+
+
+def infer_label_names(path: PathLike, label_column: str, *, encoding: str = "utf-8") -> tuple[str, ...]:
+    """The distinct labels of a file's `label_column`, sorted (numerically when every label is a
+    number, else as text): the label set of a classification task on the user's own data."""
+    path = Path(path)
+    columns = _read_file(path, bad_rows="warn", encoding=encoding)
+    origin = f"File {str(path)!r}"
+    if label_column not in columns:
+        raise DataError(f"{origin} has no column {label_column!r} to read the labels from. Columns present: "
+                        f"{_quoted(list(columns)) or 'none'}. Name the label column with "
+                        "--data.label_column=<column>.")
+    values = columns[label_column]
+    missing = [i for i, value in enumerate(values) if _label_key(value) in (None, "")]
+    if missing:
+        raise DataError(f"{origin} column {label_column!r} is empty in {len(missing)} row(s) (rows "
+                        f"{_quoted(missing[:10])}{', ...' if len(missing) > 10 else ''}, counted from 0); every "
+                        "training example needs a label. Fill or drop those rows.")
+    keys = set(_label_key(value) for value in values)
+
+    def number(key: str) -> float | None:
+        try:
+            return float(key)
+        except ValueError:
+            return None
+
+    numeric = all(number(k) is not None for k in keys)
+    names = tuple(sorted(keys, key=number if numeric else None))  # type: ignore[arg-type]
+    if len(names) < 2:
+        raise DataError(f"{origin} column {label_column!r} holds {len(names)} distinct label(s) "
+                        f"({_quoted(names)}); a classifier needs at least two classes. Train on data with every "
+                        "class, give the label set with --data.labels=<class>,<class>,..., or, for numeric "
+                        "scores, use --task=regression.")
+    return names  # type: ignore[return-value]
 
 
 def _score(value: Any) -> float:
@@ -371,12 +438,14 @@ def _scores(values: list, spec: TaskSpec, origin: str) -> list[float]:
     return scores
 
 
-def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
+def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str], labelled: bool = True) -> Dataset:
+    """`text_a`, [`text_b`] and, when `labelled`, `label` of every row (see the module doc)."""
     columns = _renamed(raw.columns, rename)
-    missing = [c for c in spec.required_columns if c not in columns]
+    needed = [c for c in spec.required_columns if labelled or c != spec.label_column]
+    missing = [c for c in needed if c not in columns]
     if missing:
-        raise _missing_columns(raw, spec, missing, rename)
-    if not columns[spec.label_column]:
+        raise _missing_columns(raw, spec, missing, rename, labelled)
+    if not columns[needed[0]]:
         raise DataError(
             f"{raw.origin} has no examples (only a header row, or every row was skipped; see any warning above), "
             f"so task {spec.name!r} has nothing to train or evaluate on in this split. Add examples, one per row, "
@@ -396,6 +465,8 @@ def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str]) -> Dataset:
     if spec.is_pair:
         data[TEXT_B] = list(texts[1])
         features[TEXT_B] = Value("string")
+    if not labelled:
+        return Dataset.from_dict(data, features=Features(features))
     labels = columns[spec.label_column]
     if spec.is_regression:
         data[LABEL] = _scores(labels, spec, raw.origin)
@@ -480,6 +551,22 @@ def load_task_splits(
     return out
 
 
+def read_rows(path: PathLike, *, encoding: str = "utf-8") -> list[dict[str, Any]]:
+    """Every row of a .csv/.tsv/.json/.jsonl/.parquet file, in file order, as read for training
+    (CSV/TSV fields as written); a row of the wrong width is an error, never skipped, so that the
+    rows stay aligned with anything computed from them."""
+    columns = _read_file(Path(path), bad_rows="error", encoding=encoding)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def load_prediction_split(task: str | TaskSpec, path: PathLike, *, encoding: str = "utf-8") -> Dataset:
+    """The texts (`text_a`, [`text_b`]) of every row of a file to predict on, in file order; the
+    label column is not needed (and not read)."""
+    spec, path = get_task(task), Path(path)
+    columns = _read_file(path, bad_rows="error", encoding=encoding)
+    return _normalize(_Raw(f"File {str(path)!r}", columns), spec, {}, labelled=False)
+
+
 def sample_per_class(dataset: Dataset, n: int, *, seed: int) -> Dataset:
     """`n` examples of every class, in their original order.
 
@@ -515,24 +602,27 @@ def tokenize(dataset: Dataset, tokenizer: Any, *, max_length: int = 128) -> Data
     """Token ids of each example (a pair when the split has `text_b`), truncated to `max_length`.
 
     Returns a torch-formatted Dataset with `input_ids`, `attention_mask`, `token_type_ids` when
-    the tokenizer produces them, and `labels` (int64 classes or float32 scores). Not padded.
+    the tokenizer produces them, and `labels` (int64 classes or float32 scores) when the split has
+    labels (`load_prediction_split`'s have none). Not padded.
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise DataError(f"max_length = {max_length!r} must be an integer >= 1.")
-    missing = [c for c in (TEXT_A, LABEL) if c not in dataset.column_names]
-    if missing:
-        raise DataError(f"tokenize expects a split from load_task_splits (columns {TEXT_A!r}, [{TEXT_B!r}], "
-                        f"{LABEL!r}); {_quoted(missing)} missing from {_quoted(dataset.column_names)}.")
+    if TEXT_A not in dataset.column_names:
+        raise DataError(f"tokenize expects a split from load_task_splits or load_prediction_split (columns "
+                        f"{TEXT_A!r}, [{TEXT_B!r}], [{LABEL!r}]); {TEXT_A!r} is missing from "
+                        f"{_quoted(dataset.column_names)}.")
     pair = TEXT_B in dataset.column_names
-    regression = not isinstance(dataset.features[LABEL], ClassLabel)
+    labelled = LABEL in dataset.column_names
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         # the tokenizer returns the inputs its model takes (its model_input_names), token types or not
         enc = tokenizer(batch[TEXT_A], batch[TEXT_B] if pair else None, truncation=True, max_length=max_length)
-        return {**enc, "labels": batch[LABEL]}
+        return {**enc, "labels": batch[LABEL]} if labelled else dict(enc)
 
     tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
-    tokenized = tokenized.cast_column("labels", Value("float32" if regression else "int64"))
+    if labelled:
+        regression = not isinstance(dataset.features[LABEL], ClassLabel)
+        tokenized = tokenized.cast_column("labels", Value("float32" if regression else "int64"))
     return tokenized.with_format("torch")
 
 

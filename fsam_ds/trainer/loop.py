@@ -167,7 +167,7 @@ def run_eval(run: Run, epoch: float) -> None:
         if cfg.eval.save_best:
             info = {"step": state.step, "epoch": round(epoch, 4), "metric_name": objective.select_metric,
                     "value": value, "metrics": metrics}
-            export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "best", info)
+            export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "best", info, config_to_dict(cfg))
 
 
 def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
@@ -214,7 +214,7 @@ def finish(run: Run, started: float) -> None:
     if cfg.max_consecutive_skipped and state.step and state.skipped_steps == state.step:
         _fail(run, f"every one of its {state.step} steps had a non-finite loss or gradients")
     final_dir = export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "final",
-                             {"step": state.step, "metrics": state.last_metrics})
+                             {"step": state.step, "metrics": state.last_metrics}, config_to_dict(cfg))
     run.logger.summary(state.best_metric, objective.select_metric, best_step=state.best_step, steps=state.step,
                        best_metrics=state.best_metrics, skipped_steps=state.skipped_steps,
                        sam_type=cfg.sam.sam_type, output_dir=cfg.output_dir)

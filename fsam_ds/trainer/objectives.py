@@ -21,9 +21,11 @@ from datasets import Dataset
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import load_task_splits, padding_collator, tokenize
-from fsam_ds.trainer.run_config import TrainConfig
-from fsam_ds.trainer.tasks import TaskSpec, compute_metrics, get_task
+from fsam_ds.trainer.data import (infer_label_names, load_prediction_split, load_task_splits, padding_collator,
+                                  tokenize)
+from fsam_ds.trainer.run_config import DataSection, TrainConfig
+from fsam_ds.trainer.tasks import (CLASSIFICATION, OWN_DATA_TASKS, REGRESSION, TaskSpec, compute_metrics, get_task,
+                                   own_data_task, predicted_ids)
 
 Model = Callable[..., Any]
 """The module or DeepSpeed engine: called with the batch's model inputs as keyword arguments."""
@@ -70,6 +72,15 @@ class Objective(Protocol):
         """`from_pretrained` keyword arguments that shape the head (labels, problem type)."""
         ...
 
+    def prediction_inputs(self, path: Path, tokenizer: Any) -> Dataset:
+        """Tokenized rows of a file to predict on, in file order; label/target columns optional."""
+        ...
+
+    def predict(self, model: Model, batch: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+        """One JSON-serialisable prediction per example of `batch` (e.g. {"label": .., "probabilities": {..}}
+        or {"generated": ..})."""
+        ...
+
 
 def _device(model: Model) -> torch.device:
     device = getattr(model, "device", None)  # a DeepSpeed engine or a transformers model
@@ -78,7 +89,8 @@ def _device(model: Model) -> torch.device:
 
 class SequenceClassification:
     """Classification (cross-entropy) or regression (mean squared error, one output) of a sequence
-    or a sequence pair, scored with the task's metrics (`fsam_ds.trainer.tasks`)."""
+    or a sequence pair, scored with the task's metrics (`fsam_ds.trainer.tasks`). A prediction is
+    {"label": class name, "probabilities": {class name: softmax probability}} or {"score": value}."""
 
     def __init__(self, task: TaskSpec, cfg: TrainConfig | None = None) -> None:
         self.task, self.cfg = task, cfg
@@ -139,6 +151,25 @@ class SequenceClassification:
             kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
         return kwargs
 
+    def prediction_inputs(self, path: Path, tokenizer: Any) -> Dataset:
+        assert self.cfg is not None, "prediction_inputs needs the run's configuration"
+        d = self.cfg.data
+        texts = load_prediction_split(self.task, path, encoding=d.encoding)
+        return tokenize(texts, tokenizer, max_length=d.max_length)
+
+    @torch.no_grad()
+    def predict(self, model: Model, batch: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+        device = _device(model)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float().cpu()
+        if self.task.is_regression:
+            return [{"score": score} for score in logits[:, 0].tolist()]
+        names = self.task.label_names or ()
+        # the class is the logits' argmax, as the dev metrics take it, not that of the rounded probabilities
+        chosen = predicted_ids(self.task, logits).tolist()
+        return [{"label": names[i], "probabilities": dict(zip(names, row))}
+                for i, row in zip(chosen, logits.softmax(-1).tolist())]
+
 
 def _data_sources(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
     """data.source/data_dir/train_file/dev_file -> load_task_splits arguments."""
@@ -163,12 +194,48 @@ def _data_sources(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
                       "or data.train_file and data.dev_file.")
 
 
-OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {}
+def own_data_objective(cfg: TrainConfig) -> SequenceClassification:
+    """--task=classification|regression: the user's files, columns and labels (data.text_columns,
+    data.label_column, data.labels). Without data.labels a classification run reads its label set from
+    data.train_file and records it in cfg.data.labels, so that the run's config.json, its checkpoints and
+    its exported models carry it and resume and fsam-predict rebuild the same class ids."""
+    name, d = cfg.task.strip().lower(), cfg.data
+    flag = f"--task={name}"
+    if d.source == "hub":
+        raise ConfigError(f"{flag} trains on your own files, but data.source = hub. Drop --data.source (local is "
+                          "implied) and give data.train_file and data.dev_file.")
+    if not (d.train_file and d.dev_file):
+        raise ConfigError(f"{flag} trains on your own files: give both --data.train_file and --data.dev_file "
+                          "(.csv/.tsv/.json/.jsonl/.parquet; data.data_dir, if set, is the folder they are relative "
+                          f"to), with the text in data.text_columns ({','.join(d.text_columns)}) and the "
+                          f"{'score' if name == REGRESSION else 'class'} in data.label_column ({d.label_column}).")
+    if name == REGRESSION and d.labels:
+        raise ConfigError(f"data.labels = {list(d.labels)} lists classes, but {flag} predicts a number. Use "
+                          "--task=classification for classes, or drop --data.labels.")
+    if name == CLASSIFICATION and not d.labels:
+        d.labels = infer_label_names(Path(d.data_dir or ".") / d.train_file, d.label_column, encoding=d.encoding)
+    task = own_data_task(name, tuple(d.text_columns), d.label_column,
+                         tuple(d.labels) if name == CLASSIFICATION else None)
+    return SequenceClassification(task, cfg)
+
+
+OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = dict.fromkeys(OWN_DATA_TASKS, own_data_objective)
 """Objectives by `task` name for the kinds of fine-tuning that are not a registered task
 (`fsam_ds.trainer.tasks`); any other name is a registered classification or regression task."""
+
+_OWN_DATA_KEYS = ("text_columns", "label_column", "labels")
 
 
 def objective_for(cfg: TrainConfig) -> Objective:
     """The objective that trains and scores the run's `task`."""
     make = OBJECTIVES.get(cfg.task.strip().lower())
-    return make(cfg) if make is not None else SequenceClassification(get_task(cfg.task), cfg)
+    if make is not None:
+        return make(cfg)
+    task = get_task(cfg.task)
+    given = [f"data.{key}" for key in _OWN_DATA_KEYS if getattr(cfg.data, key) != getattr(DataSection(), key)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} name the columns and labels of your own data, read only with "
+                          f"--task=classification or --task=regression; task {task.name!r} reads its own columns "
+                          f"({', '.join(task.required_columns)}). Use --task=classification (or regression) to "
+                          f"train on your file's columns, or drop {', '.join('--' + g for g in given)}.")
+    return SequenceClassification(task, cfg)

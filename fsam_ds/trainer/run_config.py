@@ -26,6 +26,7 @@ import yaml
 
 from fsam_ds.sam.config import SAM_TYPES, ConfigError, SAMConfig, invalid_value
 from fsam_ds.trainer.run_identity import config_hash, flatten_config
+from fsam_ds.trainer.tasks import OWN_DATA_TASKS
 
 __all__ = [
     "BASELINE_SAM_TYPE", "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",
@@ -78,6 +79,12 @@ class DataSection:
     limit_per_class: int = 0  # 0: every example
     num_workers: int = 0
     encoding: str = "utf-8"  # text encoding of local CSV/TSV/JSON files, e.g. latin-1
+    # --task=classification|regression (your own files): the one or two columns the model reads
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"  # --task=classification|regression: the column of the class or score
+    # --task=classification: the classes in label-id order; empty: the sorted labels of data.train_file
+    # (the run then records them here, so resume and fsam-predict rebuild the same mapping)
+    labels: tuple[str, ...] = ()
 
 
 @dataclass
@@ -164,6 +171,13 @@ class TrainConfig:
         _check(d.limit_per_class >= 0, "data.limit_per_class", d.limit_per_class, "must be >= 0",
                "0 keeps every example.")
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+        _check(len(d.text_columns) in (1, 2) and all(d.text_columns), "data.text_columns", list(d.text_columns),
+               "must name one column (a single text) or two (a pair)", "e.g. --data.text_columns=sentence1,sentence2")
+        _check(bool(d.label_column), "data.label_column", d.label_column, "is empty", "e.g. --data.label_column=label")
+        _check(len(set(d.labels)) == len(d.labels) and all(d.labels), "data.labels", list(d.labels),
+               "must list distinct, non-empty class names", "e.g. --data.labels=negative,neutral,positive")
+        _check(len(d.labels) != 1, "data.labels", list(d.labels), "names one class; a classifier needs two or more",
+               "List every class, or leave data.labels empty to read them from data.train_file.")
 
         _check(lg.log_every >= 1, "log.log_every", lg.log_every, "must be >= 1")
         _check(bool(lg.wandb_project), "log.wandb_project", lg.wandb_project, "is empty")
@@ -383,6 +397,8 @@ def _build(items: list[tuple[str, Any, str]]) -> TrainConfig:
                               f"{json.dumps(_value(TrainConfig(), key))}.") from None
     # Sections are built whole (the SAM section is frozen and checks itself on construction).
     cfg = TrainConfig(**values[""], **{section: cls(**values[section]) for section, cls in SECTIONS.items()})
+    if cfg.task.strip().lower() in OWN_DATA_TASKS and "source" not in values["data"]:
+        cfg.data.source = "local"  # your own data is never on the hub: no need to say so
     if cfg.tokenizer is None and cfg.model:
         cfg.tokenizer = cfg.model
     cfg.output_dir = _PLACEHOLDER.sub(lambda match: _placeholder_value(cfg, match), cfg.output_dir)

@@ -4,6 +4,8 @@ Covered: every GLUE task; the SuperGLUE tasks that are honestly one sequence or 
 label (BoolQ, CB, RTE, WiC, and the AX-b / AX-g diagnostics evaluated with an RTE-trained model);
 and `polarity`, Pang & Lee's sentence polarity data. COPA (multiple choice), MultiRC (F1a/EM over
 answer groups), ReCoRD (span ranking) and WSC (span coreference) need other heads and are left out.
+The user's own files are the tasks `classification` and `regression`, built from the run's
+configuration by `own_data_task` (columns and label set are the user's).
 """
 
 from __future__ import annotations
@@ -207,6 +209,29 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
     close = list(dict.fromkeys(_ALIASES.get(c, c) for c in close))
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise UnknownTaskError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(TASKS))}.")
+
+
+CLASSIFICATION, REGRESSION = "classification", "regression"
+OWN_DATA_TASKS = (CLASSIFICATION, REGRESSION)
+"""Task names that train on the user's own files (data.train_file, data.dev_file) instead of a registered task."""
+
+
+def own_data_task(name: str, text_columns: tuple[str, ...], label_column: str,
+                  label_names: tuple[str, ...] | None) -> TaskSpec:
+    """A classification (`label_names`: the classes in label-id order) or regression (None) task over
+    the user's own columns. Scored with accuracy and macro-F1 (plus MCC for two classes; accuracy picks
+    the best checkpoint) or Pearson and Spearman correlation (Pearson picks)."""
+    if name == REGRESSION:
+        return TaskSpec(name=name, hub_id=None, hub_config=None, text_columns=text_columns, label_names=None,
+                        metrics=("pearson", "spearman"), select_metric="pearson", label_column=label_column)
+    if name != CLASSIFICATION:
+        raise UnknownTaskError(f"own_data_task: name = {name!r} must be one of {', '.join(OWN_DATA_TASKS)}.")
+    if label_names is None:
+        raise ValueError("own_data_task: a classification task needs its label_names (the classes in id order).")
+    binary = len(label_names) == 2
+    return TaskSpec(name=name, hub_id=None, hub_config=None, text_columns=text_columns, label_names=label_names,
+                    metrics=("accuracy", "macro_f1", *(("mcc",) if binary else ())), select_metric="accuracy",
+                    label_column=label_column)
 
 
 def _to_numpy(values: Any) -> np.ndarray:

@@ -1,0 +1,137 @@
+"""fsam-predict: apply a model that fsam-train exported (RUN/best or RUN/final) to a file.
+
+    fsam-predict runs/my-run/best reviews.csv                          # writes reviews.predictions.jsonl
+    fsam-predict runs/my-run/final test.jsonl --output preds.jsonl --batch_size 128 --device cuda
+
+The task is rebuilt from the run's configuration saved in the export (run_config.json), so the file
+is read, tokenized and its classes named exactly as in training: the same text columns, max_length
+and label set. The input may be .csv/.tsv/.json/.jsonl/.parquet; its label column is not needed.
+The output is JSON lines, one per input row in file order: the row's own columns plus "prediction",
+the task's prediction for it (classification: {"label": ..., "probabilities": {class: p}};
+regression: {"score": ...}). Batched, with a progress bar on stderr; exit status 2 and one paragraph
+for an input error (a folder that is not an export, a missing column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PREDICTION = "prediction"
+
+
+class PredictError(ValueError):
+    """An input fsam-predict cannot use; the message says what to give instead."""
+
+
+def _run_config(folder: Path) -> dict[str, Any]:
+    """The exported run's configuration, with the settings that only training reads neutralised."""
+    from fsam_ds.trainer.checkpoint import MANIFEST, RUN_CONFIG_FILE, verify_folder
+
+    if not folder.is_dir():
+        raise PredictError(f"{str(folder)!r} is not a folder. Give a model folder that fsam-train exported: "
+                           "<output_dir>/best or <output_dir>/final of a finished run.")
+    if not (folder / "config.json").is_file() or not (folder / MANIFEST).is_file():
+        hint = (" It holds best/ or final/: pass one of those." if any((folder / n).is_dir() for n in ("best", "final"))
+                else "")
+        raise PredictError(f"{str(folder)!r} is not a model exported by fsam-train (it lacks config.json or "
+                           f"{MANIFEST}).{hint} Give <output_dir>/best or <output_dir>/final of a run.")
+    verify_folder(folder)
+    path = folder / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise PredictError(f"{str(folder)!r} has no {RUN_CONFIG_FILE}, the run's configuration that says which task "
+                           "the model was trained on and how its inputs were read; it was exported by an older "
+                           "fsam-train. Export it again by training with this version, or copy the run's "
+                           f"config.json (in its output_dir) into it as {RUN_CONFIG_FILE}.")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    # the model is this folder; a DeepSpeed config file or checkpoint of the training machine is not needed
+    config.update(model=str(folder), tokenizer=str(folder), ds_config=None, resume=False)
+    return config
+
+
+def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, output: str | os.PathLike, *,
+                 batch_size: int | None = None, device: str | None = None, progress: bool = True) -> int:
+    """Writes one JSON line per row of `input_file` to `output`; returns the number of rows."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from fsam_ds.trainer.data import read_rows
+    from fsam_ds.trainer.objectives import objective_for
+    from fsam_ds.trainer.run_config import config_from_dict
+
+    folder, input_file, output = Path(model_dir), Path(input_file), Path(output)
+    cfg = config_from_dict(_run_config(folder))
+    objective = objective_for(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = objective.prediction_inputs(input_file, tokenizer)
+    rows = read_rows(input_file, encoding=cfg.data.encoding)
+    if len(rows) != len(inputs):
+        raise PredictError(f"{str(input_file)!r} has {len(rows)} rows but task {cfg.task!r} made {len(inputs)} "
+                           "examples of them, so predictions could not be matched to rows. Remove empty or "
+                           "malformed rows from the file.")
+    if rows and PREDICTION in rows[0]:
+        raise PredictError(f"{str(input_file)!r} has a column {PREDICTION!r}, the name fsam-predict writes each "
+                           "row's prediction under. Rename that column.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = objective.model_class().from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    loader = DataLoader(inputs, batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False,
+                        collate_fn=objective.collator(tokenizer))
+    tmp = output.with_name(output.name + ".tmp")
+    done = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for batch in tqdm(loader, desc="predicting", unit="batch", file=sys.stderr, disable=not progress):
+                for prediction in objective.predict(model, batch):
+                    # default=str: a parquet date or decimal column is echoed as text
+                    out.write(json.dumps({**rows[done], PREDICTION: prediction}, ensure_ascii=False,
+                                         default=str) + "\n")
+                    done += 1
+        os.replace(tmp, output)  # a cut-short run leaves no partial predictions file under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
+    return done
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsam-predict", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="an exported model folder: <output_dir>/best or <output_dir>/final")
+    parser.add_argument("input", help="the file to predict on (.csv/.tsv/.json/.jsonl/.parquet)")
+    parser.add_argument("--output", help="the JSON lines file to write (default: <input>.predictions.jsonl "
+                                         "next to the input)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="examples per forward pass (default: the run's data.eval_batch_size)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs fsam-predict; returns the exit status (0, or 2 for an input error, reported as one paragraph)."""
+    from fsam_ds.trainer.loop import KNOWN_ERRORS
+
+    args = _parser().parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        print(f"fsam-predict: error: --batch_size = {args.batch_size} must be >= 1.", file=sys.stderr)
+        return 2
+    source = Path(args.input)
+    output = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.jsonl")
+    try:
+        n = predict_file(args.model_dir, source, output, batch_size=args.batch_size, device=args.device,
+                         progress=args.progress)
+    except (PredictError, *KNOWN_ERRORS) as err:
+        print(f"fsam-predict: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(f"wrote {n} predictions to {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
