@@ -70,6 +70,15 @@ class Objective(Protocol):
         """`from_pretrained` keyword arguments that shape the head (labels, problem type)."""
         ...
 
+    def prediction_inputs(self, path: Path, tokenizer: Any) -> Dataset:
+        """Tokenized rows of a file to predict on, in file order; label/target columns optional."""
+        ...
+
+    def predict(self, model: Model, batch: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+        """One JSON-serialisable prediction per example of `batch` (e.g. {"label": .., "probabilities": {..}}
+        or {"generated": ..})."""
+        ...
+
 
 def _device(model: Model) -> torch.device:
     device = getattr(model, "device", None)  # a DeepSpeed engine or a transformers model
@@ -163,7 +172,19 @@ def _data_sources(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
                       "or data.train_file and data.dev_file.")
 
 
-OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {}
+def _causal_lm(cfg: TrainConfig) -> Objective:
+    from fsam_ds.trainer.generation import CausalLM  # generation builds on this module
+
+    return CausalLM(cfg)
+
+
+def _seq2seq(cfg: TrainConfig) -> Objective:
+    from fsam_ds.trainer.generation import Seq2Seq
+
+    return Seq2Seq(cfg)
+
+
+OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {"causal-lm": _causal_lm, "seq2seq": _seq2seq}
 """Objectives by `task` name for the kinds of fine-tuning that are not a registered task
 (`fsam_ds.trainer.tasks`); any other name is a registered classification or regression task."""
 

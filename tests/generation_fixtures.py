@@ -1,0 +1,93 @@
+"""Tiny generation models (a Llama-class decoder, a T5), their word-level tokenizer with a chat template,
+and prompt/completion, chat and source/target files for the generation tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three", "big", "small", "fast"]
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def tokenizer(*, eos_after_text: bool = False, pad: bool = True):
+    """A whitespace word-level fast tokenizer: pad 0, eos </s>, bos <s> added before a text for the
+    decoder (not with `eos_after_text`, which appends </s> instead, as T5's does)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + ["copy", "reverse", ":"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    single = "$A </s>" if eos_after_text else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[
+        ("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>" if pad else None, chat_template=CHAT_TEMPLATE,
+                                   additional_special_tokens=SPECIALS[4:], model_max_length=64)
+
+
+def write_tiny_llama(folder: Path, tie: bool = True) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_t5(folder: Path) -> Path:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = tokenizer(eos_after_text=True)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """(instruction, answer): `copy` repeats the words, `reverse` reverses them."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))]
+        verb = "copy" if i % 2 else "reverse"
+        out.append((f"{verb} : {' '.join(words)}", " ".join(words if verb == "copy" else words[::-1])))
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_generation_files(folder: Path, n_train: int = 48, n_dev: int = 12) -> dict[str, Path]:
+    """prompt/completion, chat and source/target jsonl files over the same pairs."""
+    files = {}
+    for split, n, seed in (("train", n_train, 0), ("dev", n_dev, 1)):
+        data = pairs(n, seed)
+        files[f"{split}_pc"] = write_jsonl(folder / f"{split}_pc.jsonl",
+                                           [{"prompt": p, "completion": c} for p, c in data])
+        files[f"{split}_chat"] = write_jsonl(folder / f"{split}_chat.jsonl", [
+            {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in data])
+        files[f"{split}_s2s"] = write_jsonl(folder / f"{split}_s2s.jsonl",
+                                            [{"source": p, "target": c} for p, c in data])
+    return files
