@@ -91,3 +91,42 @@ def write_generation_files(folder: Path, n_train: int = 48, n_dev: int = 12) -> 
         files[f"{split}_s2s"] = write_jsonl(folder / f"{split}_s2s.jsonl",
                                             [{"source": p, "target": c} for p, c in data])
     return files
+
+
+def generation_config(model: Path, files: dict[str, Path], task: str = "causal-lm", kind: str = "pc", **eval_keys):
+    from fsam_ds.trainer.run_config import DataSection, EvalSection, TrainConfig
+
+    return TrainConfig(task=task, model=str(model), data=DataSection(
+        train_file=str(files[f"train_{kind}"]), dev_file=str(files[f"dev_{kind}"]), max_length=32),
+        eval=EvalSection(**{"generate_examples": 8, "max_new_tokens": 6, **eval_keys}))
+
+
+def run_zero3_generation(rank: int, world: int, task: str, model_dir: str, files: dict[str, Path]) -> dict:
+    """This rank's greedy tokens for its shard of the dev split, through the objective on a ZeRO-3
+    engine whose model was loaded partitioned (as the trainer does). Returns {example index: tokens}."""
+    import deepspeed
+    import torch
+    from transformers import AutoTokenizer
+
+    from ds_workers import ds_config
+    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.data import build_dataloader
+    from fsam_ds.trainer.objectives import objective_for
+
+    cfg = generation_config(Path(model_dir), files, task, "s2s" if task == "seq2seq" else "pc")
+    objective = objective_for(cfg)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dev = objective.prepare_splits(tok)[objective.select_split]
+    config = ds_config(3, stage3_param_persistence_threshold=0)  # every parameter gathered per forward
+    model = load_model(cfg, objective, config)
+    engine, *_ = deepspeed.initialize(model=model, config=config, optimizer=torch.optim.AdamW(model.parameters()))
+    engine.eval()
+    # 3 per batch: 7 examples give rank 0 two batches of 4 real examples, rank 1 three real and one repeat
+    loader = build_dataloader(dev.select(range(7)), objective.collator(tok), batch_size=3, train=False,
+                              rank=rank, world_size=world)
+    out = {}
+    with torch.no_grad():
+        for batch in loader:
+            for index, tokens in zip(batch["example_index"].tolist(), objective.generate(engine, batch).tolist()):
+                out[index] = tokens
+    return out
