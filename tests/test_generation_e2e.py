@@ -69,8 +69,23 @@ def test_single_process_run_trains_generates_and_exports(assets, tmp_path, task,
     model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSeq2SeqLM
     best = json.loads((out / "best" / "best.json").read_text())
     assert best["value"] == max(e[best["metric_name"]] for e in evals)
-    model_class.from_pretrained(out / "final")
     assert AutoTokenizer.from_pretrained(out / "final").chat_template == gf.CHAT_TEMPLATE
+    # the exported model's predictions on the dev file score what the last evaluation scored
+    from fsam_ds.trainer.generation import generation_scores
+    from fsam_ds.trainer.objectives import objective_for
+    from fsam_ds.trainer.run_config import config_from_dict
+
+    objective = objective_for(config_from_dict(json.loads((out / "config.json").read_text())))
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    dev_file = assets["files"][f"dev_{kind}"]
+    inputs = objective.prediction_inputs(dev_file, tok)
+    predictions = objective.predict(model_class.from_pretrained(out / "final"),
+                                    objective.collator(tok)([inputs[i] for i in range(GENERATED)]))
+    records = [json.loads(line) for line in dev_file.read_text().splitlines()][:GENERATED]
+    references = [r["messages"][-1]["content"] if kind == "chat" else r["completion" if task == "causal-lm" else "target"]
+                  for r in records]
+    scores = generation_scores([p["generated"] for p in predictions], references, rouge=task == "seq2seq")
+    assert scores == pytest.approx({k: evals[-1][k] for k in scores}, abs=1e-9)
 
 
 @pytest.mark.slow

@@ -111,13 +111,13 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 def _until_eos(tokens: Tensor, eos: int, width: int) -> Tensor:
     """Generated ids cut before the first EOS and padded (NO_TOKEN) or cut to `width`."""
     ended = (tokens == eos).long().cumsum(1) > 0
-    tokens = tokens.masked_fill(ended, NO_TOKEN)[:, :width]
+    tokens = tokens.masked_fill(ended, NO_TOKEN)[:, :width].int()  # int32: every rank's rows are gathered
     return F.pad(tokens, (0, width - tokens.shape[1]), value=NO_TOKEN)
 
 
 def _compact(labels: Tensor, width: int) -> Tensor:
     """Each row's target tokens (label != IGNORE), left-aligned in a row of `width` filled with NO_TOKEN."""
-    out = torch.full((labels.shape[0], width), NO_TOKEN, dtype=torch.long)
+    out = torch.full((labels.shape[0], width), NO_TOKEN, dtype=torch.int32)
     for i, row in enumerate(labels.cpu()):
         kept = row[row != IGNORE][:width]
         out[i, :len(kept)] = kept
@@ -239,7 +239,7 @@ class _Generation:
             # generate_examples of the split are generated and scored
             scored = batch["example_index"] < self.generate_examples
             n = len(scored)
-            generated = torch.full((n, self.max_new_tokens), NO_TOKEN, dtype=torch.long)
+            generated = torch.full((n, self.max_new_tokens), NO_TOKEN, dtype=torch.int32)
             if _any_rank(bool(scored.any()), _device(model)):
                 generated = self.generate(model, batch)
             out.update(scored=scored, generated=generated,
