@@ -130,3 +130,28 @@ def run_zero3_generation(rank: int, world: int, task: str, model_dir: str, files
             for index, tokens in zip(batch["example_index"].tolist(), objective.generate(engine, batch).tolist()):
                 out[index] = tokens
     return out
+
+
+def write_tiny_bert2bert(folder: Path) -> Path:
+    """A warm-start-shaped EncoderDecoderModel (BERT encoder, BERT decoder with cross-attention) and a
+    BERT tokenizer, which has SEP but no EOS token: generation starts at CLS and stops at SEP."""
+    import torch
+    from transformers import BertConfig, BertTokenizer, EncoderDecoderConfig, EncoderDecoderModel
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(specials + WORDS + ["copy", "reverse", ":"])})
+    shape = dict(vocab_size=len(tok.vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(
+        BertConfig(**shape), BertConfig(**shape, is_decoder=True, add_cross_attention=True))
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = (tok.cls_token_id, tok.pad_token_id,
+                                                                               tok.sep_token_id)
+    torch.manual_seed(0)
+    model = EncoderDecoderModel(config=config)
+    model.generation_config.decoder_start_token_id = tok.cls_token_id
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.sep_token_id
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

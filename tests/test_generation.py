@@ -23,7 +23,7 @@ def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("generation")
     files = gf.write_generation_files(root / "data")
     return {"root": root, "files": files, "llama": gf.write_tiny_llama(root / "llama"),
-            "t5": gf.write_tiny_t5(root / "t5")}
+            "t5": gf.write_tiny_t5(root / "t5"), "bert2bert": gf.write_tiny_bert2bert(root / "bert2bert")}
 
 
 def causal(assets, kind: str = "pc", **eval_keys) -> tuple[CausalLM, object, dict]:
@@ -100,15 +100,19 @@ def test_padded_batch_loss_equals_each_example_alone(assets):
         assert labels[labels != IGNORE].tolist() == target and target[-1] == tok.eos_token_id
 
 
-def test_seq2seq_loss_is_each_examples_mean_over_its_target(assets):
-    objective = objective_for(gf.generation_config(assets["t5"], assets["files"], "seq2seq", "s2s"))
-    tok = AutoTokenizer.from_pretrained(assets["t5"])
+@pytest.mark.parametrize("name", ["t5", "bert2bert"])
+def test_seq2seq_loss_is_each_examples_mean_over_its_target(assets, name):
+    """Against the model's own (token-mean) loss on each example alone; the BERT2BERT tokenizer has no
+    EOS, so its targets end with SEP."""
+    objective = objective_for(gf.generation_config(assets[name], assets["files"], "seq2seq", "s2s"))
+    tok = AutoTokenizer.from_pretrained(assets[name])
     split = objective.prepare_splits(tok)["validation"]
-    model = AutoModelForSeq2SeqLM.from_pretrained(assets["t5"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(assets[name])
     rows = [split[i] for i in range(4)]
+    assert len({len(r["labels"]) for r in rows}) > 1  # the batch pads targets
     losses = objective.per_example_loss(model, objective.collator(tok)(rows)).detach()
     for i, r in enumerate(rows):
-        assert r["labels"][-1] == tok.eos_token_id
+        assert r["labels"][-1] == (tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id)
         with torch.no_grad():  # the model's own mean loss on the example alone
             own = model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
         assert float(losses[i]) == pytest.approx(float(own), rel=1e-5)
@@ -193,11 +197,11 @@ def test_metrics_score_only_the_first_generate_examples_and_perplexity_weights_t
     assert causal(assets, generate_examples=0)[0].select_metric == "neg_loss"
 
 
-@pytest.mark.parametrize("task", ["causal-lm", "seq2seq"])
-def test_predict_generates_what_the_model_generates_for_each_example_alone(assets, tmp_path, task):
+@pytest.mark.parametrize("task,name", [("causal-lm", "llama"), ("seq2seq", "t5"), ("seq2seq", "bert2bert")])
+def test_predict_generates_what_the_model_generates_for_each_example_alone(assets, tmp_path, task, name):
     """prediction_inputs reads a file without targets, in file order; predict's left-padded (causal) or
     right-padded (seq2seq) batches generate what the model generates for each input unpadded."""
-    folder = assets["llama" if task == "causal-lm" else "t5"]
+    folder = assets[name]
     column = "prompt" if task == "causal-lm" else "source"
     inputs = [p for p, _ in gf.pairs(5, 7)]
     path = gf.write_jsonl(tmp_path / "inputs.jsonl", [{column: p} for p in inputs])
@@ -212,11 +216,12 @@ def test_predict_generates_what_the_model_generates_for_each_example_alone(asset
     assert [tok.decode(r["input_ids"], skip_special_tokens=True) for r in dataset] == inputs
     predictions = objective.predict(model, objective.collator(tok)([dataset[i] for i in range(len(dataset))]))
     expected = []
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     for text in inputs:
         ids = torch.tensor([tok(text)["input_ids"]])
-        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=eos,
                              pad_token_id=tok.pad_token_id)[0, ids.shape[1] if task == "causal-lm" else 1:].tolist()
-        out = out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+        out = out[:out.index(eos)] if eos in out else out
         expected.append(tok.decode(out, skip_special_tokens=True).strip())
     assert [p["generated"] for p in predictions] == expected
     assert len(set(expected)) > 1  # the comparison is not between constant outputs

@@ -193,15 +193,20 @@ class _Generation:
     def _column_names(self) -> str:
         return f"{self.input_column!r} and {self.output_column!r}"
 
+    @staticmethod
+    def _eos(tokenizer: Any) -> int | None:
+        """The token that ends a target, and a generation."""
+        return tokenizer.eos_token_id
+
     def _check_tokenizer(self, tokenizer: Any) -> None:
-        if tokenizer.eos_token_id is None:
+        if self._eos(tokenizer) is None:
             raise DataError(f"the tokenizer of {self.cfg.tokenizer or self.cfg.model!r} has no EOS token, which task "
                             f"{self.cfg.task} appends to every target so that generation learns to stop; set its "
                             "eos_token (tokenizer.save_pretrained after tokenizer.eos_token = '...').")
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
-        return self.tokenizer.eos_token_id if pad is None else pad  # labels never come from the pad id
+        return self._eos(self.tokenizer) if pad is None else pad  # labels never come from the pad id
 
     # --------------------------------------------------------------------------------- model
     def _targets(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -224,7 +229,7 @@ class _Generation:
         device = _device(model)
         ids, mask = (t.to(device) for t in self._generation_inputs(batch))
         module = getattr(model, "module", model)  # a DeepSpeed engine's transformers model
-        eos = self.tokenizer.eos_token_id
+        eos = self._eos(self.tokenizer)
         out = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                               do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=self._pad_id(),
                               synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
@@ -282,8 +287,10 @@ class CausalLM(_Generation):
 
     def _encode(self, path: Path, columns: dict[str, list], tokenizer: Any, *, targets: bool) -> dict[str, list]:
         prompts, completions = self._texts(path, columns, tokenizer, targets=targets)
+        if not targets:  # to predict on: the prompt alone, whatever the file holds after it
+            completions = [None] * len(prompts)
         prompt_ids = [tokenizer(p, add_special_tokens=not chat)["input_ids"] for p, chat in prompts]
-        limit, eos = self.cfg.data.max_length, tokenizer.eos_token_id
+        limit, eos = self.cfg.data.max_length, self._eos(tokenizer)
         rows: dict[str, list] = {"input_ids": [], "prompt_length": []}
         too_long = 0
         for prompt, completion in zip(prompt_ids, completions):
@@ -385,7 +392,7 @@ class Seq2Seq(_Generation):
     best_generation_metric = "rougeL"
 
     def _encode(self, path: Path, columns: dict[str, list], tokenizer: Any, *, targets: bool) -> dict[str, list]:
-        limit, eos = self.cfg.data.max_length, tokenizer.eos_token_id
+        limit, eos = self.cfg.data.max_length, self._eos(tokenizer)
         sources = self._text_column(path, columns, self.input_column, key="input_column")
         target_texts = self._text_column(path, columns, self.output_column, key="output_column", required=targets)
         rows = {"input_ids": tokenizer(sources, truncation=True, max_length=limit)["input_ids"]}
@@ -396,6 +403,11 @@ class Seq2Seq(_Generation):
                       for t in tokenizer(text_target=target_texts, truncation=True, max_length=limit)["input_ids"]]
         rows["labels"] = labels
         return rows
+
+    @staticmethod
+    def _eos(tokenizer: Any) -> int | None:
+        # a BERT-style tokenizer (a warm-started BERT2BERT EncoderDecoderModel) ends every text with SEP
+        return tokenizer.sep_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
 
     def _check_tokenizer(self, tokenizer: Any) -> None:
         super()._check_tokenizer(tokenizer)
