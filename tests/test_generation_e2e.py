@@ -120,6 +120,6 @@ def test_every_sam_type_and_the_baseline_train_a_causal_lm(assets, tmp_path):
 @pytest.mark.parametrize("task,kind", [("causal-lm", "chat"), ("seq2seq", "s2s")])
 def test_torchrun_two_ranks_zero3(assets, tmp_path, task, kind):
     out = tmp_path / "run"
-    args = args_for(assets, task, kind, out, zero_stage=3, **{"data.micro_batch_size": 4})
+    args = args_for(assets, task, kind, out, zero_stage=3, **{"data.micro_batch_size": 4, "optim.epochs": 2})
     result = fx.run(_torchrun(2, free_port(), args), TIMEOUT)
-    assert_trained(out, result, task, steps=18)  # 48 examples / (2 ranks x 4) x 3 epochs
+    assert_trained(out, result, task, steps=12)  # 48 examples / (2 ranks x 4) x 2 epochs

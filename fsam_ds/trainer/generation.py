@@ -286,15 +286,17 @@ class CausalLM(_Generation):
     best_generation_metric = "chrf"
 
     def _encode(self, path: Path, columns: dict[str, list], tokenizer: Any, *, targets: bool) -> dict[str, list]:
-        prompts, completions = self._texts(path, columns, tokenizer, targets=targets)
-        if not targets:  # to predict on: the prompt alone, whatever the file holds after it
-            completions = [None] * len(prompts)
-        prompt_ids = [tokenizer(p, add_special_tokens=not chat)["input_ids"] for p, chat in prompts]
+        prompts, chat, completions = self._texts(path, columns, tokenizer, targets=targets)
+        # a rendered chat holds its special tokens already
+        prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
         limit, eos = self.cfg.data.max_length, self._eos(tokenizer)
+        # to predict on: the prompt alone, whatever the file holds after it
+        targets_ids = (tokenizer(completions, add_special_tokens=False)["input_ids"] if targets
+                       else [[] for _ in prompts])
         rows: dict[str, list] = {"input_ids": [], "prompt_length": []}
         too_long = 0
-        for prompt, completion in zip(prompt_ids, completions):
-            target = [] if completion is None else tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+        for prompt, completion in zip(prompt_ids, targets_ids):
+            target = completion + [eos] if targets else []
             if len(target) > limit:
                 too_long += 1
                 continue
@@ -311,16 +313,18 @@ class CausalLM(_Generation):
         return rows
 
     def _texts(self, path: Path, columns: dict[str, list], tokenizer: Any,
-               *, targets: bool) -> tuple[list[tuple[str, bool]], list[str | None]]:
-        """(prompt text, whether it is a rendered chat) and the completion (None if absent) of each row."""
+               *, targets: bool) -> tuple[list[str], bool, list[str] | None]:
+        """Each row's prompt text, whether the prompts are rendered chats, and (with `targets`) each
+        row's completion."""
         if self.input_column not in columns and MESSAGES in columns:
-            return self._chat(path, columns[MESSAGES], tokenizer, targets=targets)
+            prompts, completions = self._chat(path, columns[MESSAGES], tokenizer, targets=targets)
+            return prompts, True, completions
         prompts = self._text_column(path, columns, self.input_column, key="input_column")
         completions = self._text_column(path, columns, self.output_column, key="output_column", required=targets)
-        return [(p, False) for p in prompts], completions or [None] * len(prompts)
+        return prompts, False, completions if targets else None
 
     def _chat(self, path: Path, conversations: list, tokenizer: Any,
-              *, targets: bool) -> tuple[list[tuple[str, bool]], list[str | None]]:
+              *, targets: bool) -> tuple[list[str], list[str] | None]:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{path} holds chat {MESSAGES!r}, but the tokenizer of "
                             f"{self.cfg.tokenizer or self.cfg.model!r} has no chat template to render them with. "
@@ -338,10 +342,10 @@ class CausalLM(_Generation):
             if targets and not answered:
                 raise DataError(f"{path}: row {i + 1}'s last turn is from {turns[-1]['role']!r}; the last turn "
                                 "must be the assistant's, which is the completion learned. Repair that row.")
-            history = turns[:-1] if answered else turns
-            prompts.append((tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False), True))
-            completions.append(turns[-1]["content"] if answered else None)
-        return prompts, completions
+            history = turns[:-1] if answered else turns  # predicting: an answer there is the reference
+            prompts.append(tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False))
+            completions.append(turns[-1]["content"])
+        return prompts, completions if targets else None
 
     def collator(self, tokenizer: Any) -> Callable[[list], Mapping[str, Tensor]]:
         self.tokenizer = tokenizer
