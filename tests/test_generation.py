@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 import generation_fixtures as gf
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.data import DataError
-from fsam_ds.trainer.generation import IGNORE, NO_TOKEN, CausalLM, Seq2Seq, generation_scores
+from fsam_ds.trainer.generation import IGNORE, NO_TOKEN, CausalLM, generation_scores
 from fsam_ds.trainer.objectives import objective_for
 
 
@@ -131,11 +131,13 @@ def test_chat_rows_render_the_history_with_the_template_and_learn_the_last_answe
     asked = [{"role": "user", "content": "copy : red"}]
     bad = gf.write_jsonl(assets["root"] / "bad_chat.jsonl", [
         {"messages": asked + [{"role": "assistant", "content": "red"}]}, {"messages": asked}])
-    unanswered = objective_for(gf.generation_config(assets["llama"], {**assets["files"], "train_chat": bad}, kind="chat"))
+    files = {**assets["files"], "train_chat": bad}
+    unanswered = objective_for(gf.generation_config(assets["llama"], files, kind="chat"))
     with pytest.raises(DataError, match="row 2's last turn is from 'user'.*must be the assistant's"):
         unanswered.prepare_splits(tok)
     # to predict on, an unanswered conversation is all prompt
-    assert unanswered.prediction_inputs(bad, tok)[1]["prompt_length"] == len(unanswered.prediction_inputs(bad, tok)[1]["input_ids"])
+    row = unanswered.prediction_inputs(bad, tok)[1]
+    assert row["prompt_length"] == len(row["input_ids"])
     tok.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
         objective.prepare_splits(tok)
@@ -205,7 +207,8 @@ def test_predict_generates_what_the_model_generates_for_each_example_alone(asset
     column = "prompt" if task == "causal-lm" else "source"
     inputs = [p for p, _ in gf.pairs(5, 7)]
     path = gf.write_jsonl(tmp_path / "inputs.jsonl", [{column: p} for p in inputs])
-    objective = objective_for(gf.generation_config(folder, assets["files"], task, "pc" if task == "causal-lm" else "s2s"))
+    kind = "pc" if task == "causal-lm" else "s2s"
+    objective = objective_for(gf.generation_config(folder, assets["files"], task, kind))
     tok = AutoTokenizer.from_pretrained(folder)
     model = (AutoModelForCausalLM if task == "causal-lm" else AutoModelForSeq2SeqLM).from_pretrained(folder)
     torch.manual_seed(0)

@@ -82,8 +82,8 @@ def test_single_process_run_trains_generates_and_exports(assets, tmp_path, task,
     predictions = objective.predict(model_class.from_pretrained(out / "final"),
                                     objective.collator(tok)([inputs[i] for i in range(GENERATED)]))
     records = [json.loads(line) for line in dev_file.read_text().splitlines()][:GENERATED]
-    references = [r["messages"][-1]["content"] if kind == "chat" else r["completion" if task == "causal-lm" else "target"]
-                  for r in records]
+    answer = "completion" if task == "causal-lm" else "target"
+    references = [r["messages"][-1]["content"] if kind == "chat" else r[answer] for r in records]
     scores = generation_scores([p["generated"] for p in predictions], references, rouge=task == "seq2seq")
     assert scores == pytest.approx({k: evals[-1][k] for k in scores}, abs=1e-9)
 

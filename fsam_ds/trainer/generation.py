@@ -30,6 +30,9 @@ seq2seq, `rouge1`, `rouge2`, `rougeL` (rouge-score F-measures with Porter stemmi
 examples). All higher is better; the best checkpoint is picked by chrf (causal-lm) or rougeL
 (seq2seq), or by neg_loss when generation is off.
 
+Prediction. `prediction_inputs` reads a file's prompts (chats, sources) in file order, targets optional
+and unused; `predict` gives {"generated": text} per example, generated as in evaluation.
+
 Collective generation. Under ZeRO-3 every forward gathers parameters with every rank, so every rank
 must run as many forwards: a dev batch is generated on every rank when any rank needs it (one
 all-reduce of a flag), and Hugging Face `generate(synced_gpus=True)` keeps a rank that is done
@@ -371,7 +374,8 @@ class CausalLM(_Generation):
 
     def _targets(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         device = _device(model)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
         # position t predicts token t + 1
         return target_nll(logits[:, :-1].float(), batch["labels"][:, 1:].to(device))
 
