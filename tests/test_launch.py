@@ -367,6 +367,16 @@ def test_recipe_config_matches_the_paper(task):
     assert cfg["precision"] == "fp32" and cfg["zero_stage"] in (0, 1, 2, 3)
 
 
+@pytest.mark.parametrize("recipe", ["xsum", "conll2014"])
+def test_generation_recipes_load_as_seq2seq_fisher_sam_on_bart_large(recipe):
+    from fsam_ds.trainer.run_config import load_config
+
+    cfg = load_config(["--config", str(LAUNCH / "configs" / f"{recipe}.yaml")])  # every key known and in range
+    assert (cfg.task, cfg.model, cfg.sam.sam_type) == ("seq2seq", "facebook/bart-large", "fisher-sam")
+    assert (cfg.sam.rho, cfg.sam.keep_ratio, cfg.sam.mask_interval) == (0.05, 0.1, 100)
+    assert cfg.eval.generate_examples > 0 and cfg.data.train_file and cfg.data.dev_file
+
+
 def test_no_machine_paths_in_launch_files():
     for path in [*LAUNCH.rglob("*"), *(ROOT / "ds_configs").iterdir()]:
         if path.is_file():

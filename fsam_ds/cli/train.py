@@ -1,4 +1,5 @@
-"""fsam-train: fine-tune a sequence(-pair) classifier with a SAM-family step on DeepSpeed ZeRO 0-3.
+"""fsam-train: fine-tune a sequence(-pair) classifier, a causal LM (prompt -> completion) or a seq2seq model
+with a SAM-family step on DeepSpeed ZeRO 0-3.
 
     fsam-train --config launch/configs/rte.yaml --seed=2                      # one process
     torchrun --nproc_per_node 4 -m fsam_ds.train --config launch/configs/rte.yaml

@@ -214,6 +214,12 @@ def _read_file(path: Path, *, bad_rows: str, encoding: str) -> dict[str, list]:
     return _read_json(path, encoding)
 
 
+def read_table(path: Path, *, encoding: str = "utf-8") -> dict[str, list]:
+    """The columns of one csv, tsv, json, jsonl or parquet file (the format from its extension) as read
+    for a task; a row of the wrong width is an error that names it."""
+    return _read_file(Path(path), bad_rows="error", encoding=encoding)
+
+
 def _glue_tsv_path(data_dir: Path, spec: TaskSpec, split: str) -> Path:
     layout = GLUE_TSV_LAYOUTS.get(spec.name, TsvLayout())
     if split == spec.train_split:

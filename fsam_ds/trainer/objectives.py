@@ -219,7 +219,20 @@ def own_data_objective(cfg: TrainConfig) -> SequenceClassification:
     return SequenceClassification(task, cfg)
 
 
-OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = dict.fromkeys(OWN_DATA_TASKS, own_data_objective)
+def _causal_lm(cfg: TrainConfig) -> Objective:
+    from fsam_ds.trainer.generation import CausalLM  # generation builds on this module
+
+    return CausalLM(cfg)
+
+
+def _seq2seq(cfg: TrainConfig) -> Objective:
+    from fsam_ds.trainer.generation import Seq2Seq
+
+    return Seq2Seq(cfg)
+
+
+OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {
+    **dict.fromkeys(OWN_DATA_TASKS, own_data_objective), "causal-lm": _causal_lm, "seq2seq": _seq2seq}
 """Objectives by `task` name for the kinds of fine-tuning that are not a registered task
 (`fsam_ds.trainer.tasks`); any other name is a registered classification or regression task."""
 

@@ -85,6 +85,10 @@ class DataSection:
     # --task=classification: the classes in label-id order; empty: the sorted labels of data.train_file
     # (the run then records them here, so resume and fsam-predict rebuild the same mapping)
     labels: tuple[str, ...] = ()
+    # causal-lm / seq2seq: the column holding the prompt (source); none: prompt (causal-lm), source (seq2seq)
+    input_column: str | None = None
+    # causal-lm / seq2seq: the column holding the completion (target); none: completion, target
+    output_column: str | None = None
 
 
 @dataclass
@@ -101,6 +105,8 @@ class EvalSection:
     every_steps: int = 0  # 0: only at the end of each epoch
     every_epoch: bool = True
     save_best: bool = True
+    generate_examples: int = 32  # causal-lm / seq2seq: dev examples greedily generated and scored; 0: none
+    max_new_tokens: int = 64  # causal-lm / seq2seq: the longest generation, in tokens
 
 
 def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
@@ -186,6 +192,9 @@ class TrainConfig:
         _check(e.every_steps > 0 or e.every_epoch or not e.save_best, "eval.save_best", e.save_best,
                "needs evaluations, but eval.every_steps is 0 and eval.every_epoch is false",
                "Set eval.every_epoch=true or eval.every_steps > 0, or eval.save_best=false.")
+        _check(e.generate_examples >= 0, "eval.generate_examples", e.generate_examples, "must be >= 0",
+               "0 turns generation during evaluation off.")
+        _check(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, "must be >= 1")
 
 
 SECTIONS: dict[str, type] = {"sam": SAMSection, "optim": OptimSection, "data": DataSection, "log": LogSection,
