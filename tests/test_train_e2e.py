@@ -53,6 +53,33 @@ def assert_finished(out: Path, result: subprocess.CompletedProcess, steps: int) 
 
 # ------------------------------------------------------------------------------ single process
 
+def test_eval_at_start_scores_the_loaded_model_before_the_first_step(assets, tmp_path):
+    """eval.at_start logs step 0 with the pretrained model's own dev loss, computed here in plain
+    transformers; a step-0 eval taken after the first update would differ."""
+    import csv
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "run"
+    result = fx.run(fx.train_cmd(args_for(assets, out, **{"eval.at_start": "true", "optim.max_steps": 2,
+                                                          "optim.lr": 5e-2})), TIMEOUT)
+    assert fx.summary(out) is not None, result.stdout[-4000:]
+    evals = fx.events(out, "eval")
+    assert [e["step"] for e in evals] == [0, 2]
+    model = AutoModelForSequenceClassification.from_pretrained(assets["model"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    with open(assets["dev"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(
+            model(**tokenizer(r["sentence"], truncation=True, max_length=32, return_tensors="pt")).logits,
+            torch.tensor([int(r["label"])])) for r in rows]
+    expected = float(torch.stack(losses).mean())
+    assert evals[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert evals[1]["loss"] != pytest.approx(expected, rel=1e-3)  # lr 5e-2 moves the model
+
+
+
 def test_single_process_run_logs_trains_and_saves(assets, tmp_path):
     out = tmp_path / "run"
     result = fx.run(fx.train_cmd(args_for(assets, out, **{"optim.lr": 5e-3, "optim.epochs": 6})), TIMEOUT)

@@ -312,6 +312,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
             logger.console(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
         run = Run(cfg, objective, data, sam_engine, tokenizer, logger, state, names,
                   getattr(model, "base_model_prefix", ""))
+        if cfg.eval.at_start and state.step == 0 and state.last_eval_step is None:
+            run_eval(run, 0.0)  # what the pretrained model scores before fine-tuning changes it
         train_loop(run, rng)
         if state.last_eval_step != state.step:
             run_eval(run, state.epoch + state.step_in_epoch / data.steps_per_epoch)

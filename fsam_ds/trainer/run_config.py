@@ -105,6 +105,7 @@ class EvalSection:
     every_steps: int = 0  # 0: only at the end of each epoch
     every_epoch: bool = True
     save_best: bool = True
+    at_start: bool = False  # also evaluate the loaded model before the first step (logged as step 0)
     generate_examples: int = 32  # causal-lm / seq2seq: dev examples greedily generated and scored; 0: none
     max_new_tokens: int = 64  # causal-lm / seq2seq: the longest generation, in tokens
 
