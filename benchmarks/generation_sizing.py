@@ -7,8 +7,8 @@ loading it from the cache folder (whole and cut to 2 layers, as tests load it), 
 (forward + backward + update) per micro-batch shape, greedy generation of the dev completions for a
 batch, and the untrained model's exact match and chrF on dev examples of the spelling-correction
 data (the room the demo has to improve), next to the chrF of copying the misspelled input unchanged.
-Times are medians over `--repeats`; other processes on the machine slow them, so the load average
-is printed with them. Needs `sacrebleu` for chrF.
+Times are the least over `--repeats`, as wall and as process CPU seconds per thread (other processes
+on the machine inflate the wall time; the load average is printed with them). Needs `sacrebleu` for chrF.
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ from fsam_ds.cli.generation_assets import smollm2_path, spelling_correction_spli
 
 
 def _timed(fn, repeats: int) -> tuple[dict[str, float], object]:
-    """Median wall and process CPU seconds of `fn()`. On a shared machine the wall time grows with other
-    people's load; CPU seconds / threads estimates the wall time the same work takes on idle cores."""
+    """The least wall and process CPU seconds of `fn()` over `repeats` (the least disturbed run). On a
+    shared machine the wall time grows with other people's load; CPU seconds / threads estimates the
+    wall time the same work takes on idle cores."""
     walls, cpus, out = [], [], None
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
         out = fn()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return {"wall": median(walls), "cpu": median(cpus)}, out
+    return {"wall": min(walls), "cpu": min(cpus)}, out
 
 
 def _chat(tokenizer, prompt: str) -> str:
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
             batch_seconds.append(seconds)
     references = [r["completion"] for r in examples]
     copies = [r["prompt"].split("\n", 1)[1] for r in examples]
-    result["generate_batch_s"] = {key: median([s[key] for s in batch_seconds]) for key in ("wall", "cpu")}
+    result["generate_batch_s"] = {key: min(s[key] for s in batch_seconds) for key in ("wall", "cpu")}
     result["generate_batch"], result["max_new_tokens"] = args.gen_batch, args.max_new_tokens
     result["zero_shot"] = {
         "examples": len(examples),
@@ -142,7 +143,7 @@ def format_report(result: dict) -> str:
         f"load from the cache folder: {_seconds(result['load_s'], threads)}; with num_hidden_layers=2: "
         f"{_seconds(result['load_2_layers_s'], threads)}",
         f"tokens (dev): {result['tokens']}",
-        table(["AdamW step, batch x seq", "median"], rows),
+        table(["AdamW step, batch x seq", "least of the repeats"], rows),
         f"greedy generation of up to {result['max_new_tokens']} tokens, batch {result['generate_batch']}: "
         f"{_seconds(result['generate_batch_s'], threads)} per batch",
         f"zero-shot on {zero['examples']} dev examples: exact match {zero['exact_match']:.3f}, chrF {zero['chrf']:.1f} "
