@@ -192,3 +192,22 @@ def test_bert2bert_is_minilm_with_new_cross_attention(tmp_path):
     # The new weights come from a fixed seed: another cache holds the same model.
     other = AutoModelForSeq2SeqLM.from_pretrained(ga.bert2bert_path(tmp_path / "b"), dtype=torch.float32)
     torch.testing.assert_close(other.decoder.bert.encoder.layer[3].crossattention.self.query.weight, cross)
+
+
+def test_the_spelling_demo_trains_on_the_same_pairs_as_chats(tmp_path, fake_polarity):
+    """fsam-demo --demo spelling: each chat is the prompt/completion pair with a system turn, and the
+    demo's settings are a valid causal-lm run."""
+    need("codespell_lib", ga.CODESPELL_PIN)
+    from fsam_ds.cli import demo
+    from fsam_ds.trainer.run_config import load_config
+
+    options = {"n_train": 10, "n_dev": 5, "cache_dir": tmp_path, "download": fake_polarity}
+    chats = demo.spelling_chats(**options)
+    for chat_path, pair_path in zip(chats, ga.spelling_correction_splits(**{**demo.SPELLING_DATA, **options})):
+        pairs, rows = read_jsonl(pair_path), read_jsonl(chat_path)
+        assert [r["messages"] for r in rows] == [
+            [{"role": "system", "content": demo.SPELLING_SYSTEM}, {"role": "user", "content": p["prompt"]},
+             {"role": "assistant", "content": p["completion"]}] for p in pairs]
+    cfg = load_config([f"--{k}={v}" for k, v in demo.SPELLING_SETTINGS.items()] +
+                      ["--model=m", f"--data.train_file={chats[0]}", f"--data.dev_file={chats[1]}"])
+    assert cfg.task == "causal-lm" and cfg.eval.at_start and cfg.eval.generate_examples == demo.SPELLING_DATA["n_dev"]
