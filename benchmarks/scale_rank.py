@@ -1,0 +1,74 @@
+"""One rank of `python -m benchmarks scale`: fsam-train's own `main`, with its memory sampled by phase.
+
+    torchrun --nproc_per_node 2 -m benchmarks.scale_rank --out DIR [--whole-load] -- --task=sst2 ...
+
+Everything after `--` goes to `fsam_ds.cli.train.main` unchanged. A `BackgroundPeak` samples anonymous
+RSS, total RSS and the heap (`benchmarks.measure`) from the start of this process; the run's phases
+are marked by wrapping two names of `fsam_ds.trainer.loop`, which calls them once each:
+
+* setup: imports, the process group, tokenizer and data;
+* load: `load_model` (its start, after a garbage collection, is the rank's baseline);
+* initialize: from the loaded model to the first step (activation checkpointing, `deepspeed.initialize`);
+* train: `train_loop`, every step;
+* finish: the final evaluation and export, and the process group's teardown.
+
+`--whole-load` makes `load_model` load the whole model on every rank (no `zero.Init`), as the trainer
+did at ZeRO-3 before it loaded partitioned; nothing else changes. Writes DIR/rank<RANK>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from benchmarks.measure import BackgroundPeak
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    if "--" not in argv:
+        raise SystemExit("benchmarks.scale_rank: put the trainer's arguments after `--`")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale_rank")
+    parser.add_argument("--out", required=True, help="folder for rank<RANK>.json")
+    parser.add_argument("--whole-load", action="store_true", help="load the whole model on every rank")
+    parser.add_argument("--interval", type=float, default=0.005, help="seconds between memory samples")
+    return parser.parse_args(argv[:split]), argv[split + 1:]
+
+
+def main(argv: list[str]) -> None:
+    options, trainer_argv = parse(argv)
+    with BackgroundPeak(options.interval) as memory:
+        memory.enter("setup")
+        import fsam_ds.cli.train as cli
+        import fsam_ds.trainer.loop as loop
+
+        load_model, train_loop = loop.load_model, loop.train_loop
+
+        def load_model_measured(cfg, task, ds_config=None):  # noqa: ANN001, ANN202 - the trainer's signature
+            memory.enter("load")
+            model = load_model(cfg, task, None if options.whole_load else ds_config)
+            memory.enter("initialize")
+            return model
+
+        def train_loop_measured(run, rng):  # noqa: ANN001, ANN202
+            memory.enter("train")
+            train_loop(run, rng)
+            memory.enter("finish")
+
+        loop.load_model, loop.train_loop = load_model_measured, train_loop_measured
+        code = cli.main(trainer_argv)
+    rank = int(os.environ.get("RANK", "0"))
+    result = {"rank": rank, "exit_code": code, "phases": memory.phases, "peak": memory.peak}
+    out = Path(options.out) / f"rank{rank}.json"
+    out.with_suffix(".part").write_text(json.dumps(result, indent=1))
+    os.replace(out.with_suffix(".part"), out)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as fsam-train does: gloo can abort at interpreter exit after a good run
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
