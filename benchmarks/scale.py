@@ -19,7 +19,8 @@ Per rank: the process baseline (memory at the start of the model load: libraries
 data are in), and the peaks of the load, of training and of the whole run above it, in total RSS and
 heap (`benchmarks.measure`); every figure also in anonymous RSS in the JSON. The median step time comes
 from the run's own metrics.jsonl (log_every 1: the time between consecutive steps' lines, the first
-step left out). Ratios are to the fp32 model (4 bytes per parameter), and fisher-sam / AdamW per
+step left out), and the median CPU time of a step (the larger rank's), which a busy machine does not
+inflate. Ratios are to the fp32 model (4 bytes per parameter), and fisher-sam / AdamW per
 setting. The targets (`benchmarks.targets.SCALE_TARGETS`) are printed with their verdicts.
 
 `--search`: per setting and optimizer, the whole-run peak per rank (absolute, the larger rank) is
@@ -277,8 +278,14 @@ def summarise_run(raw: dict, model_bytes: int) -> dict:
         "run_peak_phase": [r["run_peak_phase"] for r in ranks],
         "step_s": median(raw["step_seconds"]),
         "step_seconds": raw["step_seconds"],
+        "step_cpu_s": median(_slowest_rank_cpu(raw["per_rank"])[1:]),
         "wall_seconds": raw["wall_seconds"],
     }
+
+
+def _slowest_rank_cpu(per_rank: list[dict]) -> list[float]:
+    """Per step, the larger rank's CPU seconds."""
+    return [max(step) for step in zip(*(r.get("step_cpu_seconds", []) for r in per_rank))]
 
 
 def summarise_setting(setting: str, runs: dict[str, dict]) -> dict:
@@ -287,7 +294,8 @@ def summarise_setting(setting: str, runs: dict[str, dict]) -> dict:
     for name, run in runs.items():
         out[name] = {"load_ratio": run["load_x_model"], "run_ratio": run["run_x_model"],
                      "memory_ratio": ratio(run["run_above_baseline"], adamw and adamw["run_above_baseline"]),
-                     "step_ratio": ratio(run["step_s"], adamw and adamw["step_s"])}
+                     "step_ratio": ratio(run["step_s"], adamw and adamw["step_s"]),
+                     "step_cpu_ratio": ratio(run["step_cpu_s"], adamw and adamw["step_cpu_s"])}
     return {"optimizers": runs, "ratios": out, "targets": targets.check_scale(setting, out)}
 
 
@@ -428,7 +436,7 @@ def format_scale_report(result: dict) -> str:
             f"({c['parameters'] / 1e6:.1f} M parameters, fp32 model {c['model_bytes_fp32'] / MiB:.0f} MiB); "
             f"micro-batch {c['micro_batch']} x {c['seq']} tokens per rank, {c['steps']} steps")
     header = ["setting", "optimizer", "base MiB", "load RSS", "load heap", "train RSS", "run RSS", "run heap",
-              "peak in", "step s", "mem/AdamW", "step/AdamW"]
+              "peak in", "step s", "CPU s", "mem/AdamW", "step/AdamW", "CPU/AdamW"]
     rows = []
     for s, summary in result["settings"].items():
         for name, run in summary["optimizers"].items():
@@ -437,13 +445,15 @@ def format_scale_report(result: dict) -> str:
                          fmt(run["load_VmRSS_x_model"]), fmt(run["load_heap_x_model"]),
                          fmt(run["train_VmRSS_x_model"]), fmt(run["run_VmRSS_x_model"]),
                          fmt(run["run_heap_x_model"]), "/".join(run["run_peak_phase"]), fmt(run["step_s"]),
-                         "" if name == "adamw" else fmt(r["memory_ratio"], ".3f"),
-                         "" if name == "adamw" else fmt(r["step_ratio"])])
+                         fmt(run["step_cpu_s"]), "" if name == "adamw" else fmt(r["memory_ratio"], ".3f"),
+                         "" if name == "adamw" else fmt(r["step_ratio"]),
+                         "" if name == "adamw" else fmt(r["step_cpu_ratio"])])
     legend = ("Memory per rank, the larger rank, x the fp32 model, above the rank's baseline (base MiB: total RSS at "
               "the start of the model load, after imports, process group and data). RSS: total resident memory; "
               "heap: malloc's bytes in use (mallinfo2); both sampled every 5 ms. load: the model load; train: "
               "the steps; run: the whole run (load, initialize, steps, final evaluation and export); peak in: the "
-              "phase of each rank's run peak. step s: median seconds between steps (first left out). "
+              "phase of each rank's run peak. step s: median seconds between steps (first left out); CPU s: the median of the larger rank's CPU "
+              "seconds per step, which other processes on the machine do not inflate. "
               "mem/AdamW: the run peaks (RSS) above baseline; step/AdamW: the median steps.\n"
               + targets.describe_scale())
     verdicts = targets.format_verdicts({s: summary["targets"] for s, summary in result["settings"].items()},

@@ -9,7 +9,9 @@ are marked by wrapping two names of `fsam_ds.trainer.loop`, which calls them onc
 * setup: imports, the process group, tokenizer and data;
 * load: `load_model` (its start, after a garbage collection, is the rank's baseline);
 * initialize: from the loaded model to the first step (activation checkpointing, `deepspeed.initialize`);
-* train: `train_loop`, every step;
+* train: `train_loop`, every step; the CPU time of each step (`time.process_time()` around the engine's
+  `train_step`: it leaves out the time other processes hold the cores, which on a busy machine
+  moves wall-clock step times by more than the differences measured);
 * finish: the final evaluation and export, and the process group's teardown.
 
 `--whole-load` makes `load_model` load the whole model on every rank (no `zero.Init`), as the trainer
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.measure import BackgroundPeak
@@ -46,6 +49,7 @@ def main(argv: list[str]) -> None:
         import fsam_ds.trainer.loop as loop
 
         load_model, train_loop = loop.load_model, loop.train_loop
+        step_cpu_seconds: list[float] = []
 
         def load_model_measured(cfg, task, ds_config=None):  # noqa: ANN001, ANN202 - the trainer's signature
             memory.enter("load")
@@ -55,13 +59,23 @@ def main(argv: list[str]) -> None:
 
         def train_loop_measured(run, rng):  # noqa: ANN001, ANN202
             memory.enter("train")
+            train_step = run.sam_engine.train_step
+
+            def train_step_timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                start = time.process_time()
+                out = train_step(*args, **kwargs)
+                step_cpu_seconds.append(time.process_time() - start)
+                return out
+
+            run.sam_engine.train_step = train_step_timed  # this engine only: an attribute over its method
             train_loop(run, rng)
             memory.enter("finish")
 
         loop.load_model, loop.train_loop = load_model_measured, train_loop_measured
         code = cli.main(trainer_argv)
     rank = int(os.environ.get("RANK", "0"))
-    result = {"rank": rank, "exit_code": code, "phases": memory.phases, "peak": memory.peak}
+    result = {"rank": rank, "exit_code": code, "phases": memory.phases, "peak": memory.peak,
+              "step_cpu_seconds": step_cpu_seconds}
     out = Path(options.out) / f"rank{rank}.json"
     out.with_suffix(".part").write_text(json.dumps(result, indent=1))
     os.replace(out.with_suffix(".part"), out)

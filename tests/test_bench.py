@@ -450,8 +450,10 @@ def test_scale_summary_ratios_and_verdicts_from_given_numbers():
     model = 1000
     runs = {}
     for name, train, step in (("adamw", 2400, 1.0), ("fisher-sam", 2550, 2.1)):
-        raw = {"per_rank": [_scale_rank(500, 700, 500, train, 900), _scale_rank(520, 550, 500, train - 100, 600)],
-               "step_seconds": [step, step + 0.2, step - 0.1], "wall_seconds": 1.0}
+        ranks = [_scale_rank(500, 700, 500, train, 900), _scale_rank(520, 550, 500, train - 100, 600)]
+        ranks[0]["step_cpu_seconds"] = [9.0, step, step + 0.1, step]    # the first step is not counted
+        ranks[1]["step_cpu_seconds"] = [9.0, step + 0.5, step, step]    # per step the larger rank counts
+        raw = {"per_rank": ranks, "step_seconds": [step, step + 0.2, step - 0.1], "wall_seconds": 1.0}
         runs[name] = bench_scale.summarise_run(raw, model)
     adamw = runs["adamw"]
     assert adamw["load_x_model"] == pytest.approx(0.7)          # the larger rank's load peak
@@ -460,11 +462,14 @@ def test_scale_summary_ratios_and_verdicts_from_given_numbers():
     assert adamw["per_rank"][0]["held_after_load"]["heap"] == 500
     assert adamw["run_peak_phase"] == ["train", "train"]
     assert adamw["step_s"] == pytest.approx(1.0)
+    assert adamw["step_cpu_s"] == pytest.approx(1.1)  # median of 1.5, 1.1, 1.0
     summary = bench_scale.summarise_setting("checkpointing", runs)
     assert summary["ratios"]["fisher-sam"]["memory_ratio"] == pytest.approx(2550 / 2400)
     assert summary["ratios"]["fisher-sam"]["step_ratio"] == pytest.approx(2.1)
+    assert summary["ratios"]["fisher-sam"]["step_cpu_ratio"] == pytest.approx(2.2 / 1.1)
     assert {k: v["verdict"] for k, v in summary["targets"].items()} == {
-        "fisher-sam run peak / AdamW": "MISSED", "fisher-sam step / AdamW": "MISSED"}
+        "fisher-sam run peak / AdamW": "MISSED", "fisher-sam step / AdamW": "MISSED",
+        "fisher-sam step CPU / AdamW": "met"}
     zero_init = bench_scale.summarise_setting("zero-init", runs)["targets"]
     assert {k: v["verdict"] for k, v in zero_init.items()} == {
         "adamw load peak / fp32 model": "MISSED", "fisher-sam load peak / fp32 model": "MISSED",
@@ -496,7 +501,7 @@ def test_scale_command_end_to_end_memory_bounds_from_the_parameter_count(tmp_pat
                                        "fisher-sam run peak / AdamW"}
     for name, summary in setting["optimizers"].items():
         assert len(summary["per_rank"]) == 2 and len(summary["step_seconds"]) == 2, name  # steps 2 and 3
-        assert all(s > 0 for s in summary["step_seconds"]), name
+        assert all(s > 0 for s in summary["step_seconds"]) and summary["step_cpu_s"] > 0, name
         for rank in summary["per_rank"]:
             assert 0.4 * model <= rank["held_after_load"]["heap"] <= 0.8 * model, (name, rank)
             assert rank["load"]["heap"] >= rank["held_after_load"]["heap"], (name, rank)
