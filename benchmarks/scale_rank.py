@@ -7,7 +7,8 @@ RSS, total RSS and the heap (`benchmarks.measure`) from the start of this proces
 are marked by wrapping two names of `fsam_ds.trainer.loop`, which calls them once each:
 
 * setup: imports, the process group, tokenizer and data;
-* load: `load_model` (its start, after a garbage collection, is the rank's baseline);
+* load: `load_model` (its start, after a garbage collection, is the rank's baseline; the code the load
+  runs is imported just before, see `import_model_code`);
 * initialize: from the loaded model to the first step (activation checkpointing, `deepspeed.initialize`);
 * train: `train_loop`, every step; the CPU time of each step (`time.process_time()` around the engine's
   `train_step`: it leaves out the time other processes hold the cores, which on a busy machine
@@ -41,6 +42,26 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
 
+def import_model_code(cfg, task) -> None:  # noqa: ANN001 - the trainer's TrainConfig and TaskSpec
+    """Imports the code the load runs (the model's module, transformers' DeepSpeed integration, accelerate)
+    by building the model once on the meta device, which allocates nothing: libraries belong to the
+    baseline, and would otherwise add some hundred MiB to the load of any model, however small."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoConfig
+
+    import transformers.integrations.deepspeed  # noqa: F401
+    from fsam_ds.trainer.objectives import objective_for
+
+    if importlib.util.find_spec("accelerate") is not None:
+        import accelerate  # noqa: F401
+    objective = objective_for(task)
+    config = AutoConfig.from_pretrained(cfg.model, **objective.model_kwargs())
+    with torch.device("meta"):
+        objective.model_class().from_config(config)
+
+
 def main(argv: list[str]) -> None:
     options, trainer_argv = parse(argv)
     with BackgroundPeak(options.interval) as memory:
@@ -52,6 +73,7 @@ def main(argv: list[str]) -> None:
         step_cpu_seconds: list[float] = []
 
         def load_model_measured(cfg, task, ds_config=None):  # noqa: ANN001, ANN202 - the trainer's signature
+            import_model_code(cfg, task)
             memory.enter("load")
             model = load_model(cfg, task, None if options.whole_load else ds_config)
             memory.enter("initialize")
