@@ -2,7 +2,7 @@
 for memory to matter, per-rank memory by phase and step time, and the largest model each setting fits.
 
     python -m benchmarks scale                                   # RoBERTa-large shape, 5 settings x 2 optimizers
-    python -m benchmarks scale --search --budget-gib 3           # + the largest model within 3 GiB per rank
+    python -m benchmarks scale --layers 8 --search --search-layers 2 --budget-gib 4   # what fits 2 x 12 GiB
     python -m benchmarks scale --layers 2 --hidden 64 --settings zero-init --steps 3   # a tiny version
 
 A RoBERTa-shaped classifier (`RobertaForSequenceClassification`, default the large shape: 24 layers,
@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +54,6 @@ REPO = Path(__file__).resolve().parents[1]
 GiB = float(1 << 30)
 WORLD_SIZE = 2
 FIGURES = ("VmRSS", "heap", "RssAnon")  # total RSS and heap in the table; all three in the JSON
-PHASES = ("setup", "load", "initialize", "train", "finish")
 OPTIMIZERS = {"adamw": "none", "fisher-sam": "fisher-sam"}  # name -> sam.sam_type
 
 
@@ -208,7 +208,7 @@ def launch(spec: RunSpec, model: Path, data: tuple[Path, Path], work: Path, o: d
                            f"{log[-6000:]}")
     per_rank = [json.loads(p.read_text()) for p in ranks]
     step_seconds = _step_seconds(out / "run" / "metrics.jsonl")
-    _remove_tree(out / "run")  # the exported model: as large as the model itself
+    shutil.rmtree(out / "run", ignore_errors=True)  # the exported model: as large as the model itself
     return {"per_rank": per_rank, "step_seconds": step_seconds, "wall_seconds": time.perf_counter() - started}
 
 
@@ -218,12 +218,6 @@ def _step_seconds(metrics: Path) -> list[float]:
 
     times = [e["time"] for e in read_events(metrics) if e["event"] == "train"]
     return [b - a for a, b in zip(times, times[1:])]
-
-
-def _remove_tree(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ====================================================================== summary
@@ -249,9 +243,9 @@ def summarise_rank(rank: dict) -> dict:
     run_peak = {k: max(p["peak"][k] for p in phases.values() if k in p["peak"]) for k in FIGURES
                 if any(k in p["peak"] for p in phases.values())}
     where = max(phases, key=lambda name: _peak_figure(phases[name]["peak"]) or 0)
-    return {"baseline": base, "load": above(phases["load"]["peak"]), "held_after_load": above(phases["initialize"]["start"]),
-            "train": above(phases["train"]["peak"]), "run": above(run_peak), "run_absolute": run_peak,
-            "run_peak_phase": where}
+    return {"baseline": base, "load": above(phases["load"]["peak"]),
+            "held_after_load": above(phases["initialize"]["start"]), "train": above(phases["train"]["peak"]),
+            "run": above(run_peak), "run_absolute": run_peak, "run_peak_phase": where}
 
 
 def summarise_run(raw: dict, model_bytes: int) -> dict:
@@ -380,7 +374,8 @@ class Bench:
             with open(f"{self.o['json']}.runs.jsonl", "a") as runs:
                 runs.write(json.dumps({"spec": asdict(spec),
                                        "parameters": parameters, "summary": summary}) + "\n")
-        print(f"  {spec.setting} {spec.optimizer} {spec.layers} layers: run peak {fmt(summary['run_x_model'])} x model, "
+        print(f"  {spec.setting} {spec.optimizer} {spec.layers} layers: "
+              f"run peak {fmt(summary['run_x_model'])} x model, "
               f"step {fmt(summary['step_s'], '.2f')} s, {raw['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
         return summary
 
@@ -415,7 +410,8 @@ def find_largest(bench: Bench, settings: dict[str, dict]) -> dict:
             out[s][name] = {"points": {str(o["search_layers"]): small["run_absolute"],
                                        str(o["layers"]): main["run_absolute"]},
                             "a_bytes": a, "b_bytes_per_layer": b, "predicted_layers": layers,
-                            "predicted_parameters": None if layers is None else roberta_parameters(layers, o["hidden"], o["vocab"]),
+                            "predicted_parameters": (None if layers is None
+                                                     else roberta_parameters(layers, o["hidden"], o["vocab"])),
                             "predicted_peak": None if layers is None else a + b * layers}
         check = out[s]["fisher-sam"]
         layers = check["predicted_layers"]
@@ -452,7 +448,8 @@ def format_scale_report(result: dict) -> str:
               "the start of the model load, after imports, process group and data). RSS: total resident memory; "
               "heap: malloc's bytes in use (mallinfo2); both sampled every 5 ms. load: the model load; train: "
               "the steps; run: the whole run (load, initialize, steps, final evaluation and export); peak in: the "
-              "phase of each rank's run peak. step s: median seconds between steps (first left out); CPU s: the median of the larger rank's CPU "
+              "phase of each rank's run peak. step s: median seconds between steps (first left out); "
+              "CPU s: the median of the larger rank's CPU "
               "seconds per step, which other processes on the machine do not inflate. "
               "mem/AdamW: the run peaks (RSS) above baseline; step/AdamW: the median steps.\n"
               + targets.describe_scale())
