@@ -1,8 +1,9 @@
-"""`python -m benchmarks core|zero ...`, from the repository root.
+"""`python -m benchmarks core|zero|scale ...`, from the repository root.
 
     python -m benchmarks core --threads 1                 # one process: ours vs pytorch-optimizer's SAM
     python -m benchmarks zero --stages 1 2 3 --steps 30   # 2 DeepSpeed ZeRO ranks over gloo (CPU)
     python -m benchmarks zero --backend nccl --world-size 1   # the same on GPUs, one rank per GPU
+    python -m benchmarks scale [--search]                 # fsam-train at ZeRO-3 on a 355M model: memory, step time
     python -m benchmarks.gpu_check OUT_DIR                # GPU readiness: CUDA tests + ratios (scripts/gpu_check.sh)
 
 `core` compares against pytorch-optimizer, which the dev extra installs (`pip install -e '.[dev]'`).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import core, zero
+from benchmarks import core, scale, zero
 from benchmarks.measure import write_json
 
 
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_arguments(sub.add_parser("core", help="one process: ours vs pytorch-optimizer's SAM, on CPU"))
     zero.add_arguments(sub.add_parser("zero", help="DeepSpeed ZeRO stages on local gloo ranks (CPU) or NCCL "
                                                    "ranks (GPUs)"))
+    scale.add_arguments(sub.add_parser("scale", help="fsam-train at ZeRO-3 on 2 local ranks: per-rank memory by "
+                                                     "phase and step time, AdamW vs fisher-sam, per setting"))
     return parser
 
 
@@ -32,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "core":
         result = core.run_core(args)
         print(core.format_core_report(result))
-    else:
+    elif args.command == "zero":
         result = zero.run_zero(args)
         print(zero.format_zero_report(result))
+    else:
+        result = scale.run_scale(args)
+        print(scale.format_scale_report(result))
     write_json(args.json, result)
     return 0
 

@@ -124,6 +124,11 @@ class BackgroundPeak:
         with BackgroundPeak() as peak:
             load()
         peak.above_start["RssAnon"], peak.above_start["VmRSS"], peak.above_start["heap"]  # bytes or None
+
+    For a run with named parts, `enter(name)` starts a phase: from then on samples also count towards
+    that phase's peak (`phases[name]["peak"]`), and its start (`phases[name]["start"]`, read right
+    after a garbage collection) is the memory the phase began with. Phases follow each other; the
+    overall peak covers them all.
     """
 
     FIGURES = ("RssAnon", "VmRSS", "heap")
@@ -132,6 +137,8 @@ class BackgroundPeak:
         self.interval = interval
         self.start: dict[str, int | None] = {}
         self.peak: dict[str, int] = {}
+        self.phases: dict[str, dict[str, dict]] = {}
+        self._phase_peak: dict[str, int] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -140,9 +147,20 @@ class BackgroundPeak:
         return {"RssAnon": resident_bytes("RssAnon"), "VmRSS": resident_bytes("VmRSS"), "heap": heap_in_use()}
 
     def _sample(self) -> None:
+        phase_peak = self._phase_peak  # read once: the phase may change while this thread samples
         for name, value in self._read().items():
             if value is not None:
                 self.peak[name] = max(self.peak.get(name, 0), value)
+                if phase_peak is not None:
+                    phase_peak[name] = max(phase_peak.get(name, 0), value)
+
+    def enter(self, name: str) -> None:
+        """Ends the current phase (with a last sample) and starts phase `name`."""
+        self._sample()
+        gc.collect()
+        start = self._read()
+        self.phases[name] = {"start": start, "peak": {k: v for k, v in start.items() if v is not None}}
+        self._phase_peak = self.phases[name]["peak"]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -161,6 +179,7 @@ class BackgroundPeak:
         if self._thread is not None:
             self._thread.join()
         self._sample()
+        self._phase_peak = None
 
     @property
     def above_start(self) -> dict[str, int | None]:

@@ -1,6 +1,7 @@
 """The acceptance targets of the benchmarks: each a ratio against plain DeepSpeed AdamW from the same
-run, an upper limit, and the methods and ZeRO stages it applies to. `python -m benchmarks zero`
-prints every one that applies with its measured value and verdict."""
+run (or, for `scale`, against the fp32 model), an upper limit, and the methods and ZeRO stages (or
+scale settings) it applies to. `python -m benchmarks zero|scale` prints every one that applies with
+its measured value and verdict."""
 
 from __future__ import annotations
 
@@ -48,8 +49,47 @@ def describe() -> str:
     return "Targets: " + "; ".join(parts) + "."
 
 
-def format_verdicts(checked: dict[str, dict[str, dict]]) -> str:
-    """`checked`: stage -> check(...) result."""
-    rows = [[stage, name, fmt(t["value"], ".3f"), fmt(t["limit"]), t["verdict"]]
-            for stage, targets in checked.items() for name, t in targets.items()]
-    return table(["stage", "target", "measured", "limit", "verdict"], rows)
+def format_verdicts(checked: dict[str, dict[str, dict]], key: str = "stage") -> str:
+    """`checked`: stage (or `key`, e.g. a scale setting) -> check(...) result."""
+    rows = [[where, name, fmt(t["value"], ".3f"), fmt(t["limit"]), t["verdict"]]
+            for where, targets in checked.items() for name, t in targets.items()]
+    return table([key, "target", "measured", "limit", "verdict"], rows)
+
+
+# ====================================================================== python -m benchmarks scale
+
+
+@dataclass(frozen=True)
+class ScaleTarget:
+    ratio: str
+    """Key of the ratio in a setting's summary (`benchmarks.scale.summarise_setting`)."""
+    label: str
+    limit: float
+    optimizers: tuple[str, ...]
+    settings: tuple[str, ...]
+
+
+_WITH_CHECKPOINTING = ("checkpointing", "offload-optimizer", "offload-param")
+SCALE_TARGETS: tuple[ScaleTarget, ...] = (
+    ScaleTarget("load_ratio", "load peak / fp32 model", 0.6, ("adamw", "fisher-sam"), ("zero-init",)),
+    ScaleTarget("run_ratio", "run peak above baseline / fp32 model", 2.5, ("adamw", "fisher-sam"), ("zero-init",)),
+    ScaleTarget("memory_ratio", "run peak / AdamW", 1.05, ("fisher-sam",),
+                ("zero3", "zero-init", "checkpointing", "offload-optimizer", "offload-param")),
+    ScaleTarget("step_ratio", "step / AdamW", 2.05, ("fisher-sam",), _WITH_CHECKPOINTING),
+    # the same target in CPU seconds per step, which other processes on a shared machine do not inflate
+    ScaleTarget("step_cpu_ratio", "step CPU / AdamW", 2.05, ("fisher-sam",), _WITH_CHECKPOINTING),
+)
+
+
+def check_scale(setting: str, ratios: dict[str, dict[str, float | None]]) -> dict[str, dict]:
+    """{"<optimizer> <label>": {"value", "limit", "verdict"}} for the targets that apply to `setting`."""
+    return {f"{name} {t.label}": {"value": ratios[name][t.ratio], "limit": t.limit,
+                                   "verdict": verdict(ratios[name][t.ratio], t.limit)}
+            for t in SCALE_TARGETS if setting in t.settings for name in t.optimizers if name in ratios}
+
+
+def describe_scale() -> str:
+    parts = [f"{t.label} <= {t.limit} for {' and '.join(t.optimizers)} ({', '.join(t.settings)})"
+             for t in SCALE_TARGETS]
+    return "Targets: " + "; ".join(parts) + "."
+

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks import core as bench, targets, zero as bench_zero
+from benchmarks import core as bench, scale as bench_scale, targets, zero as bench_zero
 from benchmarks.__main__ import build_parser
-from benchmarks.measure import (CollectiveCounter, HeapPeak, PhaseProfile, base_state_tensors, held_tensor_bytes,
+from benchmarks.measure import (BackgroundPeak, CollectiveCounter, HeapPeak, PhaseProfile, base_state_tensors, held_tensor_bytes,
                                 heap_in_use, median_profile, payload_bytes, random_batches, rotated)
 from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.optim import SAMOptimizer
@@ -254,7 +254,7 @@ def test_the_command_starts_without_pytorch_optimizer_and_core_says_what_to_inst
     assert run.returncode == 1 and "pip install -e '.[dev]'" in run.stderr, run.stderr[-2000:]
     help_text = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=300)
-    assert help_text.returncode == 0 and "{core,zero}" in help_text.stdout, help_text.stderr[-2000:]
+    assert help_text.returncode == 0 and "{core,zero,scale}" in help_text.stdout, help_text.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -405,6 +405,112 @@ def test_zero_command_line_parses_the_documented_form():
     assert config["zero_optimization"]["reduce_bucket_size"] == 128 * 128
     assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 1280
 
+
+
+# ---------------------------------------------------------------- the scale benchmark
+def test_background_peak_keeps_each_phase_peak_and_start():
+    """A 64 MiB tensor allocated and freed inside one phase: that phase's heap peak is at least its start
+    plus the tensor's bytes, and the next phase starts without it."""
+    size = 64 << 20
+    with BackgroundPeak(interval=0.001) as peak:
+        peak.enter("big")
+        block = torch.ones(size // 4)  # written, so resident as well as allocated
+        peak._sample()  # the sampling thread may not have woken up while the tensor was alive
+        del block
+        peak.enter("after")
+    big, after = peak.phases["big"], peak.phases["after"]
+    assert big["peak"]["heap"] - big["start"]["heap"] >= size
+    assert big["peak"]["RssAnon"] - big["start"]["RssAnon"] >= size * 0.9  # a page or two may have been resident
+    assert after["start"]["heap"] < big["peak"]["heap"] - size * 0.9
+    assert peak.peak["heap"] >= big["peak"]["heap"]
+
+
+def test_scale_fit_predicts_the_largest_layer_count_within_the_budget():
+    a, b = bench_scale.fit_line([(2, 1000.0 + 2 * 150.0), (8, 1000.0 + 8 * 150.0)])
+    assert (a, b) == pytest.approx((1000.0, 150.0))
+    assert bench_scale.largest_within(a, b, 1000.0 + 7 * 150.0) == 7        # exactly at the budget
+    assert bench_scale.largest_within(a, b, 1000.0 + 7 * 150.0 - 1) == 6     # one byte under it
+    assert bench_scale.largest_within(a, b, 1100.0) is None                  # not even one layer
+    assert bench_scale.largest_within(a, -1.0, 5000.0) is None               # a peak that does not grow
+    assert bench_scale.roberta_parameters(24, 1024, 50265) == 355_361_794    # RoBERTa-large's classifier
+
+
+def _scale_rank(base: int, load: int, held: int, train: int, finish: int) -> dict:
+    """A rank's phases with the same value in every figure: starts at `base` and peaks given above it."""
+    def figures(v: int) -> dict:
+        return {"VmRSS": v, "heap": v, "RssAnon": v}
+    peaks = {"setup": 0, "load": load, "initialize": held, "train": train, "finish": finish}
+    phases = {name: {"start": figures(base + (held if name != "setup" and name != "load" else 0)),
+                     "peak": figures(base + p)} for name, p in peaks.items()}
+    phases["load"]["start"] = figures(base)
+    return {"phases": phases}
+
+
+def test_scale_summary_ratios_and_verdicts_from_given_numbers():
+    model = 1000
+    runs = {}
+    for name, train, step in (("adamw", 2400, 1.0), ("fisher-sam", 2550, 2.1)):
+        ranks = [_scale_rank(500, 700, 500, train, 900), _scale_rank(520, 550, 500, train - 100, 600)]
+        ranks[0]["step_cpu_seconds"] = [9.0, step, step + 0.1, step]    # the first step is not counted
+        ranks[1]["step_cpu_seconds"] = [9.0, step + 0.5, step, step]    # per step the larger rank counts
+        raw = {"per_rank": ranks, "step_seconds": [step, step + 0.2, step - 0.1], "wall_seconds": 1.0}
+        runs[name] = bench_scale.summarise_run(raw, model)
+    adamw = runs["adamw"]
+    assert adamw["load_x_model"] == pytest.approx(0.7)          # the larger rank's load peak
+    assert adamw["run_x_model"] == pytest.approx(2.4)           # the train phase's peak, rank 0
+    assert adamw["run_absolute"] == 500 + 2400
+    assert adamw["per_rank"][0]["held_after_load"]["heap"] == 500
+    assert adamw["run_peak_phase"] == ["train", "train"]
+    assert adamw["step_s"] == pytest.approx(1.0)
+    assert adamw["step_cpu_s"] == pytest.approx(1.1)  # median of 1.5, 1.1, 1.0
+    summary = bench_scale.summarise_setting("checkpointing", runs)
+    assert summary["ratios"]["fisher-sam"]["memory_ratio"] == pytest.approx(2550 / 2400)
+    assert summary["ratios"]["fisher-sam"]["step_ratio"] == pytest.approx(2.1)
+    assert summary["ratios"]["fisher-sam"]["step_cpu_ratio"] == pytest.approx(2.2 / 1.1)
+    assert {k: v["verdict"] for k, v in summary["targets"].items()} == {
+        "fisher-sam run peak / AdamW": "MISSED", "fisher-sam step / AdamW": "MISSED",
+        "fisher-sam step CPU / AdamW": "met"}
+    zero_init = bench_scale.summarise_setting("zero-init", runs)["targets"]
+    assert {k: v["verdict"] for k, v in zero_init.items()} == {
+        "adamw load peak / fp32 model": "MISSED", "fisher-sam load peak / fp32 model": "MISSED",
+        "adamw run peak above baseline / fp32 model": "met",
+        "fisher-sam run peak above baseline / fp32 model": "MISSED",
+        "fisher-sam run peak / AdamW": "MISSED"}
+
+
+@pytest.mark.slow
+def test_scale_command_end_to_end_memory_bounds_from_the_parameter_count(tmp_path):
+    """`benchmarks scale` on a small RoBERTa (one layer, 8.7M parameters), zero.Init, 2 ranks through
+    torchrun: the table and the verdicts are printed, and each rank's memory obeys bounds set by the
+    parameter count alone. Right after the partitioned load a rank holds its half of the weights
+    (0.4-0.8x the fp32 model in heap, where a whole copy would be 1x and an unmeasured load 0), and at
+    its peak AdamW's run holds at least its half of the weights and of both AdamW moments (1.5x)."""
+    out = tmp_path / "scale.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "scale", "--settings", "zero-init", "--layers", "1",
+                          "--hidden", "256", "--vocab", "30000", "--seq", "16", "--micro-batch", "2", "--steps", "3",
+                          "--timeout", "600", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    model = result["config"]["model_bytes_fp32"]
+    assert model == 4 * bench_scale.roberta_parameters(1, 256, 30000)
+    setting = result["settings"]["zero-init"]
+    assert set(setting["optimizers"]) == {"adamw", "fisher-sam"}
+    assert set(setting["targets"]) == {"adamw load peak / fp32 model", "fisher-sam load peak / fp32 model",
+                                       "adamw run peak above baseline / fp32 model",
+                                       "fisher-sam run peak above baseline / fp32 model",
+                                       "fisher-sam run peak / AdamW"}
+    for name, summary in setting["optimizers"].items():
+        assert len(summary["per_rank"]) == 2 and len(summary["step_seconds"]) == 2, name  # steps 2 and 3
+        assert all(s > 0 for s in summary["step_seconds"]) and summary["step_cpu_s"] > 0, name
+        for rank in summary["per_rank"]:
+            assert 0.4 * model <= rank["held_after_load"]["heap"] <= 0.8 * model, (name, rank)
+            assert rank["load"]["heap"] >= rank["held_after_load"]["heap"], (name, rank)
+    for rank in setting["optimizers"]["adamw"]["per_rank"]:
+        assert rank["run"]["heap"] >= 1.5 * model and rank["run"]["VmRSS"] >= 1.5 * model, rank
+    text = run.stdout
+    assert "benchmarks scale" in text and "+ zero.Init" in text and "verdict" in text
+    assert text.count("fisher-sam") >= 2 and "mem/AdamW" in text
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
 <testcase classname="test_cuda" name="test_a" time="12.34"/>
