@@ -45,6 +45,10 @@ def build_ds_config(precision: str, zero_stage: int) -> dict[str, Any]:
     _check_precision_and_stage(precision, zero_stage)
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
+        # sized from the model's hidden size (h*h, 0.9*h*h elements) as the Hugging Face integration does:
+        # DeepSpeed's own default, 5e8 elements, allocates a 2 GB fp32 reduce buffer on every rank
+        zero["reduce_bucket_size"] = AUTO
+        zero["stage3_prefetch_bucket_size"] = AUTO
         zero["stage3_param_persistence_threshold"] = STAGE3_PERSISTENCE_THRESHOLD
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     fp16: dict[str, Any] = {"enabled": precision == "fp16"}
