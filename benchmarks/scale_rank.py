@@ -42,7 +42,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
 
-def import_model_code(cfg, task) -> None:  # noqa: ANN001 - the trainer's TrainConfig and TaskSpec
+def import_model_code(cfg, objective) -> None:  # noqa: ANN001 - the trainer's TrainConfig and Objective
     """Imports the code the load runs (the model's module, transformers' DeepSpeed integration, accelerate)
     by building the model once on the meta device, which allocates nothing: libraries belong to the
     baseline, and would otherwise add some hundred MiB to the load of any model, however small."""
@@ -52,11 +52,9 @@ def import_model_code(cfg, task) -> None:  # noqa: ANN001 - the trainer's TrainC
     from transformers import AutoConfig
 
     import transformers.integrations.deepspeed  # noqa: F401
-    from fsam_ds.trainer.objectives import objective_for
 
     if importlib.util.find_spec("accelerate") is not None:
         import accelerate  # noqa: F401
-    objective = objective_for(task)
     config = AutoConfig.from_pretrained(cfg.model, **objective.model_kwargs())
     with torch.device("meta"):
         objective.model_class().from_config(config)
@@ -72,10 +70,10 @@ def main(argv: list[str]) -> None:
         load_model, train_loop = loop.load_model, loop.train_loop
         step_cpu_seconds: list[float] = []
 
-        def load_model_measured(cfg, task, ds_config=None):  # noqa: ANN001, ANN202 - the trainer's signature
-            import_model_code(cfg, task)
+        def load_model_measured(cfg, objective, ds_config=None):  # noqa: ANN001, ANN202 - the trainer's signature
+            import_model_code(cfg, objective)
             memory.enter("load")
-            model = load_model(cfg, task, None if options.whole_load else ds_config)
+            model = load_model(cfg, objective, None if options.whole_load else ds_config)
             memory.enter("initialize")
             return model
 
