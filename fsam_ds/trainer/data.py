@@ -135,7 +135,9 @@ def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str
     """A CSV (quoted) or TSV (no quoting) file read by datasets' csv builder, every column as text.
 
     Rows with more fields than the header are pandas' bad lines; rows with fewer come back with
-    missing (None) fields. Both are skipped with one warning, or raise (`bad_rows`).
+    missing (None) fields. Both are skipped with one warning, or raise (`bad_rows` "warn" or "error";
+    "keep-all" raises too, for readers whose rows must stay aligned with the file's, and its message
+    offers no skipping).
     """
     import pandas as pd
 
@@ -156,23 +158,23 @@ def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str
     columns = list(names) if headerless else header
     if len(first) < 2 and not headerless:
         return {name: [] for name in columns}  # a header only: load_task_splits says what to add
+    skip = (" (rows are never skipped here: the fix belongs in the file)" if bad_rows == "keep-all"
+            else ", or pass bad_rows='warn' to skip rows of the wrong width with a warning")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         data = _load_file("csv", path, encoding, header=None if headerless else 0, names=columns,
                           converters=dict.fromkeys(columns, _as_written),
-                          on_bad_lines="error" if bad_rows == "error" else "warn",
-                          fix="Repair the line, or pass bad_rows='warn' to skip rows of the wrong width with a warning",
+                          on_bad_lines="warn" if bad_rows == "warn" else "error", fix=f"Repair the line{skip}",
                           **options)
     long_rows = [str(w.message).strip() for w in caught if issubclass(w.category, pd.errors.ParserWarning)]
     for w in caught:
         if not issubclass(w.category, pd.errors.ParserWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     short = [i for i in range(len(data[columns[0]])) if any(data[name][i] is None for name in columns)]
-    if short and bad_rows == "error":
+    if short and bad_rows != "warn":
         rows = ", ".join(str(i + 1) for i in short[:10]) + (", ..." if len(short) > 10 else "")
         raise DataError(f"{path}: row(s) {rows} (counted after the header) have fewer fields than the header's "
-                        f"{len(columns)} ({', '.join(columns)}). Repair them, or pass bad_rows='warn' to skip such "
-                        "rows with a warning.")
+                        f"{len(columns)} ({', '.join(columns)}). Repair them{skip}.")
     skipped = [f"row {i + 1} after the header has fewer fields" for i in short] + long_rows
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} row(s) whose field count differs from the header's "
@@ -217,7 +219,7 @@ def _read_file(path: Path, *, bad_rows: str, encoding: str) -> dict[str, list]:
 def read_table(path: Path, *, encoding: str = "utf-8") -> dict[str, list]:
     """The columns of one csv, tsv, json, jsonl or parquet file (the format from its extension) as read
     for a task; a row of the wrong width is an error that names it."""
-    return _read_file(Path(path), bad_rows="error", encoding=encoding)
+    return _read_file(Path(path), bad_rows="keep-all", encoding=encoding)
 
 
 def _glue_tsv_path(data_dir: Path, spec: TaskSpec, split: str) -> Path:
@@ -561,7 +563,7 @@ def read_rows(path: PathLike, *, encoding: str = "utf-8") -> list[dict[str, Any]
     """Every row of a .csv/.tsv/.json/.jsonl/.parquet file, in file order, as read for training
     (CSV/TSV fields as written); a row of the wrong width is an error, never skipped, so that the
     rows stay aligned with anything computed from them."""
-    columns = _read_file(Path(path), bad_rows="error", encoding=encoding)
+    columns = _read_file(Path(path), bad_rows="keep-all", encoding=encoding)
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
@@ -569,7 +571,7 @@ def load_prediction_split(task: str | TaskSpec, path: PathLike, *, encoding: str
     """The texts (`text_a`, [`text_b`]) of every row of a file to predict on, in file order; the
     label column is not needed (and not read)."""
     spec, path = get_task(task), Path(path)
-    columns = _read_file(path, bad_rows="error", encoding=encoding)
+    columns = _read_file(path, bad_rows="keep-all", encoding=encoding)
     return _normalize(_Raw(f"File {str(path)!r}", columns), spec, {}, labelled=False)
 
 
