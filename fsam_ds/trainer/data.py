@@ -563,7 +563,7 @@ def read_rows(path: PathLike, *, encoding: str = "utf-8") -> list[dict[str, Any]
     """Every row of a .csv/.tsv/.json/.jsonl/.parquet file, in file order, as read for training
     (CSV/TSV fields as written); a row of the wrong width is an error, never skipped, so that the
     rows stay aligned with anything computed from them."""
-    columns = _read_file(Path(path), bad_rows="keep-all", encoding=encoding)
+    columns = read_table(Path(path), encoding=encoding)
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
@@ -571,7 +571,7 @@ def load_prediction_split(task: str | TaskSpec, path: PathLike, *, encoding: str
     """The texts (`text_a`, [`text_b`]) of every row of a file to predict on, in file order; the
     label column is not needed (and not read)."""
     spec, path = get_task(task), Path(path)
-    columns = _read_file(path, bad_rows="keep-all", encoding=encoding)
+    columns = read_table(path, encoding=encoding)
     return _normalize(_Raw(f"File {str(path)!r}", columns), spec, {}, labelled=False)
 
 
