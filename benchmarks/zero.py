@@ -124,10 +124,8 @@ class RankBench:
 
     # ---------------------------------------------------------------- building
     def build(self, name: str, stage: int) -> ZeroMethod:
-        import deepspeed
-
         from fsam_ds.sam.config import SAMConfig
-        from fsam_ds.zero.engine import PlainEngine, initialize
+        from fsam_ds.zero.engine import initialize, initialize_plain
 
         o = self.o
         model = tiny_bert(*(o[k] for k in MODEL_SHAPE))
@@ -137,8 +135,7 @@ class RankBench:
         profile = PhaseProfile(self.heap)
         sam_type = name.split("@")[0]
         if sam_type == "adamw":
-            engine, _, _, _ = deepspeed.initialize(model=model, config=config, optimizer=optimizer)
-            return ZeroMethod(name, PlainEngine(engine, observer=profile), profile)
+            return ZeroMethod(name, initialize_plain(model, config, optimizer=optimizer, observer=profile), profile)
         interval = 1 if name.endswith(REBUILD) else MASK_INTERVAL
         sam = SAMConfig(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=interval)
         return ZeroMethod(name, initialize(model, config, sam, optimizer=optimizer, observer=profile), profile)

@@ -380,9 +380,7 @@ class RecordingObserver:
 def run_observed_steps(rank: int, world: int, stage: int) -> list[list[str]]:
     """The phases of two fisher-sam steps (mask_interval 2: the first rebuilds, the second does not),
     then of one step of the AdamW baseline."""
-    import deepspeed
-
-    from fsam_ds.zero.engine import PlainEngine
+    from fsam_ds.zero.engine import initialize_plain
 
     observer = RecordingObserver()
     sam_engine = build_engine(mlp(), stage, sam=sam_config("fisher-sam"))
@@ -394,9 +392,8 @@ def run_observed_steps(rank: int, world: int, stage: int) -> list[list[str]]:
         seen.append(observer.seen)
         observer.seen = []
     model = mlp()
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config(stage),
-                                           optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
-    PlainEngine(engine, observer).train_step(split(batches[0], rank, world), per_example_loss("mlp"))
+    initialize_plain(model, ds_config(stage), optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                     observer=observer).train_step(split(batches[0], rank, world), per_example_loss("mlp"))
     return seen + [observer.seen]
 
 
@@ -488,3 +485,54 @@ def run_reused_parameters(rank: int, world: int, cases: list[tuple[int, str]], s
 def run_each(rank: int, world: int, fn, cases: list[tuple]) -> list:
     """[fn(rank, world, *case) for each case] in one launch: starting the ranks costs more than these runs."""
     return [fn(rank, world, *case) for case in cases]
+
+
+def _share_master_with_weights(engine) -> None:
+    """What DeepSpeed's ZeRO-3 means to do for fp32 weights (and 0.19.8 never does): the fp32 master
+    becomes the weights' partition itself. Done before the first step, so no optimizer state moves."""
+    zero = engine.optimizer
+    for i, (weights, master) in enumerate(zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat)):
+        shared = weights.detach()
+        shared.requires_grad = True
+        shared.grad = master.grad
+        for group in zero.optimizer.param_groups:
+            group["params"] = [shared if p is master else p for p in group["params"]]
+        zero.fp32_partitioned_groups_flat[i] = shared
+
+
+def run_master_shared_with_weights(rank: int, world: int) -> dict:
+    """fisher-sam on the tiny BERT at ZeRO-3 fp32, 3 steps: DeepSpeed's layout; the master shared with
+    the weights (refused?); and shared with the refusal bypassed."""
+    import deepspeed
+
+    import fsam_ds.zero.adapters as adapters
+    import fsam_ds.zero.engine as fe
+
+    batches = global_batches("bert", 3)
+
+    def engine(share: bool):
+        model = tiny_bert()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config(3), optimizer=optimizer)
+        if share:
+            _share_master_with_weights(ds_engine)
+        return fe.SAMEngine(ds_engine, sam_config("fisher-sam"))
+
+    def trained(sam_engine) -> list[torch.Tensor]:
+        for b in batches:
+            sam_engine.train_step(split(b, rank, world), per_example_loss("bert"))
+        return full_params(sam_engine.engine)
+
+    out = {"apart": trained(engine(share=False))}
+    try:
+        engine(share=True)
+        out["refused"] = None
+    except adapters.UnsupportedConfiguration as err:
+        out["refused"] = str(err)
+    check = adapters._EngineShards._require_master_apart
+    adapters._EngineShards._require_master_apart = lambda self, weights_of: None
+    try:
+        out["shared"] = trained(engine(share=True))
+    finally:
+        adapters._EngineShards._require_master_apart = check
+    return out

@@ -8,7 +8,7 @@ import torch
 
 from dist_harness import run_distributed
 from ds_workers import (global_batches, mlp, per_example_loss, run_accumulation, run_bf16, run_checkpoint,
-                        run_fp16_overflow, run_mask_capture, sam_config)
+                        run_fp16_overflow, run_mask_capture, run_master_shared_with_weights, sam_config)
 
 pytest.importorskip("deepspeed")
 
@@ -128,3 +128,13 @@ def test_resume_equals_uninterrupted_run(stage, tmp_path):
         assert r["step"] == 3
         assert all(torch.equal(a, b) for a, b in zip(r["expected"], r["got"]))
         assert not all(torch.equal(a, b) for a, b in zip(r["expected"], r["blind"]))
+
+
+def test_a_master_sharing_the_weights_memory_is_refused(tmp_path):
+    """The restore is DeepSpeed's step copying the unperturbed fp32 master into the weights. DeepSpeed 0.19.8
+    keeps the master apart; one that shared it with fp32 weights (as its ZeRO-3 code intends) would make
+    every step start from w + e: the engine refuses such a layout, and without the refusal the weights
+    after three fisher-sam steps are indeed wrong."""
+    for r in run_distributed(run_master_shared_with_weights, 2, tmp_path, use_deepspeed=True):
+        assert r["refused"] is not None and "fp32 master" in r["refused"] and "deepspeed>=0.19.8" in r["refused"]
+        assert not all(torch.equal(a, b) for a, b in zip(r["apart"], r["shared"]))

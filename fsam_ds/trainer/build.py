@@ -163,11 +163,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, tota
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     if cfg.sam.sam_type == "none":
-        import deepspeed
-
-        engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
-                                               lr_scheduler=scheduler)
-        return fe.PlainEngine(engine)
+        return fe.initialize_plain(model, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
     sam = SAMConfig(**cfg.sam.to_core_kwargs())
     return fe.initialize(model, ds_config, sam, optimizer=optimizer, lr_scheduler=scheduler)
 

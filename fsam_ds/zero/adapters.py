@@ -93,6 +93,28 @@ class _EngineShards:
     def loss_scale(self) -> float:
         return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
 
+    def _require_master_apart(self, weights_of) -> None:  # noqa: ANN001 - parameter -> the tensor forward reads
+        """Refuses a layout where the fp32 master is the weights' own memory.
+
+        The restore is the base step (or `restore_from_master`) writing the master back into the weights,
+        which is exact only while the master was not perturbed with them. DeepSpeed 0.19.8 keeps the
+        master apart at every stage and precision (at stage 3 with fp32 weights it means to share the
+        memory, but compares a torch.device with a device name and never does); a DeepSpeed that shares
+        would make every step start from the perturbed weights, silently."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        for p in self._owners:
+            master = safe_get_local_fp32_param(p)
+            if master is not None and master.untyped_storage().data_ptr() == \
+                    weights_of(p).untyped_storage().data_ptr():
+                import deepspeed
+
+                raise UnsupportedConfiguration(
+                    f"DeepSpeed {deepspeed.__version__} keeps the fp32 master of the weights in the weights' own "
+                    "memory (fp32 weights at this ZeRO stage), so the sharpness-aware step could not put the "
+                    "weights back after perturbing them. Install deepspeed>=0.19.8,<0.20, or train with "
+                    "precision bf16 or with sam_type none.")
+
     def _unscaled(self, grad: Tensor | None) -> Tensor | None:
         if grad is None:
             return None
@@ -175,6 +197,7 @@ class PartitionShards(_EngineShards):
             self._owners.append(p)
         # under offload_optimizer the fragments below are views of the CPU fp32 master and its gradient
         self._offloaded = optimizer_offloaded(engine)
+        self._require_master_apart(lambda p: p.data)
 
     def _fragment(self, p: Tensor) -> Tensor | None:
         index = _private(p, "_index_in_param_group", "a ZeRO-1/2 parameter")
@@ -238,6 +261,7 @@ class Stage3Shards(_EngineShards):
             offset, size = zero3_partition(p, comm.rank)
             self.pieces.append(Piece(n, i, p.ds_numel, offset, size, c))
             self._owners.append(p)
+        self._require_master_apart(lambda p: p.ds_tensor)
 
     def grads(self) -> list[Tensor | None]:
         from deepspeed.utils import safe_get_local_grad

@@ -60,18 +60,32 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SA
                optimizer: Any = None, lr_scheduler: Any = None, model_parameters: Any = None,
                observer: StepObserver | None = None, **kwargs: Any) -> "SAMEngine":
     """`deepspeed.initialize` plus the sharpness-aware configuration; returns a `SAMEngine`."""
-    import deepspeed
-
     config = config if isinstance(config, dict) else json.loads(Path(config).read_text())
     check_sam_compatible(config)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to optimize")
     if model_parameters is None and optimizer is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config, optimizer=optimizer,
-                                           lr_scheduler=lr_scheduler, model_parameters=model_parameters, **kwargs)
-    release_shm_buffer()  # deepspeed.initialize may have created the process group itself
+    engine = _deepspeed_initialize(model=model, config=config, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                   model_parameters=model_parameters, **kwargs)
     return SAMEngine(engine, sam, observer)
+
+
+def initialize_plain(model: torch.nn.Module, config: dict | str | os.PathLike, optimizer: Any = None,
+                     lr_scheduler: Any = None, observer: StepObserver | None = None, **kwargs: Any) -> "PlainEngine":
+    """`deepspeed.initialize` for DeepSpeed's own step (the AdamW baseline); returns a `PlainEngine`."""
+    config = config if isinstance(config, dict) else json.loads(Path(config).read_text())
+    engine = _deepspeed_initialize(model=model, config=config, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                   **kwargs)
+    return PlainEngine(engine, observer)
+
+
+def _deepspeed_initialize(**kwargs: Any) -> Any:
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(**kwargs)
+    release_shm_buffer()  # deepspeed.initialize may have created the process group itself
+    return engine
 
 
 class _EngineBackend:
