@@ -138,7 +138,9 @@ class BackgroundPeak:
         self.start: dict[str, int | None] = {}
         self.peak: dict[str, int] = {}
         self.phases: dict[str, dict[str, dict]] = {}
+        self.marks: dict[str, dict[str, int]] = {}
         self._phase_peak: dict[str, int] | None = None
+        self._mark_peak: dict[str, int] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -147,12 +149,22 @@ class BackgroundPeak:
         return {"RssAnon": resident_bytes("RssAnon"), "VmRSS": resident_bytes("VmRSS"), "heap": heap_in_use()}
 
     def _sample(self) -> None:
-        phase_peak = self._phase_peak  # read once: the phase may change while this thread samples
+        # read once: the phase or mark may change while this thread samples
+        phase_peak, mark_peak = self._phase_peak, self._mark_peak
         for name, value in self._read().items():
             if value is not None:
                 self.peak[name] = max(self.peak.get(name, 0), value)
-                if phase_peak is not None:
-                    phase_peak[name] = max(phase_peak.get(name, 0), value)
+                for peak in (phase_peak, mark_peak):
+                    if peak is not None:
+                        peak[name] = max(peak.get(name, 0), value)
+
+    def mark(self, name: str | None) -> None:
+        """Within the current phase, samples from now on also count towards `marks[name]`, the peak over
+        every stretch marked `name` (None: no mark). Unlike `enter`, no garbage collection and no start
+        reading: for parts that repeat many times, such as the phases of every training step."""
+        self._sample()
+        self._mark_peak = None if name is None else self.marks.setdefault(name, {})
+        self._sample()
 
     def enter(self, name: str) -> None:
         """Ends the current phase (with a last sample) and starts phase `name`."""
@@ -179,7 +191,7 @@ class BackgroundPeak:
         if self._thread is not None:
             self._thread.join()
         self._sample()
-        self._phase_peak = None
+        self._phase_peak = self._mark_peak = None
 
     @property
     def above_start(self) -> dict[str, int | None]:

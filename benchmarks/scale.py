@@ -245,7 +245,10 @@ def summarise_rank(rank: dict) -> dict:
     where = max(phases, key=lambda name: _peak_figure(phases[name]["peak"]) or 0)
     return {"baseline": base, "load": above(phases["load"]["peak"]),
             "held_after_load": above(phases["initialize"]["start"]), "train": above(phases["train"]["peak"]),
-            "run": above(run_peak), "run_absolute": run_peak, "run_peak_phase": where}
+            "run": above(run_peak), "run_absolute": run_peak, "run_peak_phase": where,
+            "finish": above(phases["finish"]["peak"]) if "finish" in phases else {},
+            "step_phases": {name: above(peak) for name, peak in rank.get("step_phases", {}).items()},
+            "held": rank.get("held", {})}
 
 
 def summarise_run(raw: dict, model_bytes: int) -> dict:
@@ -260,7 +263,16 @@ def summarise_run(raw: dict, model_bytes: int) -> dict:
 
     checked = {part: max([v for v in (_peak_figure(r[part]) for r in ranks) if v is not None], default=None)
                for part in ("load", "train", "run", "run_absolute")}
+    phase_names = sorted({name for r in ranks for name in r["step_phases"]})
+    step_phases = {name: {figure: times_model_of([r["step_phases"].get(name, {}).get(figure) for r in ranks],
+                                                 model_bytes) for figure in FIGURES} for name in phase_names}
+    roles = sorted({role for r in ranks for role in r["held"]})
     return {
+        "held_x_model": {role: times_model_of([r["held"].get(role) for r in ranks], model_bytes) for role in roles},
+        "step_phase_x_model": step_phases,
+        "finish_x_model": {figure: times_model_of([r["finish"].get(figure) for r in ranks], model_bytes)
+                           for figure in FIGURES},
+        "run_heap_above_baseline": worst("run", "heap"),
         "per_rank": ranks,
         "baseline_VmRSS": max(r["baseline"]["VmRSS"] for r in ranks),
         **{f"{part}_{figure}_x_model": times_model(part, figure) for part in ("load", "train", "run")
@@ -277,6 +289,12 @@ def summarise_run(raw: dict, model_bytes: int) -> dict:
     }
 
 
+def times_model_of(values: list[int | None], model_bytes: int) -> float | None:
+    """The larger rank's value x the fp32 model."""
+    present = [v for v in values if v is not None]
+    return ratio(max(present), model_bytes) if present else None
+
+
 def _slowest_rank_cpu(per_rank: list[dict]) -> list[float]:
     """Per step, the larger rank's CPU seconds."""
     return [max(step) for step in zip(*(r.get("step_cpu_seconds", []) for r in per_rank))]
@@ -287,7 +305,10 @@ def summarise_setting(setting: str, runs: dict[str, dict]) -> dict:
     out: dict[str, dict] = {}
     for name, run in runs.items():
         out[name] = {"load_ratio": run["load_x_model"], "run_ratio": run["run_x_model"],
+                     "run_heap_ratio": run["run_heap_x_model"],
                      "memory_ratio": ratio(run["run_above_baseline"], adamw and adamw["run_above_baseline"]),
+                     "memory_heap_ratio": ratio(run["run_heap_above_baseline"],
+                                                adamw and adamw["run_heap_above_baseline"]),
                      "step_ratio": ratio(run["step_s"], adamw and adamw["step_s"]),
                      "step_cpu_ratio": ratio(run["step_cpu_s"], adamw and adamw["step_cpu_s"])}
     return {"optimizers": runs, "ratios": out, "targets": targets.check_scale(setting, out)}
@@ -455,10 +476,43 @@ def format_scale_report(result: dict) -> str:
               + targets.describe_scale())
     verdicts = targets.format_verdicts({s: summary["targets"] for s, summary in result["settings"].items()},
                                        key="setting")
-    parts = [head, "", table(header, rows), legend, "", verdicts]
+    parts = [head, "", table(header, rows), legend, "", _format_breakdown(result), "", verdicts]
     if result.get("search"):
         parts += ["", _format_search(result)]
     return "\n".join(parts)
+
+
+HELD_ROLES = ("weights", "fp32 master", "gradients", "optimizer state", "other tensors")
+SAM_PHASES = ("first_pass", "rebuild_mask", "apply_perturbation", "zero_grads", "select_examples", "second_pass",
+              "restore")
+
+
+def _format_breakdown(result: dict) -> str:
+    """Where each run's memory goes: what the rank holds between steps, and the heap peak of each part
+    of a step and of the final evaluation and export."""
+    from benchmarks.scale_rank import BETWEEN_PHASES
+
+    header = ["setting", "optimizer", *(f"held: {r}" for r in HELD_ROLES), "held", "forward", "backward",
+              "SAM passes", "step", "other", "finish"]
+    rows = []
+    for s, summary in result["settings"].items():
+        for name, run in summary["optimizers"].items():
+            held, phases = run["held_x_model"], run["step_phase_x_model"]
+
+            def heap(*names: str) -> str:
+                values = [phases[n]["heap"] for n in names if n in phases and phases[n]["heap"] is not None]
+                return fmt(max(values)) if values else "-"
+
+            rows.append([SETTINGS[s].label if name == "adamw" else "", name,
+                         *(fmt(held.get(r)) for r in HELD_ROLES), fmt(sum(v for v in held.values() if v)),
+                         heap("forward"), heap("backward"), heap(*SAM_PHASES), heap("step"), heap(BETWEEN_PHASES),
+                         fmt(run["finish_x_model"]["heap"])])
+    legend = ("held: the tensors a rank holds after the last step, x the fp32 model (the larger rank): the weights' "
+              "partitions, DeepSpeed's fp32 master, the gradient partitions, the optimizer's state, every other "
+              "tensor reachable from Python. Then the heap peak above the baseline, x the fp32 model, of each part "
+              "of the steps (over all steps; SAM passes: the largest of the sharpness-aware phases; other: the "
+              "loop's own work between the engine's phases) and of the finish (final evaluation and export).")
+    return table(header, rows) + legend
 
 
 def _format_search(result: dict) -> str:

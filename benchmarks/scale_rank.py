@@ -12,7 +12,11 @@ are marked by wrapping two names of `fsam_ds.trainer.loop`, which calls them onc
 * initialize: from the loaded model to the first step (activation checkpointing, `deepspeed.initialize`);
 * train: `train_loop`, every step; the CPU time of each step (`time.process_time()` around the engine's
   `train_step`: it leaves out the time other processes hold the cores, which on a busy machine
-  moves wall-clock step times by more than the differences measured);
+  moves wall-clock step times by more than the differences measured). Within it, the step's own
+  phases (the engine's `observer`: forward, backward, first_pass, second_pass, restore, step, ...)
+  are marked, so each has its peak over all steps (`step_phases`); and after the last step the
+  tensors the rank holds are counted by what they are for (`held`: the weights' partitions,
+  DeepSpeed's fp32 master, the gradient partitions, the optimizer's state, every other tensor);
 * finish: the final evaluation and export, and the process group's teardown.
 
 `--whole-load` makes `load_model` load the whole model on every rank (no `zero.Init`), as the trainer
@@ -22,13 +26,69 @@ did at ZeRO-3 before it loaded partitioned; nothing else changes. Writes DIR/ran
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 from benchmarks.measure import BackgroundPeak
+
+BETWEEN_PHASES = "between phases"
+"""The mark of a step's time outside the engine's phases (data, logging) and of the loop's own work."""
+
+
+class MarkedPhases:
+    """A step observer (`fsam_ds.sam.driver.StepObserver`) that marks each phase in a `BackgroundPeak`;
+    a nested phase hands the mark back to the phase around it when it ends."""
+
+    def __init__(self, memory: BackgroundPeak) -> None:
+        self.memory = memory
+        self.stack: list[str] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.stack.append(name)
+        self.memory.mark(name)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+            self.memory.mark(self.stack[-1] if self.stack else BETWEEN_PHASES)
+
+
+def held_by_role(engine: Any) -> dict[str, int]:
+    """Bytes of the tensors this rank holds, by what they are for: the parts of DeepSpeed's ZeRO-3
+    optimizer (private attributes of 0.19.x; a part it does not find counts as 0) and then every other
+    tensor reachable from Python (activations are gone between steps). A storage counts once, in the
+    first role that reaches it."""
+    import torch
+
+    zero = engine.optimizer
+    masters = list(getattr(zero, "fp32_partitioned_groups_flat", []))
+    state = getattr(getattr(zero, "optimizer", None), "state", {})
+    roles = {
+        "weights": list(getattr(zero, "fp16_partitioned_groups_flat", []) or []),
+        "fp32 master": masters,
+        "gradients": [getattr(zero, "grad_partitions_flat_buffer", None), *(m.grad for m in masters)],
+        "optimizer state": [t for entry in state.values() for t in entry.values()],
+        "other tensors": [o for o in gc.get_objects() if isinstance(o, torch.Tensor)],
+    }
+    seen: set[int] = set()
+    held = {}
+    for role, tensors in roles.items():
+        held[role] = 0
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                held[role] += storage.nbytes()
+    return held
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -69,6 +129,7 @@ def main(argv: list[str]) -> None:
 
         load_model, train_loop = loop.load_model, loop.train_loop
         step_cpu_seconds: list[float] = []
+        held: dict[str, int] = {}
 
         def load_model_measured(cfg, objective, ds_config=None):  # noqa: ANN001, ANN202 - the trainer's signature
             import_model_code(cfg, objective)
@@ -88,14 +149,18 @@ def main(argv: list[str]) -> None:
                 return out
 
             run.sam_engine.train_step = train_step_timed  # this engine only: an attribute over its method
+            run.sam_engine.observer = MarkedPhases(memory)
+            memory.mark(BETWEEN_PHASES)
             train_loop(run, rng)
+            memory.mark(None)
+            held.update(held_by_role(run.sam_engine.engine))
             memory.enter("finish")
 
         loop.load_model, loop.train_loop = load_model_measured, train_loop_measured
         code = cli.main(trainer_argv)
     rank = int(os.environ.get("RANK", "0"))
     result = {"rank": rank, "exit_code": code, "phases": memory.phases, "peak": memory.peak,
-              "step_cpu_seconds": step_cpu_seconds}
+              "step_phases": memory.marks, "held": held, "step_cpu_seconds": step_cpu_seconds}
     out = Path(options.out) / f"rank{rank}.json"
     out.with_suffix(".part").write_text(json.dumps(result, indent=1))
     os.replace(out.with_suffix(".part"), out)

@@ -93,7 +93,7 @@ class _EngineShards:
     def loss_scale(self) -> float:
         return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
 
-    def _require_master_apart(self, weights_of) -> None:  # noqa: ANN001 - parameter -> the tensor forward reads
+    def _require_master_apart(self, weights_of, master_of) -> None:  # noqa: ANN001 - parameter -> tensor
         """Refuses a layout where the fp32 master is the weights' own memory.
 
         The restore is the base step (or `restore_from_master`) writing the master back into the weights,
@@ -101,10 +101,8 @@ class _EngineShards:
         master apart at every stage and precision (at stage 3 with fp32 weights it means to share the
         memory, but compares a torch.device with a device name and never does); a DeepSpeed that shares
         would make every step start from the perturbed weights, silently."""
-        from deepspeed.utils import safe_get_local_fp32_param
-
         for p in self._owners:
-            master = safe_get_local_fp32_param(p)
+            master = master_of(p)
             if master is not None and master.untyped_storage().data_ptr() == \
                     weights_of(p).untyped_storage().data_ptr():
                 import deepspeed
@@ -197,7 +195,7 @@ class PartitionShards(_EngineShards):
             self._owners.append(p)
         # under offload_optimizer the fragments below are views of the CPU fp32 master and its gradient
         self._offloaded = optimizer_offloaded(engine)
-        self._require_master_apart(lambda p: p.data)
+        self._require_master_apart(lambda p: p.data, lambda p: p._hp_mapping.hp_fragment)
 
     def _fragment(self, p: Tensor) -> Tensor | None:
         index = _private(p, "_index_in_param_group", "a ZeRO-1/2 parameter")
@@ -261,7 +259,9 @@ class Stage3Shards(_EngineShards):
             offset, size = zero3_partition(p, comm.rank)
             self.pieces.append(Piece(n, i, p.ds_numel, offset, size, c))
             self._owners.append(p)
-        self._require_master_apart(lambda p: p.ds_tensor)
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self._require_master_apart(lambda p: p.ds_tensor, safe_get_local_fp32_param)
 
     def grads(self) -> list[Tensor | None]:
         from deepspeed.utils import safe_get_local_grad
