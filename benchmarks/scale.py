@@ -512,7 +512,7 @@ def _format_breakdown(result: dict) -> str:
               "tensor reachable from Python. Then the heap peak above the baseline, x the fp32 model, of each part "
               "of the steps (over all steps; SAM passes: the largest of the sharpness-aware phases; other: the "
               "loop's own work between the engine's phases) and of the finish (final evaluation and export).")
-    return table(header, rows) + legend
+    return table(header, rows) + "\n" + legend
 
 
 def _format_search(result: dict) -> str:
