@@ -137,7 +137,8 @@ def test_predict_reads_its_input_once_and_echoes_each_row_with_the_models_predic
     assert [{k: v for k, v in r.items() if k != "prediction"} for r in written] == rows  # in file order
 
     # the reference: each row alone through the plain transformers model
-    model, tok = AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
     for row, out in zip(rows, written):
         with torch.no_grad():
             logits = model(**tok(row["claim"], row["reply"], return_tensors="pt")).logits[0]

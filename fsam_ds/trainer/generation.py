@@ -30,8 +30,9 @@ seq2seq, `rouge1`, `rouge2`, `rougeL` (rouge-score F-measures with Porter stemmi
 examples). All higher is better; the best checkpoint is picked by chrf (causal-lm) or rougeL
 (seq2seq), or by neg_loss when generation is off.
 
-Prediction. `prediction_inputs` takes a file's prompts (chats, sources) in file order from its columns as
-read by the caller, targets optional and unused; `predict` gives {"generated": text} per example, generated as in evaluation.
+Prediction. `prediction_inputs` takes a file's prompts (chats, sources) in file order from its columns,
+read once by the caller, targets optional and unused; `predict` gives {"generated": text} per example,
+generated as in evaluation.
 
 Collective generation. Under ZeRO-3 every forward gathers parameters with every rank, so every rank
 must run as many forwards: a dev batch is generated on every rank when any rank needs it (one

@@ -259,6 +259,9 @@ _FALSE = ("false", "0", "no", "off")
 _NONE = ("none", "null", "~")
 
 
+_PLURALS = {str: "strings", int: "integers", float: "finite numbers", bool: "true/false values"}
+
+
 def _describe(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
@@ -268,7 +271,7 @@ def _describe(tp: Any) -> str:
         return text + " or none" if type(None) in args else text
     if origin in (tuple, list):
         if origin is list or args[1:] == (Ellipsis,):
-            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s (comma list or JSON list)"
+            return f"a list of {_PLURALS.get(args[0]) or _describe(args[0])} (comma list or JSON list)"
         return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
