@@ -155,17 +155,16 @@ def test_rows_of_the_wrong_width_warn_or_raise(tmp_path):
 def test_readers_that_keep_every_row_refuse_a_bad_row_without_offering_to_skip_it(tmp_path):
     """fsam-predict and the generation tasks read every row (a skipped row would misalign the output):
     the error names the row and asks for a repair, not for an option those commands do not have."""
-    from fsam_ds.trainer.data import read_rows, read_table
+    from fsam_ds.trainer.data import read_table
 
     write(tmp_path / "short.csv", "text,label\ngood film,1\nbroken\n")
     write(tmp_path / "long.csv", "text,label\ngood film,1\ntoo,many,fields\n")
-    for read in (read_rows, read_table):
-        with pytest.raises(DataError, match=r"short.csv: row\(s\) 2 .*fewer fields") as short:
-            read(tmp_path / "short.csv")
-        with pytest.raises(DataError, match=r"long.csv could not be read .*Expected 2 fields in line 3") as long:
-            read(tmp_path / "long.csv")
-        for err in (short, long):
-            assert "bad_rows" not in str(err.value) and "never skipped" in str(err.value)
+    with pytest.raises(DataError, match=r"short.csv: row\(s\) 2 .*fewer fields") as short:
+        read_table(tmp_path / "short.csv")
+    with pytest.raises(DataError, match=r"long.csv could not be read .*Expected 2 fields in line 3") as long:
+        read_table(tmp_path / "long.csv")
+    for err in (short, long):
+        assert "bad_rows" not in str(err.value) and "never skipped" in str(err.value)
 
 
 def test_missing_glue_file_names_the_expected_files(tmp_path):

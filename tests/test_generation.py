@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import generation_fixtures as gf
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import DataError
+from fsam_ds.trainer.data import DataError, read_table
 from fsam_ds.trainer.generation import IGNORE, NO_TOKEN, CausalLM, generation_scores
 from fsam_ds.trainer.objectives import objective_for
 
@@ -136,7 +136,7 @@ def test_chat_rows_render_the_history_with_the_template_and_learn_the_last_answe
     with pytest.raises(DataError, match="row 2's last turn is from 'user'.*must be the assistant's"):
         unanswered.prepare_splits(tok)
     # to predict on, an unanswered conversation is all prompt
-    row = unanswered.prediction_inputs(bad, tok)[1]
+    row = unanswered.prediction_inputs(bad, read_table(bad), tok)[1]
     assert row["prompt_length"] == len(row["input_ids"])
     tok.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
@@ -215,7 +215,7 @@ def test_predict_generates_what_the_model_generates_for_each_example_alone(asset
     with torch.no_grad():  # a trained-looking model: random weights large enough to vary the output
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    dataset = objective.prediction_inputs(path, tok)
+    dataset = objective.prediction_inputs(path, read_table(path), tok)
     assert [tok.decode(r["input_ids"], skip_special_tokens=True) for r in dataset] == inputs
     predictions = objective.predict(model, objective.collator(tok)([dataset[i] for i in range(len(dataset))]))
     expected = []
@@ -228,6 +228,30 @@ def test_predict_generates_what_the_model_generates_for_each_example_alone(asset
         expected.append(tok.decode(out, skip_special_tokens=True).strip())
     assert [p["generated"] for p in predictions] == expected
     assert len(set(expected)) > 1  # the comparison is not between constant outputs
+
+
+def test_fsam_predict_reads_its_input_once_and_writes_each_rows_generation(assets, tmp_path, monkeypatch):
+    import json
+
+    import train_fixtures as fx
+    from fsam_ds.cli.predict import predict_file
+    from fsam_ds.trainer.run_config import config_to_dict
+
+    cfg = gf.generation_config(assets["llama"], assets["files"], "causal-lm", "pc")
+    folder = fx.as_export(assets["llama"], tmp_path / "best", config_to_dict(cfg))
+    rows = [{"id": i, "prompt": p} for i, (p, _) in enumerate(gf.pairs(5, 7))]
+    source = gf.write_jsonl(tmp_path / "inputs.jsonl", rows)
+    reads = fx.count_file_reads(monkeypatch)
+    assert predict_file(folder, source, tmp_path / "out.jsonl", batch_size=2, progress=False) == len(rows)
+    assert reads == [source]
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "prediction"} for r in written] == rows  # in file order
+    # the reference: the objective's generation for all rows in one batch, from the file as read here
+    objective, tok = objective_for(cfg), AutoTokenizer.from_pretrained(folder)
+    dataset = objective.prediction_inputs(source, read_table(source), tok)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    expected = objective.predict(model, objective.collator(tok)([dataset[i] for i in range(len(dataset))]))
+    assert [r["prediction"] for r in written] == expected
 
 
 @pytest.mark.slow

@@ -71,6 +71,7 @@ def test_single_process_run_trains_generates_and_exports(assets, tmp_path, task,
     assert best["value"] == max(e[best["metric_name"]] for e in evals)
     assert AutoTokenizer.from_pretrained(out / "final").chat_template == gf.CHAT_TEMPLATE
     # the exported model's predictions on the dev file score what the last evaluation scored
+    from fsam_ds.trainer.data import read_table
     from fsam_ds.trainer.generation import generation_scores
     from fsam_ds.trainer.objectives import objective_for
     from fsam_ds.trainer.run_config import config_from_dict
@@ -78,7 +79,7 @@ def test_single_process_run_trains_generates_and_exports(assets, tmp_path, task,
     objective = objective_for(config_from_dict(json.loads((out / "config.json").read_text())))
     tok = AutoTokenizer.from_pretrained(out / "final")
     dev_file = assets["files"][f"dev_{kind}"]
-    inputs = objective.prediction_inputs(dev_file, tok)
+    inputs = objective.prediction_inputs(dev_file, read_table(dev_file), tok)
     predictions = objective.predict(model_class.from_pretrained(out / "final"),
                                     objective.collator(tok)([inputs[i] for i in range(GENERATED)]))
     records = [json.loads(line) for line in dev_file.read_text().splitlines()][:GENERATED]

@@ -1,11 +1,14 @@
 """Own data, in-process: the label set read from a file, classes named by integers, the configuration
-keys and their errors, and the command-line route that the label errors of registered tasks offer."""
+keys and their errors, the command-line route that the label errors of registered tasks offer, and
+that a run and fsam-predict read each file once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_fixtures as fx
 from fsam_ds.sam.config import ConfigError
@@ -82,3 +85,63 @@ def test_own_data_configuration(tmp_path):
         load_config(["--task=classification", *base, "--data.text_columns=a,b,c"])
     with pytest.raises(ConfigError, match=r"data.labels.*names one class"):
         load_config(["--task=classification", *base, "--data.labels=a"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return fx.write_tiny_model(tmp_path_factory.mktemp("model") / "bert", num_labels=3)
+
+
+def label_ids(split) -> list[int]:
+    return split[:]["labels"].tolist()
+
+
+def test_a_classification_run_reads_its_training_file_once_for_the_label_set_and_the_split(
+        tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    train, dev = table(tmp_path / "train.csv", ["b", "a", "c", "a"]), table(tmp_path / "dev.csv", ["c", "b"])
+    reads = fx.count_file_reads(monkeypatch)
+    objective = objective_for(load_config(["--task=classification", "--model=m", f"--data.train_file={train}",
+                                           f"--data.dev_file={dev}"]))
+    splits = objective.prepare_splits(tok)
+    assert sorted(reads) == sorted([train, dev])  # the label set and the train split from one read
+    assert label_ids(splits["train"]) == [1, 0, 2, 0] and label_ids(splits["validation"]) == [2, 1]
+
+    reads.clear()  # one file for both splits: read once
+    objective = objective_for(load_config(["--task=classification", "--model=m", f"--data.train_file={train}",
+                                           f"--data.dev_file={train}"]))
+    splits = objective.prepare_splits(tok)
+    assert reads == [train]
+    assert label_ids(splits["train"]) == label_ids(splits["validation"]) == [1, 0, 2, 0]
+
+
+def test_predict_reads_its_input_once_and_echoes_each_row_with_the_models_prediction(
+        tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fsam_ds.cli.predict import predict_file
+
+    moods = sorted(fx.MOODS)
+    cfg = load_config(["--task=classification", f"--model={tiny_model}", "--data.train_file=train.csv",
+                       "--data.dev_file=dev.csv", "--data.text_columns=claim,reply", "--data.label_column=mood",
+                       f"--data.labels={','.join(moods)}", "--data.max_length=32"])
+    folder = fx.as_export(tiny_model, tmp_path / "best", config_to_dict(cfg))
+    rows = fx.pair_rows(5, seed=2)
+    source = fx.write_table(tmp_path / "in.csv", rows)
+    reads = fx.count_file_reads(monkeypatch)
+    assert predict_file(folder, source, tmp_path / "out.jsonl", batch_size=2, progress=False) == len(rows)
+    assert reads == [source]
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "prediction"} for r in written] == rows  # in file order
+
+    # the reference: each row alone through the plain transformers model
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    for row, out in zip(rows, written):
+        with torch.no_grad():
+            logits = model(**tok(row["claim"], row["reply"], return_tensors="pt")).logits[0]
+        assert list(out["prediction"]["probabilities"].values()) == pytest.approx(logits.softmax(-1).tolist(),
+                                                                                  abs=1e-5)
+        assert out["prediction"]["label"] == moods[int(logits.argmax())]

@@ -279,3 +279,32 @@ def test_sam_section_is_the_core_config_and_takes_the_baseline():
 def test_list_as_the_wandb_agent_writes_it():
     cfg = load_config(BASE + ["--candidate_exclude=['bias', 'LayerNorm']", "--betas=[0.9, 0.999]"])
     assert cfg.sam.candidate_exclude == ("bias", "LayerNorm") and cfg.optim.betas == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".yaml", "data:\n  labels: [5, 10, 1.5, 2.0, 7]\n"),
+    (".json", '{"data": {"labels": [5, 10, 1.5, 2.0, 7]}}'),
+])
+def test_numeric_labels_from_a_file_name_the_same_classes_as_the_command_line(tmp_path, suffix, text):
+    from fsam_ds.trainer.objectives import objective_for
+
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    own = ["--task=classification", "--model=m", "--data.train_file=t.csv", "--data.dev_file=d.csv"]
+    from_file = load_config(["--config", str(path), *own])
+    from_flag = load_config([*own, "--data.labels=5,10,1.5,2.0,7"])
+    assert from_file.data.labels == from_flag.data.labels == ("5", "10", "1.5", "2.0", "7")
+    assert objective_for(from_file).model_kwargs()["label2id"] == objective_for(from_flag).model_kwargs()["label2id"]
+
+
+@pytest.mark.parametrize("entries", ["[[1, 2], 3]", "[a, {b: 1}]", "[yes, no]"])
+def test_a_label_that_is_not_text_or_a_number_is_refused_with_the_key_value_and_fix(tmp_path, entries):
+    path = write_yaml(tmp_path, f"task: classification\nmodel: m\ndata:\n  labels: {entries}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", path])
+    message = str(err.value)
+    assert message.startswith("Invalid value for config key 'data.labels' (in ")
+    import yaml
+
+    assert repr(yaml.safe_load(entries)) in message  # the value as read (YAML 1.1: yes/no are booleans)
+    assert "is not a list of strings" in message and "Give a list of strings (comma list or JSON list)" in message

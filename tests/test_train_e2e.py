@@ -30,7 +30,10 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     model = fx.write_tiny_model(root / "model")
     train, dev = fx.write_sst2_files(root / "sst2")
     stsb_train, stsb_dev = fx.write_stsb_files(root / "stsb")
-    return {"model": model, "train": train, "dev": dev, "stsb_train": stsb_train, "stsb_dev": stsb_dev}
+    own_train = fx.write_table(root / "own" / "train.csv", fx.review_rows(64, seed=0))
+    own_dev = fx.write_table(root / "own" / "dev.csv", fx.review_rows(32, seed=1))
+    return {"model": model, "train": train, "dev": dev, "stsb_train": stsb_train, "stsb_dev": stsb_dev,
+            "own_train": own_train, "own_dev": own_dev}
 
 
 def args_for(assets: dict[str, Path], out: Path, **extra) -> list[str]:
@@ -130,13 +133,21 @@ def _torchrun(nproc: int, port: int, args: list[str], nnodes: int = 1, node_rank
             str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "fsam_ds.train", *args]
 
 
-def test_torchrun_two_ranks_zero2_bf16(assets, tmp_path):
+def test_torchrun_two_ranks_zero2_bf16_on_own_data(assets, tmp_path):
+    """Own data (--task=classification on a CSV with its own column names and string labels) on 2 ranks:
+    every rank reads the label set from the training file, and the run records the one it trained on."""
+    import json
+
     out = tmp_path / "run"
-    args = args_for(assets, out, zero_stage=2, precision="bf16", ds_config="ds_configs/zero2_bf16.json")
+    args = fx.base_args(assets["model"], assets["own_train"], assets["own_dev"], out, task="classification",
+                        zero_stage=2, precision="bf16", ds_config="ds_configs/zero2_bf16.json",
+                        **{"data.text_columns": "review", "data.label_column": "liked"})
     result = fx.run(_torchrun(2, free_port(), args), TIMEOUT)
     assert_finished(out, result, steps=8)  # 64 examples / (2 ranks x 8) x 2 epochs
     assert fx.events(out, "train")[0]["examples_per_s"] > 0
     assert fx.final_weights(out)["classifier.weight"].dtype == torch.float32  # exported from the fp32 master
+    assert json.loads((out / "config.json").read_text())["data"]["labels"] == ["no", "yes"]
+    assert json.loads((out / "final" / "config.json").read_text())["id2label"] == {"0": "no", "1": "yes"}
 
 
 @pytest.mark.slow

@@ -214,3 +214,32 @@ fsam_ds.cli.train.main()
 
 def killed_train_cmd(args: list[str]) -> list[str]:
     return [PYTHON, "-c", KILLER, *args]
+
+
+def as_export(model: Path, folder: Path, run_config: dict[str, Any]) -> Path:
+    """A copy of the saved `model` laid out as fsam-train exports one: with the run's configuration
+    (run_config.json) and the manifest, so that fsam-predict takes it without a training run."""
+    import shutil
+
+    from fsam_ds.trainer.checkpoint import RUN_CONFIG_FILE, write_manifest
+
+    shutil.copytree(model, folder)
+    (folder / RUN_CONFIG_FILE).write_text(json.dumps(run_config))
+    write_manifest(folder)
+    return folder
+
+
+def count_file_reads(monkeypatch: Any) -> list[Path]:
+    """From now on, the path of every data file read, in order: every reader of the data module
+    (read_table, read_split_file, infer_label_names, load_task_splits' files) goes through `_read_file`."""
+    from fsam_ds.trainer import data
+
+    reads: list[Path] = []
+    read_file = data._read_file
+
+    def counted(path: Path, **options: Any) -> dict[str, list]:
+        reads.append(Path(path))
+        return read_file(path, **options)
+
+    monkeypatch.setattr(data, "_read_file", counted)
+    return reads

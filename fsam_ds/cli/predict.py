@@ -61,7 +61,7 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from fsam_ds.trainer.data import read_rows
+    from fsam_ds.trainer.data import read_table, table_rows
     from fsam_ds.trainer.objectives import objective_for
     from fsam_ds.trainer.run_config import config_from_dict
 
@@ -69,8 +69,10 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
     cfg = config_from_dict(_run_config(folder))
     objective = objective_for(cfg)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    inputs = objective.prediction_inputs(input_file, tokenizer)
-    rows = read_rows(input_file, encoding=cfg.data.encoding)
+    # read once: the same rows are tokenized and echoed
+    columns = read_table(input_file, encoding=cfg.data.encoding)
+    inputs = objective.prediction_inputs(input_file, columns, tokenizer)
+    rows = table_rows(columns)
     if len(rows) != len(inputs):
         raise PredictError(f"{str(input_file)!r} has {len(rows)} rows but task {cfg.task!r} made {len(inputs)} "
                            "examples of them, so predictions could not be matched to rows. Remove empty or "

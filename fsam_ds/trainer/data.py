@@ -216,10 +216,24 @@ def _read_file(path: Path, *, bad_rows: str, encoding: str) -> dict[str, list]:
     return _read_json(path, encoding)
 
 
-def read_table(path: Path, *, encoding: str = "utf-8") -> dict[str, list]:
+def read_table(path: PathLike, *, encoding: str = "utf-8") -> dict[str, list]:
     """The columns of one csv, tsv, json, jsonl or parquet file (the format from its extension) as read
-    for a task; a row of the wrong width is an error that names it."""
+    for a task; a row of the wrong width is an error that names it, never skipped, so that the rows
+    stay aligned with anything computed from them."""
     return _read_file(Path(path), bad_rows="keep-all", encoding=encoding)
+
+
+def read_split_file(path: PathLike, *, encoding: str = "utf-8",
+                    bad_rows: Literal["warn", "error"] = "warn") -> dict[str, list]:
+    """The columns of one split's file as `load_task_splits` reads it with source="files" (CSV/TSV rows
+    of the wrong width skipped with a warning, or raising); pass them back in its `tables` so that the
+    file is not read twice."""
+    return _read_file(Path(path), bad_rows=bad_rows, encoding=encoding)
+
+
+def table_rows(columns: Mapping[str, list]) -> list[dict[str, Any]]:
+    """The rows of a table (`read_table`'s columns), in order, each a {column: value} dict."""
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def _glue_tsv_path(data_dir: Path, spec: TaskSpec, split: str) -> Path:
@@ -394,11 +408,14 @@ def _class_ids(values: list, spec: TaskSpec, origin: str) -> list[int]:
     return [lookup[key] for key in keys]
 
 
-def infer_label_names(path: PathLike, label_column: str, *, encoding: str = "utf-8") -> tuple[str, ...]:
+def infer_label_names(path: PathLike, label_column: str, *, encoding: str = "utf-8",
+                      columns: Mapping[str, list] | None = None) -> tuple[str, ...]:
     """The distinct labels of a file's `label_column`, sorted (numerically when every label is a
-    number, else as text): the label set of a classification task on the user's own data."""
+    number, else as text): the label set of a classification task on the user's own data. `columns`:
+    the file as `read_split_file` read it already (`path` then only names it in messages)."""
     path = Path(path)
-    columns = _read_file(path, bad_rows="warn", encoding=encoding)
+    if columns is None:
+        columns = read_split_file(path, encoding=encoding)
     origin = f"File {str(path)!r}"
     if label_column not in columns:
         raise DataError(f"{origin} has no column {label_column!r} to read the labels from. Columns present: "
@@ -500,6 +517,7 @@ def load_task_splits(
     bad_rows: Literal["warn", "error"] = "warn",
     hub_kwargs: Mapping[str, Any] | None = None,
     encoding: str = "utf-8",
+    tables: Mapping[PathLike, Mapping[str, list]] | None = None,
 ) -> dict[str, Dataset]:
     """The task's train split and every dev split, keyed by split name, normalised and checked.
 
@@ -509,7 +527,8 @@ def load_task_splits(
     task's column names). `columns` renames data columns to task columns. `train_per_class`
     keeps that many training examples per class, chosen by `seed` (see `sample_per_class`).
     `bad_rows`: CSV/TSV rows of the wrong width are skipped with a warning, or raise. `encoding`:
-    the text encoding of CSV/TSV/JSON files.
+    the text encoding of CSV/TSV/JSON files. `tables` (source "files"): files already read with
+    `read_split_file` (same `bad_rows` and `encoding`) -> their columns, used instead of reading them again.
     """
     spec = get_task(task)
     rename = dict(columns or {})
@@ -536,8 +555,9 @@ def load_task_splits(
             raise DataError(f"data_files has keys {_quoted(list(data_files))} but task {spec.name!r} loads the "
                             f"splits {_quoted(wanted)}; name each file by one of those split names"
                             f"{' (missing: ' + _quoted(absent) + ')' if absent else ''}.")
-    if source != "files" and data_files:
-        raise DataError(f"data_files is only read with source='files', not {source!r}.")
+    if source != "files" and (data_files or tables):
+        raise DataError(f"data_files and tables are only read with source='files', not {source!r}.")
+    already_read = {Path(file): table for file, table in (tables or {}).items()}
 
     if source == "hub" and spec.hub_id is not None:
         _check_hub(spec)
@@ -550,7 +570,8 @@ def load_task_splits(
             raw = _read_glue_tsv(Path(data_dir), split_spec, split, bad_rows, encoding)  # type: ignore[arg-type]
         else:
             path = Path(data_files[split])  # type: ignore[index]
-            raw = _Raw(f"File {str(path)!r}", _read_file(path, bad_rows=bad_rows, encoding=encoding))
+            table = already_read.get(path) or _read_file(path, bad_rows=bad_rows, encoding=encoding)
+            raw = _Raw(f"File {str(path)!r}", dict(table))
             if path.suffix.lower() == ".tsv" and split_spec.name in GLUE_TASKS:
                 raw.hint = " For the GLUE distribution's own TSV files use source='glue-tsv' with data_dir."
         out[split] = _normalize(raw, split_spec, rename)
@@ -559,20 +580,11 @@ def load_task_splits(
     return out
 
 
-def read_rows(path: PathLike, *, encoding: str = "utf-8") -> list[dict[str, Any]]:
-    """Every row of a .csv/.tsv/.json/.jsonl/.parquet file, in file order, as read for training
-    (CSV/TSV fields as written); a row of the wrong width is an error, never skipped, so that the
-    rows stay aligned with anything computed from them."""
-    columns = read_table(Path(path), encoding=encoding)
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
-def load_prediction_split(task: str | TaskSpec, path: PathLike, *, encoding: str = "utf-8") -> Dataset:
-    """The texts (`text_a`, [`text_b`]) of every row of a file to predict on, in file order; the
-    label column is not needed (and not read)."""
-    spec, path = get_task(task), Path(path)
-    columns = read_table(path, encoding=encoding)
-    return _normalize(_Raw(f"File {str(path)!r}", columns), spec, {}, labelled=False)
+def prediction_split(task: str | TaskSpec, path: PathLike, columns: Mapping[str, list]) -> Dataset:
+    """The texts (`text_a`, [`text_b`]) of every row of a file to predict on, in file order, from
+    `columns`, the file as `read_table` read it (`path` names it in messages); the label column is not
+    needed (and not read)."""
+    return _normalize(_Raw(f"File {str(path)!r}", dict(columns)), get_task(task), {}, labelled=False)
 
 
 def sample_per_class(dataset: Dataset, n: int, *, seed: int) -> Dataset:
@@ -611,12 +623,12 @@ def tokenize(dataset: Dataset, tokenizer: Any, *, max_length: int = 128) -> Data
 
     Returns a torch-formatted Dataset with `input_ids`, `attention_mask`, `token_type_ids` when
     the tokenizer produces them, and `labels` (int64 classes or float32 scores) when the split has
-    labels (`load_prediction_split`'s have none). Not padded.
+    labels (`prediction_split`'s have none). Not padded.
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise DataError(f"max_length = {max_length!r} must be an integer >= 1.")
     if TEXT_A not in dataset.column_names:
-        raise DataError(f"tokenize expects a split from load_task_splits or load_prediction_split (columns "
+        raise DataError(f"tokenize expects a split from load_task_splits or prediction_split (columns "
                         f"{TEXT_A!r}, [{TEXT_B!r}], [{LABEL!r}]); {TEXT_A!r} is missing from "
                         f"{_quoted(dataset.column_names)}.")
     pair = TEXT_B in dataset.column_names

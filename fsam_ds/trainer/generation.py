@@ -30,8 +30,9 @@ seq2seq, `rouge1`, `rouge2`, `rougeL` (rouge-score F-measures with Porter stemmi
 examples). All higher is better; the best checkpoint is picked by chrf (causal-lm) or rougeL
 (seq2seq), or by neg_loss when generation is off.
 
-Prediction. `prediction_inputs` reads a file's prompts (chats, sources) in file order, targets optional
-and unused; `predict` gives {"generated": text} per example, generated as in evaluation.
+Prediction. `prediction_inputs` takes a file's prompts (chats, sources) in file order from its columns,
+read once by the caller, targets optional and unused; `predict` gives {"generated": text} per example,
+generated as in evaluation.
 
 Collective generation. Under ZeRO-3 every forward gathers parameters with every rank, so every rank
 must run as many forwards: a dev batch is generated on every rank when any rank needs it (one
@@ -54,7 +55,7 @@ from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.data import DataError, read_table
-from fsam_ds.trainer.objectives import Model, _device
+from fsam_ds.trainer.objectives import Model, model_device
 from fsam_ds.trainer.run_config import TrainConfig
 
 IGNORE = -100
@@ -161,14 +162,18 @@ class _Generation:
         return {split: self._dataset(base / name, tokenizer, targets=True)
                 for split, name in ((self.train_split, d.train_file), (self.select_split, d.dev_file))}
 
-    def prediction_inputs(self, path: Path, tokenizer: Any) -> Dataset:
-        """Tokenized rows of a file to predict on, in file order; label/target columns optional."""
+    def prediction_inputs(self, path: Path, columns: Mapping[str, list], tokenizer: Any) -> Dataset:
+        """Tokenized rows of a file to predict on, in file order, from its `columns` (`read_table`'s);
+        target columns optional."""
         self._check_tokenizer(tokenizer)
-        return self._dataset(Path(path), tokenizer, targets=False)
+        return self._dataset(Path(path), tokenizer, targets=False, columns=dict(columns))
 
-    def _dataset(self, path: Path, tokenizer: Any, *, targets: bool) -> Dataset:
+    def _dataset(self, path: Path, tokenizer: Any, *, targets: bool,
+                 columns: dict[str, list] | None = None) -> Dataset:
+        """The file's examples; `columns`: the file as already read (else it is read here)."""
         self.tokenizer = tokenizer
-        columns = read_table(path, encoding=self.cfg.data.encoding)
+        if columns is None:
+            columns = read_table(path, encoding=self.cfg.data.encoding)
         n = len(next(iter(columns.values()), []))
         if n == 0:
             raise DataError(f"{path} holds no examples; give a file with columns {self._column_names()} and at "
@@ -229,7 +234,7 @@ class _Generation:
     def generate(self, model: Model, batch: Mapping[str, Tensor]) -> Tensor:
         """Greedy continuations of `batch`: [examples, eval.max_new_tokens] token ids, NO_TOKEN from the
         first EOS on. Collective when distributed (every rank must call it as often)."""
-        device = _device(model)
+        device = model_device(model)
         ids, mask = (t.to(device) for t in self._generation_inputs(batch))
         module = getattr(model, "module", model)  # a DeepSpeed engine's transformers model
         eos = self._eos(self.tokenizer)
@@ -248,7 +253,7 @@ class _Generation:
             scored = batch["example_index"] < self.generate_examples
             n = len(scored)
             generated = torch.full((n, self.max_new_tokens), NO_TOKEN, dtype=torch.int32)
-            if _any_rank(bool(scored.any()), _device(model)):
+            if _any_rank(bool(scored.any()), model_device(model)):
                 generated = self.generate(model, batch)
             out.update(scored=scored, generated=generated,
                        reference=_compact(batch["labels"], self.cfg.data.max_length))
@@ -373,7 +378,7 @@ class CausalLM(_Generation):
         return collate
 
     def _targets(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        device = _device(model)
+        device = model_device(model)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
         # position t predicts token t + 1
@@ -436,7 +441,7 @@ class Seq2Seq(_Generation):
         return collate
 
     def _targets(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        device = _device(model)
+        device = model_device(model)
         labels = batch["labels"].to(device)
         module = getattr(model, "module", model)
         # the model's own shift (decoder start token, IGNORE -> pad); passing labels would also make it

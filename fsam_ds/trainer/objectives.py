@@ -21,8 +21,8 @@ from datasets import Dataset
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import (infer_label_names, load_prediction_split, load_task_splits, padding_collator,
-                                  tokenize)
+from fsam_ds.trainer.data import (infer_label_names, load_task_splits, padding_collator, prediction_split,
+                                  read_split_file, tokenize)
 from fsam_ds.trainer.run_config import DataSection, TrainConfig
 from fsam_ds.trainer.tasks import (CLASSIFICATION, OWN_DATA_TASKS, REGRESSION, TaskSpec, compute_metrics, get_task,
                                    own_data_task, predicted_ids)
@@ -72,8 +72,10 @@ class Objective(Protocol):
         """`from_pretrained` keyword arguments that shape the head (labels, problem type)."""
         ...
 
-    def prediction_inputs(self, path: Path, tokenizer: Any) -> Dataset:
-        """Tokenized rows of a file to predict on, in file order; label/target columns optional."""
+    def prediction_inputs(self, path: Path, columns: Mapping[str, list], tokenizer: Any) -> Dataset:
+        """Tokenized rows of a file to predict on, in file order, from `columns`, the file as `read_table`
+        read it (the caller reads it once, and echoes the same rows); `path` names it in messages.
+        Label/target columns optional."""
         ...
 
     def predict(self, model: Model, batch: Mapping[str, Tensor]) -> list[dict[str, Any]]:
@@ -82,7 +84,8 @@ class Objective(Protocol):
         ...
 
 
-def _device(model: Model) -> torch.device:
+def model_device(model: Model) -> torch.device:
+    """The device that `model`'s inputs go to."""
     device = getattr(model, "device", None)  # a DeepSpeed engine or a transformers model
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
@@ -92,8 +95,12 @@ class SequenceClassification:
     or a sequence pair, scored with the task's metrics (`fsam_ds.trainer.tasks`). A prediction is
     {"label": class name, "probabilities": {class name: softmax probability}} or {"score": value}."""
 
-    def __init__(self, task: TaskSpec, cfg: TrainConfig | None = None) -> None:
+    def __init__(self, task: TaskSpec, cfg: TrainConfig | None = None,
+                 tables: Mapping[Path, dict[str, list]] | None = None) -> None:
+        """`tables`: data files already read (to infer the label set) -> their columns, which
+        `prepare_splits` uses rather than reading those files again."""
         self.task, self.cfg = task, cfg
+        self._tables = dict(tables or {})
         self.select_metric = task.select_metric
         self.train_split, self.select_split = task.train_split, task.select_split
 
@@ -101,7 +108,8 @@ class SequenceClassification:
         assert self.cfg is not None, "prepare_splits needs the run's configuration"
         d, seed = self.cfg.data, self.cfg.seed
         splits = load_task_splits(self.task, train_per_class=d.limit_per_class or None, seed=seed,
-                                  encoding=d.encoding, **_data_sources(self.cfg, self.task))
+                                  encoding=d.encoding, tables=self._tables, **_data_sources(self.cfg, self.task))
+        self._tables = {}  # not held for the rest of the run
         return {name: tokenize(split, tokenizer, max_length=d.max_length) for name, split in splits.items()}
 
     def collator(self, tokenizer: Any) -> Callable[[list], Mapping[str, Tensor]]:
@@ -109,7 +117,7 @@ class SequenceClassification:
 
     def _logits(self, model: Model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Logits in fp32 (whatever the model's dtype) and the labels, on the model's device."""
-        device = _device(model)
+        device = model_device(model)
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = inputs.pop("labels")
         return model(**inputs).logits.float(), labels
@@ -151,15 +159,13 @@ class SequenceClassification:
             kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
         return kwargs
 
-    def prediction_inputs(self, path: Path, tokenizer: Any) -> Dataset:
+    def prediction_inputs(self, path: Path, columns: Mapping[str, list], tokenizer: Any) -> Dataset:
         assert self.cfg is not None, "prediction_inputs needs the run's configuration"
-        d = self.cfg.data
-        texts = load_prediction_split(self.task, path, encoding=d.encoding)
-        return tokenize(texts, tokenizer, max_length=d.max_length)
+        return tokenize(prediction_split(self.task, path, columns), tokenizer, max_length=self.cfg.data.max_length)
 
     @torch.no_grad()
     def predict(self, model: Model, batch: Mapping[str, Tensor]) -> list[dict[str, Any]]:
-        device = _device(model)
+        device = model_device(model)
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits.float().cpu()
         if self.task.is_regression:
@@ -212,11 +218,15 @@ def own_data_objective(cfg: TrainConfig) -> SequenceClassification:
     if name == REGRESSION and d.labels:
         raise ConfigError(f"data.labels = {list(d.labels)} lists classes, but {flag} predicts a number. Use "
                           "--task=classification for classes, or drop --data.labels.")
+    train_table = None
     if name == CLASSIFICATION and not d.labels:
-        d.labels = infer_label_names(Path(d.data_dir or ".") / d.train_file, d.label_column, encoding=d.encoding)
+        # read once: the label set now, the train split from the same columns in prepare_splits
+        train_file = Path(d.data_dir or ".") / d.train_file
+        train_table = read_split_file(train_file, encoding=d.encoding)
+        d.labels = infer_label_names(train_file, d.label_column, columns=train_table)
     task = own_data_task(name, tuple(d.text_columns), d.label_column,
                          tuple(d.labels) if name == CLASSIFICATION else None)
-    return SequenceClassification(task, cfg)
+    return SequenceClassification(task, cfg, None if train_table is None else {train_file: train_table})
 
 
 def _causal_lm(cfg: TrainConfig) -> Objective:

@@ -259,6 +259,9 @@ _FALSE = ("false", "0", "no", "off")
 _NONE = ("none", "null", "~")
 
 
+_PLURALS = {str: "strings", int: "integers", float: "finite numbers", bool: "true/false values"}
+
+
 def _describe(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
@@ -268,7 +271,7 @@ def _describe(tp: Any) -> str:
         return text + " or none" if type(None) in args else text
     if origin in (tuple, list):
         if origin is list or args[1:] == (Ellipsis,):
-            return f"a list of {_describe(args[0])} (comma list or JSON list)"
+            return f"a list of {_PLURALS.get(args[0]) or _describe(args[0])} (comma list or JSON list)"
         return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
@@ -310,8 +313,13 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not math.isfinite(number):  # inf passes every range check (lr > 0, rho >= 0) yet wrecks the run
             raise ValueError
         return number
-    if tp is str and isinstance(value, str):
-        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # a YAML or JSON number where text is wanted (labels: [1, 2]) becomes the text the command line
+        # gives (--data.labels=1,2), so that both name the same classes; a float as Python writes it (1.5)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return str(value)
     raise ValueError
 
 
@@ -402,8 +410,9 @@ def _build(items: list[tuple[str, Any, str]]) -> TrainConfig:
         try:
             values[section][name] = _coerce(value, _all_keys()[key])
         except ValueError:
-            raise ConfigError(f"Invalid value for config key '{key}' ({source}): {value!r} is not "
-                              f"{_describe(_all_keys()[key])}. The default is "
+            wanted = _describe(_all_keys()[key])
+            raise ConfigError(f"Invalid value for config key '{key}' ({source}): {value!r} is not {wanted}. "
+                              f"Give {wanted} instead. The default is "
                               f"{json.dumps(_value(TrainConfig(), key))}.") from None
     # Sections are built whole (the SAM section is frozen and checks itself on construction).
     cfg = TrainConfig(**values[""], **{section: cls(**values[section]) for section, cls in SECTIONS.items()})
