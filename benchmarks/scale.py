@@ -93,6 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-memory-check", action="store_true",
                         help="run even where the available memory looks too small for the largest model")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--zero-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a zero_optimization entry (a JSON value) added to every setting's DeepSpeed config, "
+                             "e.g. stage3_max_live_parameters=30000000; repeatable")
+    parser.add_argument("--rank-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the ranks, e.g. MALLOC_MMAP_THRESHOLD_=1048576; repeatable")
 
 
 # ====================================================================== the model and the data
@@ -175,6 +180,13 @@ def trainer_args(spec: RunSpec, model: Path, train: Path, dev: Path, out: Path, 
             "log.log_every": 1, "eval.every_epoch": "false", "eval.save_best": "false",
             "checkpoint_every": 10 ** 9}
     args.update(SETTINGS[spec.setting].trainer_args)
+    if o.get("zero_options"):
+        # the setting's config file, or the one the trainer builds for itself, plus the options
+        config = json.loads((REPO / args.get("ds_config", "ds_configs/zero3_fp32.json")).read_text())
+        config["zero_optimization"].update(o["zero_options"])
+        path = out.parent / "ds_config.json"
+        path.write_text(json.dumps(config, indent=1))
+        args["ds_config"] = str(path)
     return [f"--{k}={v}" for k, v in args.items()]
 
 
@@ -187,7 +199,7 @@ def launch(spec: RunSpec, model: Path, data: tuple[Path, Path], work: Path, o: d
                "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "benchmarks.scale_rank",
                "--out", str(out), *(["--whole-load"] if SETTINGS[spec.setting].whole_load else []), "--",
                *trainer_args(spec, model, *data, out / "run", o)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled",
+    env = dict(os.environ, **o.get("rank_env", {}), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(
                    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     started = time.perf_counter()
@@ -345,9 +357,29 @@ def _options(args: argparse.Namespace) -> dict:
     if args.search and args.search_layers == args.layers:
         raise SystemExit(f"benchmarks scale: --search-layers={args.search_layers} equals --layers; the fit needs two "
                          "different sizes")
-    return {k: getattr(args, k) for k in ("settings", "layers", "hidden", "vocab", "seq", "micro_batch", "steps",
-                                           "search", "budget_gib", "search_layers", "timeout",
-                                           "skip_memory_check", "json")}
+    return {**{k: getattr(args, k) for k in ("settings", "layers", "hidden", "vocab", "seq", "micro_batch", "steps",
+                                              "search", "budget_gib", "search_layers", "timeout",
+                                              "skip_memory_check", "json")},
+            "zero_options": _json_values(_pairs(args.zero_option, "--zero-option"), "--zero-option"),
+            "rank_env": _pairs(args.rank_env, "--rank-env")}
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"benchmarks scale: {flag} {item!r} is not KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _json_values(pairs: dict[str, str], flag: str) -> dict[str, Any]:
+    try:
+        return {key: json.loads(value) for key, value in pairs.items()}
+    except ValueError:
+        raise SystemExit(f"benchmarks scale: every {flag} value must be JSON (a number, true/false, or a quoted "
+                         f"string); got {pairs}") from None
 
 
 # per-rank peak above the baseline, x the fp32 model, before the work on ZeRO-3 memory (fisher-sam, the larger),
@@ -452,6 +484,10 @@ def format_scale_report(result: dict) -> str:
             f"RoBERTa-shaped classifier, {c['layers']} layers, hidden {c['hidden']}, vocab {c['vocab']} "
             f"({c['parameters'] / 1e6:.1f} M parameters, fp32 model {c['model_bytes_fp32'] / MiB:.0f} MiB); "
             f"micro-batch {c['micro_batch']} x {c['seq']} tokens per rank, {c['steps']} steps")
+    changes = [f"zero_optimization.{k} = {json.dumps(v)}" for k, v in c.get("zero_options", {}).items()]
+    changes += [f"{k}={v} for the ranks" for k, v in c.get("rank_env", {}).items()]
+    if changes:
+        head += "; every setting with " + ", ".join(changes)
     header = ["setting", "optimizer", "base MiB", "load RSS", "load heap", "train RSS", "run RSS", "run heap",
               "peak in", "step s", "CPU s", "mem/AdamW", "step/AdamW", "CPU/AdamW"]
     rows = []
@@ -482,7 +518,7 @@ def format_scale_report(result: dict) -> str:
     return "\n".join(parts)
 
 
-HELD_ROLES = ("weights", "fp32 master", "gradients", "optimizer state", "other tensors")
+HELD_ROLES = ("weights", "fp32 master", "gradients", "optimizer state")
 SAM_PHASES = ("first_pass", "rebuild_mask", "apply_perturbation", "zero_grads", "select_examples", "second_pass",
               "restore")
 
@@ -507,9 +543,9 @@ def _format_breakdown(result: dict) -> str:
                          *(fmt(held.get(r)) for r in HELD_ROLES), fmt(sum(v for v in held.values() if v)),
                          heap("forward"), heap("backward"), heap(*SAM_PHASES), heap("step"), heap(BETWEEN_PHASES),
                          fmt(run["finish_x_model"]["heap"])])
-    legend = ("held: the tensors a rank holds after the last step, x the fp32 model (the larger rank): the weights' "
-              "partitions, DeepSpeed's fp32 master, the gradient partitions, the optimizer's state, every other "
-              "tensor reachable from Python. Then the heap peak above the baseline, x the fp32 model, of each part "
+    legend = ("held: the tensors a rank holds for the model after the last step, x the fp32 model (the larger rank): "
+              "the weights' partitions, DeepSpeed's fp32 master, the gradient partitions, the optimizer's state. "
+              "Then the heap peak above the baseline, x the fp32 model, of each part "
               "of the steps (over all steps; SAM passes: the largest of the sharpness-aware phases; other: the "
               "loop's own work between the engine's phases) and of the finish (final evaluation and export).")
     return table(header, rows) + "\n" + legend

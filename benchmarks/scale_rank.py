@@ -15,8 +15,8 @@ are marked by wrapping two names of `fsam_ds.trainer.loop`, which calls them onc
   moves wall-clock step times by more than the differences measured). Within it, the step's own
   phases (the engine's `observer`: forward, backward, first_pass, second_pass, restore, step, ...)
   are marked, so each has its peak over all steps (`step_phases`); and after the last step the
-  tensors the rank holds are counted by what they are for (`held`: the weights' partitions,
-  DeepSpeed's fp32 master, the gradient partitions, the optimizer's state, every other tensor);
+  tensors the rank holds for the model are counted by what they are for (`held`: the weights'
+  partitions, DeepSpeed's fp32 master, the gradient partitions, the optimizer's state);
 * finish: the final evaluation and export, and the process group's teardown.
 
 `--whole-load` makes `load_model` load the whole model on every rank (no `zero.Init`), as the trainer
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -61,10 +60,10 @@ class MarkedPhases:
 
 
 def held_by_role(engine: Any) -> dict[str, int]:
-    """Bytes of the tensors this rank holds, by what they are for: the parts of DeepSpeed's ZeRO-3
-    optimizer (private attributes of 0.19.x; a part it does not find counts as 0) and then every other
-    tensor reachable from Python (activations are gone between steps). A storage counts once, in the
-    first role that reaches it."""
+    """Bytes of the tensors this rank holds for the model between steps, by what they are for: the parts
+    of DeepSpeed's ZeRO-3 optimizer (private attributes of 0.19.x; a part it does not find counts as 0).
+    A storage counts once, in the first role that reaches it. Cheap (no walk over every object), so it
+    runs after every step and the last one's counts are kept."""
     import torch
 
     zero = engine.optimizer
@@ -75,7 +74,6 @@ def held_by_role(engine: Any) -> dict[str, int]:
         "fp32 master": masters,
         "gradients": [getattr(zero, "grad_partitions_flat_buffer", None), *(m.grad for m in masters)],
         "optimizer state": [t for entry in state.values() for t in entry.values()],
-        "other tensors": [o for o in gc.get_objects() if isinstance(o, torch.Tensor)],
     }
     seen: set[int] = set()
     held = {}
@@ -146,6 +144,7 @@ def main(argv: list[str]) -> None:
                 start = time.process_time()
                 out = train_step(*args, **kwargs)
                 step_cpu_seconds.append(time.process_time() - start)
+                held.update(held_by_role(run.sam_engine.engine))
                 return out
 
             run.sam_engine.train_step = train_step_timed  # this engine only: an attribute over its method
@@ -153,7 +152,6 @@ def main(argv: list[str]) -> None:
             memory.mark(BETWEEN_PHASES)
             train_loop(run, rng)
             memory.mark(None)
-            held.update(held_by_role(run.sam_engine.engine))
             memory.enter("finish")
 
         loop.load_model, loop.train_loop = load_model_measured, train_loop_measured
