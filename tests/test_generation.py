@@ -231,20 +231,14 @@ def test_predict_generates_what_the_model_generates_for_each_example_alone(asset
 
 
 def test_fsam_predict_reads_its_input_once_and_writes_each_rows_generation(assets, tmp_path, monkeypatch):
-    import json
-
     import train_fixtures as fx
-    from fsam_ds.cli.predict import predict_file
     from fsam_ds.trainer.run_config import config_to_dict
 
     cfg = gf.generation_config(assets["llama"], assets["files"], "causal-lm", "pc")
     folder = fx.as_export(assets["llama"], tmp_path / "best", config_to_dict(cfg))
     rows = [{"id": i, "prompt": p} for i, (p, _) in enumerate(gf.pairs(5, 7))]
     source = gf.write_jsonl(tmp_path / "inputs.jsonl", rows)
-    reads = fx.count_file_reads(monkeypatch)
-    assert predict_file(folder, source, tmp_path / "out.jsonl", batch_size=2, progress=False) == len(rows)
-    assert reads == [source]
-    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    written = fx.predict_reading_once(folder, source, tmp_path / "out.jsonl", monkeypatch)
     assert [{k: v for k, v in r.items() if k != "prediction"} for r in written] == rows  # in file order
     # the reference: the objective's generation for all rows in one batch, from the file as read here
     objective, tok = objective_for(cfg), AutoTokenizer.from_pretrained(folder)

@@ -4,7 +4,6 @@ that a run and fsam-predict read each file once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -121,8 +120,6 @@ def test_predict_reads_its_input_once_and_echoes_each_row_with_the_models_predic
         tiny_model, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fsam_ds.cli.predict import predict_file
-
     moods = sorted(fx.MOODS)
     cfg = load_config(["--task=classification", f"--model={tiny_model}", "--data.train_file=train.csv",
                        "--data.dev_file=dev.csv", "--data.text_columns=claim,reply", "--data.label_column=mood",
@@ -130,10 +127,7 @@ def test_predict_reads_its_input_once_and_echoes_each_row_with_the_models_predic
     folder = fx.as_export(tiny_model, tmp_path / "best", config_to_dict(cfg))
     rows = fx.pair_rows(5, seed=2)
     source = fx.write_table(tmp_path / "in.csv", rows)
-    reads = fx.count_file_reads(monkeypatch)
-    assert predict_file(folder, source, tmp_path / "out.jsonl", batch_size=2, progress=False) == len(rows)
-    assert reads == [source]
-    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    written = fx.predict_reading_once(folder, source, tmp_path / "out.jsonl", monkeypatch)
     assert [{k: v for k, v in r.items() if k != "prediction"} for r in written] == rows  # in file order
 
     # the reference: each row alone through the plain transformers model

@@ -243,3 +243,20 @@ def count_file_reads(monkeypatch: Any) -> list[Path]:
 
     monkeypatch.setattr(data, "_read_file", counted)
     return reads
+
+
+def predict_reading_once(folder: Path, source: Path, out: Path, monkeypatch: Any) -> list[dict]:
+    """fsam-predict's output rows for `source`, checking that it read the file once and echoed every row
+    in file order (the rows as `read_table` gives them, without "prediction")."""
+    import json
+
+    from fsam_ds.cli.predict import predict_file
+    from fsam_ds.trainer.data import read_table, table_rows
+
+    expected_rows = table_rows(read_table(source))
+    reads = count_file_reads(monkeypatch)
+    assert predict_file(folder, source, out, batch_size=2, progress=False) == len(expected_rows)
+    assert reads == [source]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "prediction"} for r in written] == expected_rows
+    return written
