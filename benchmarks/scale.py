@@ -280,6 +280,7 @@ def summarise_run(raw: dict, model_bytes: int) -> dict:
                                                  model_bytes) for figure in FIGURES} for name in phase_names}
     roles = sorted({role for r in ranks for role in r["held"]})
     return {
+        "step_phase_seconds": _phase_seconds(raw["per_rank"]),
         "held_x_model": {role: times_model_of([r["held"].get(role) for r in ranks], model_bytes) for role in roles},
         "step_phase_x_model": step_phases,
         "finish_x_model": {figure: times_model_of([r["finish"].get(figure) for r in ranks], model_bytes)
@@ -299,6 +300,14 @@ def summarise_run(raw: dict, model_bytes: int) -> dict:
         "step_cpu_s": median(_slowest_rank_cpu(raw["per_rank"])[1:]),
         "wall_seconds": raw["wall_seconds"],
     }
+
+
+def _phase_seconds(per_rank: list[dict]) -> dict[str, float]:
+    """Per phase, the median over the timed steps (the first left out) of the larger rank's seconds."""
+    steps = [list(r.get("step_phase_seconds", []))[1:] for r in per_rank]
+    names = sorted({name for rank in steps for step in rank for name in step})
+    return {name: median([max(rank[i].get(name, 0.0) for rank in steps) for i in range(min(map(len, steps)))])
+            for name in names} if steps and min(map(len, steps)) else {}
 
 
 def times_model_of(values: list[int | None], model_bytes: int) -> float | None:
@@ -529,7 +538,7 @@ def _format_breakdown(result: dict) -> str:
     from benchmarks.scale_rank import BETWEEN_PHASES
 
     header = ["setting", "optimizer", *(f"held: {r}" for r in HELD_ROLES), "held", "forward", "backward",
-              "SAM passes", "step", "other", "finish"]
+              "SAM passes", "step", "other", "finish", "s: forward", "backward", "SAM passes", "step"]
     rows = []
     for s, summary in result["settings"].items():
         for name, run in summary["optimizers"].items():
@@ -539,15 +548,21 @@ def _format_breakdown(result: dict) -> str:
                 values = [phases[n]["heap"] for n in names if n in phases and phases[n]["heap"] is not None]
                 return fmt(max(values)) if values else "-"
 
+            seconds = run["step_phase_seconds"]
+            sam = [seconds[n] for n in ("first_pass", "select_examples", "second_pass", "restore", "zero_grads")
+                   if n in seconds]  # the outer sharpness-aware phases (rebuild_mask, apply_perturbation nest)
             rows.append([SETTINGS[s].label if name == "adamw" else "", name,
                          *(fmt(held.get(r)) for r in HELD_ROLES), fmt(sum(v for v in held.values() if v)),
                          heap("forward"), heap("backward"), heap(*SAM_PHASES), heap("step"), heap(BETWEEN_PHASES),
-                         fmt(run["finish_x_model"]["heap"])])
+                         fmt(run["finish_x_model"]["heap"]), fmt(seconds.get("forward")),
+                         fmt(seconds.get("backward")), fmt(sum(sam)) if sam else "-", fmt(seconds.get("step"))])
     legend = ("held: the tensors a rank holds for the model after the last step, x the fp32 model (the larger rank): "
               "the weights' partitions, DeepSpeed's fp32 master, the gradient partitions, the optimizer's state. "
               "Then the heap peak above the baseline, x the fp32 model, of each part "
               "of the steps (over all steps; SAM passes: the largest of the sharpness-aware phases; other: the "
-              "loop's own work between the engine's phases) and of the finish (final evaluation and export).")
+              "loop's own work between the engine's phases) and of the finish (final evaluation and export). "
+              "s: wall seconds per step in the phase (all micro-batches; for fisher-sam both passes), the median "
+              "over the timed steps, the larger rank.")
     return table(header, rows) + "\n" + legend
 
 

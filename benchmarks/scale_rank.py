@@ -14,7 +14,8 @@ are marked by wrapping two names of `fsam_ds.trainer.loop`, which calls them onc
   `train_step`: it leaves out the time other processes hold the cores, which on a busy machine
   moves wall-clock step times by more than the differences measured). Within it, the step's own
   phases (the engine's `observer`: forward, backward, first_pass, second_pass, restore, step, ...)
-  are marked, so each has its peak over all steps (`step_phases`); and after the last step the
+  are marked, so each has its peak over all steps (`step_phases`) and its wall seconds in each step
+  (`step_phase_seconds`); and after every step the
   tensors the rank holds for the model are counted by what they are for (`held`: the weights'
   partitions, DeepSpeed's fp32 master, the gradient partitions, the optimizer's state);
 * finish: the final evaluation and export, and the process group's teardown.
@@ -41,20 +42,30 @@ BETWEEN_PHASES = "between phases"
 
 
 class MarkedPhases:
-    """A step observer (`fsam_ds.sam.driver.StepObserver`) that marks each phase in a `BackgroundPeak`;
-    a nested phase hands the mark back to the phase around it when it ends."""
+    """A step observer (`fsam_ds.sam.driver.StepObserver`) that marks each phase in a `BackgroundPeak`
+    (a nested phase hands the mark back to the phase around it when it ends) and times it: `seconds`
+    holds one {phase: wall seconds} per step begun with `new_step` (a nested phase also counts in the
+    phase around it)."""
 
     def __init__(self, memory: BackgroundPeak) -> None:
         self.memory = memory
         self.stack: list[str] = []
+        self.seconds: list[dict[str, float]] = []
+
+    def new_step(self) -> None:
+        self.seconds.append({})
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self.stack.append(name)
         self.memory.mark(name)
+        start = time.perf_counter()
         try:
             yield
         finally:
+            if self.seconds:
+                step = self.seconds[-1]
+                step[name] = step.get(name, 0.0) + time.perf_counter() - start
             self.stack.pop()
             self.memory.mark(self.stack[-1] if self.stack else BETWEEN_PHASES)
 
@@ -128,6 +139,7 @@ def main(argv: list[str]) -> None:
         load_model, train_loop = loop.load_model, loop.train_loop
         step_cpu_seconds: list[float] = []
         held: dict[str, int] = {}
+        observer = MarkedPhases(memory)
 
         def load_model_measured(cfg, objective, ds_config=None):  # noqa: ANN001, ANN202 - the trainer's signature
             import_model_code(cfg, objective)
@@ -141,6 +153,7 @@ def main(argv: list[str]) -> None:
             train_step = run.sam_engine.train_step
 
             def train_step_timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                observer.new_step()
                 start = time.process_time()
                 out = train_step(*args, **kwargs)
                 step_cpu_seconds.append(time.process_time() - start)
@@ -148,7 +161,7 @@ def main(argv: list[str]) -> None:
                 return out
 
             run.sam_engine.train_step = train_step_timed  # this engine only: an attribute over its method
-            run.sam_engine.observer = MarkedPhases(memory)
+            run.sam_engine.observer = observer
             memory.mark(BETWEEN_PHASES)
             train_loop(run, rng)
             memory.mark(None)
@@ -158,7 +171,8 @@ def main(argv: list[str]) -> None:
         code = cli.main(trainer_argv)
     rank = int(os.environ.get("RANK", "0"))
     result = {"rank": rank, "exit_code": code, "phases": memory.phases, "peak": memory.peak,
-              "step_phases": memory.marks, "held": held, "step_cpu_seconds": step_cpu_seconds}
+              "step_phases": memory.marks, "held": held, "step_cpu_seconds": step_cpu_seconds,
+              "step_phase_seconds": observer.seconds}
     out = Path(options.out) / f"rank{rank}.json"
     out.with_suffix(".part").write_text(json.dumps(result, indent=1))
     os.replace(out.with_suffix(".part"), out)

@@ -464,7 +464,9 @@ def _scale_rank(base: int, load: int, held: int, train: int, finish: int) -> dic
                      "peak": figures(base + p)} for name, p in peaks.items()}
     phases["load"]["start"] = figures(base)
     return {"phases": phases, "step_phases": {"forward": figures(base + train - 100), "backward": figures(base + train)},
-            "held": {"weights": held // 5, "optimizer state": held - held // 5}}
+            "held": {"weights": held // 5, "optimizer state": held - held // 5},
+            "step_phase_seconds": [{"forward": 9.0}, {"forward": 1.0, "backward": 2.0}, {"forward": 1.2},
+                                   {"forward": 0.9, "backward": 2.5}]}
 
 
 def test_scale_summary_ratios_and_verdicts_from_given_numbers():
@@ -488,6 +490,8 @@ def test_scale_summary_ratios_and_verdicts_from_given_numbers():
     assert adamw["step_phase_x_model"]["backward"]["heap"] == pytest.approx(2.4)  # rank 0's, the larger
     assert adamw["step_phase_x_model"]["forward"]["heap"] == pytest.approx(2.3)
     assert adamw["finish_x_model"]["heap"] == pytest.approx(0.9)
+    # per phase, the median over the steps after the first, a missing phase counting 0
+    assert adamw["step_phase_seconds"] == {"forward": pytest.approx(1.0), "backward": pytest.approx(2.0)}
     summary = bench_scale.summarise_setting("checkpointing", runs)
     assert summary["ratios"]["fisher-sam"]["memory_ratio"] == pytest.approx(2550 / 2400)
     assert summary["ratios"]["fisher-sam"]["step_ratio"] == pytest.approx(2.1)
@@ -549,6 +553,8 @@ def test_scale_command_end_to_end_memory_bounds_from_the_parameter_count(tmp_pat
         # the optimizer step runs with everything the rank holds for the model alive (heap above the baseline,
         # which holds none of it)
         assert phases["step"]["heap"] >= 2.5, (name, phases["step"])
+        assert expected <= set(summary["step_phase_seconds"]), (name, summary["step_phase_seconds"])
+        assert all(v > 0 for v in summary["step_phase_seconds"].values()), summary["step_phase_seconds"]
     text = run.stdout
     assert "benchmarks scale" in text and "+ zero.Init" in text and "verdict" in text
     assert text.count("fisher-sam") >= 2 and "mem/AdamW" in text
