@@ -4,6 +4,8 @@ for memory to matter, per-rank memory by phase and step time, and the largest mo
     python -m benchmarks scale                                   # RoBERTa-large shape, 5 settings x 2 optimizers
     python -m benchmarks scale --layers 8 --search --search-layers 2 --budget-gib 4   # what fits 2 x 12 GiB
     python -m benchmarks scale --layers 2 --hidden 64 --settings zero-init --steps 3   # a tiny version
+    python -m benchmarks scale --layers 8 --settings zero-init --zero-option stage3_max_live_parameters=30000000
+    python -m benchmarks scale --layers 8 --settings zero-init --rank-env MALLOC_MMAP_THRESHOLD_=1048576
 
 A RoBERTa-shaped classifier (`RobertaForSequenceClassification`, default the large shape: 24 layers,
 hidden 1024, vocab 50265, 355M parameters) is built from a config, with a small word-level tokenizer,
@@ -22,6 +24,11 @@ from the run's own metrics.jsonl (log_every 1: the time between consecutive step
 step left out), and the median CPU time of a step (the larger rank's), which a busy machine does not
 inflate. Ratios are to the fp32 model (4 bytes per parameter), and fisher-sam / AdamW per
 setting. The targets (`benchmarks.targets.SCALE_TARGETS`) are printed with their verdicts.
+
+Per run the breakdown table shows what each rank holds after the steps, by role (`scale_rank.held_by_role`),
+and the heap peak and wall seconds of each step phase. `--zero-option KEY=VALUE` adds a `zero_optimization`
+entry to every setting's DeepSpeed config, `--rank-env NAME=VALUE` an environment variable of the ranks:
+to measure what a DeepSpeed or allocator setting changes, against a run without it.
 
 `--search`: per setting and optimizer, the whole-run peak per rank (absolute, the larger rank) is
 fitted as a + b x layers from two sizes (`--layers` and `--search-layers`, same width), the largest
