@@ -72,8 +72,10 @@ def train_here(assets: dict[str, Path], out: Path | None, cwd: Path, *extra: str
     """`train`'s launch by fsam-train's main in this process (no interpreter start), with its console
     output (stdout and stderr, as `train` reads them) and its exit status; for launches refused before
     training. An exception that main does not turn into an error line fails the test as it is raised."""
-    import datasets  # noqa: F401 - these create their log handlers on import: on pytest's streams,
-    import deepspeed  # noqa: F401 - not on the buffer below, which later tests never see
+    # imported before the streams are redirected: they create their log handlers on import, and those
+    # must write to pytest's streams, not to this launch's buffer
+    import datasets  # noqa: F401
+    import deepspeed  # noqa: F401
     import transformers  # noqa: F401
 
     from fsam_ds.cli.train import main
