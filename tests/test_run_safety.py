@@ -1,12 +1,15 @@
 """What fsam-train guarantees when things go wrong: runs never replace each other unasked, damaged
 checkpoints are never loaded, runs that train nothing do not report success, and resume never
 silently mixes settings. Each test reproduces a failure seen on a real run with the tiny BERT and
-generated data of train_fixtures, in subprocesses like a user's command line.
+generated data of train_fixtures: runs that train in subprocesses like a user's command line, launches
+that are refused before training by the trainer's main in this process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -31,12 +34,66 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return {"model": model, "train": train, "dev": dev}
 
 
-def train(assets: dict[str, Path], out: Path | None, cwd: Path, *extra: str, **settings) -> subprocess.CompletedProcess:
-    """fsam-train in `cwd`; out None leaves output_dir at its default (runs/... under cwd)."""
+# The run that the tests below copy (shutil.copytree) instead of training their own: ZeRO-1, so that
+# its checkpoints hold every kind of checkpoint file, and a checkpoint every 2 of its 8 steps, so
+# that the newest one (step8) has intact older ones beside it.
+FINISHED = {"sam.rho": 0.02, "zero_stage": 1, "checkpoint_every": 2, "keep_checkpoints": 3}
+
+
+@pytest.fixture(scope="module")
+def finished_run(assets, tmp_path_factory) -> Path:
+    """A run trained with FINISHED, launched without output_dir in an empty folder: runs/<its default name>."""
+    cwd = tmp_path_factory.mktemp("finished")
+    result = train(assets, None, cwd, **FINISHED)
+    assert result.returncode == 0, result.stdout[-4000:]
+    (run,) = (cwd / "runs").iterdir()
+    return run
+
+
+def train_args(assets: dict[str, Path], out: Path | None, *extra: str, **settings) -> list[str]:
+    """fsam-train's arguments; out None leaves output_dir at its default (runs/... under the working folder)."""
     args = fx.base_args(assets["model"], assets["train"], assets["dev"], out or Path("unused"), **{**SHORT, **settings})
     if out is None:
         args = [a for a in args if not a.startswith("--output_dir=")]
-    return fx.run(fx.train_cmd(args + list(extra)), TIMEOUT, cwd=cwd, PYTHONPATH=str(fx.REPO))
+    return args + list(extra)
+
+
+def train(assets: dict[str, Path], out: Path | None, cwd: Path, *extra: str, **settings) -> subprocess.CompletedProcess:
+    """fsam-train in `cwd`, in a subprocess."""
+    return fx.run(fx.train_cmd(train_args(assets, out, *extra, **settings)), TIMEOUT, cwd=cwd, PYTHONPATH=str(fx.REPO))
+
+
+# set as a one-process torchrun sets them, so that init_distributed leaves os.environ as it found it
+ONE_PROCESS = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+
+
+def train_here(assets: dict[str, Path], out: Path | None, cwd: Path, *extra: str,
+               **settings) -> subprocess.CompletedProcess:
+    """`train`'s launch by fsam-train's main in this process (no interpreter start), with its console
+    output (stdout and stderr, as `train` reads them) and its exit status; for launches refused before
+    training. An exception that main does not turn into an error line fails the test as it is raised."""
+    # imported before the streams are redirected: they create their log handlers on import, and those
+    # must write to pytest's streams, not to this launch's buffer
+    import datasets  # noqa: F401
+    import deepspeed  # noqa: F401
+    import transformers  # noqa: F401
+
+    from fsam_ds.cli.train import main
+    from fsam_ds.zero.distributed import free_port
+
+    args = train_args(assets, out, *extra, **settings)
+    console = io.StringIO()
+    # the subprocesses' environment, PATH included: DeepSpeed builds its CPU communication op with the
+    # ninja found there, and another ninja version, not reading that build's log, would build it again
+    env = fx.env(**ONE_PROCESS, MASTER_PORT=str(free_port()), PYTHONPATH=str(fx.REPO))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                patch.setenv(key, value)
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            code = main(args)
+    return subprocess.CompletedProcess(args, code, console.getvalue(), None)
 
 
 def error_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -74,32 +131,32 @@ def test_default_folder_names_the_run_by_its_settings():
     assert run_differences(config_to_dict(a), config_to_dict(logging_only)) == []
 
 
-def test_relaunches_never_destroy_an_earlier_run(assets, tmp_path):
-    """Run A (rho 0.02); run B (rho 0.05) in the default folder; then fresh runs into A's folder, one
-    of them with a setting that fails only once the DeepSpeed config is checked: A's checkpoints,
-    metrics and exported models stay byte for byte."""
-    result = train(assets, None, tmp_path, **{"sam.rho": 0.02})
-    assert result.returncode == 0, result.stdout[-4000:]
-    (run_a,) = (tmp_path / "runs").iterdir()
+def test_relaunches_never_destroy_an_earlier_run(assets, finished_run, tmp_path):
+    """Run A (rho 0.02) and run B (rho 0.05) launched in the same folder with the default output_dir;
+    then fresh runs into A's folder, one of them with a setting that fails only once the DeepSpeed
+    config is checked: A's checkpoints, metrics and exported models stay byte for byte. A is the
+    module's finished run, copied into this test's folder as its launch there left it."""
+    run_a = tmp_path / "runs" / finished_run.name
+    shutil.copytree(finished_run, run_a)
     before = checksums(run_a)
     assert {"metrics.jsonl", "final/model.safetensors", "best/model.safetensors"} <= set(before)
     assert any(name.startswith("checkpoints/step8/") for name in before)
 
-    result = train(assets, None, tmp_path, **{"sam.rho": 0.05})
+    result = train(assets, None, tmp_path, **{**FINISHED, "sam.rho": 0.05})
     assert result.returncode == 0, result.stdout[-4000:]
     assert len(list((tmp_path / "runs").iterdir())) == 2  # B got its own folder
 
-    message = error_line(train(assets, run_a, tmp_path, **{"sam.rho": 0.05}))
+    message = error_line(train_here(assets, run_a, tmp_path, **{**FINISHED, "sam.rho": 0.05}))
     assert "holds another run" in message and "--resume=true" in message and "--overwrite=true" in message
     assert "sam.rho: 0.02 -> 0.05" in message
-    message = error_line(train(assets, run_a, tmp_path, "--overwrite=true", zero_stage=2,
-                               ds_config=str(fx.REPO / "ds_configs/zero2_bf16.json")))
+    message = error_line(train_here(assets, run_a, tmp_path, "--overwrite=true", **{**FINISHED, "zero_stage": 2},
+                                    ds_config=str(fx.REPO / "ds_configs/zero2_bf16.json")))
     assert "bf16.enabled is true but precision is 'fp32'" in message  # failed after the folder check
-    message = error_line(train(assets, run_a, tmp_path, "--resume=true", **{"sam.rho": 0.05}))
+    message = error_line(train_here(assets, run_a, tmp_path, "--resume=true", **{**FINISHED, "sam.rho": 0.05}))
     assert "sam.rho: 0.02 -> 0.05" in message
     assert checksums(run_a) == before
 
-    result = train(assets, run_a, tmp_path, "--overwrite=true", **{"sam.rho": 0.05})
+    result = train(assets, run_a, tmp_path, "--overwrite=true", **{**FINISHED, "sam.rho": 0.05})
     assert result.returncode == 0, result.stdout[-4000:]
     starts = fx.events(run_a, "start")
     assert len(starts) == 1 and not starts[0]["resumed"]  # replaced, as asked
@@ -112,33 +169,29 @@ CHECKPOINT_FILES = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_opt
                     "rng_state_rank0.pt", "trainer_state.json", "run_config.json", "manifest.json"]
 
 
-def test_damaged_checkpoint_files_are_never_loaded(assets, tmp_path):
+def test_damaged_checkpoint_files_are_never_loaded(assets, finished_run, tmp_path):
     """4 KiB changed in the middle of each kind of checkpoint file: resume=<that checkpoint> refuses,
     naming the file and the newest intact checkpoint; resume=true falls back to it, saying so, and
     keeps the damaged one as it is."""
-    settings = {"zero_stage": 1, "checkpoint_every": 2, "keep_checkpoints": 3}
-    pristine = tmp_path / "pristine"
-    result = train(assets, pristine, tmp_path, **settings)
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert sorted(p.name for p in (pristine / "checkpoints" / "step8").iterdir()) == sorted(CHECKPOINT_FILES)
+    assert sorted(p.name for p in (finished_run / "checkpoints" / "step8").iterdir()) == sorted(CHECKPOINT_FILES)
 
     for name in CHECKPOINT_FILES:
         out = tmp_path / name.replace(".", "_")
-        shutil.copytree(pristine, out)
+        shutil.copytree(finished_run, out)
         newest = out / "checkpoints" / "step8"
         flip_middle(newest / name)
         assert damage(newest) is not None and name in damage(newest)
         before = checksums(out)
-        message = error_line(train(assets, out, tmp_path, f"--resume={newest}", **settings))
+        message = error_line(train_here(assets, out, tmp_path, f"--resume={newest}", **FINISHED))
         assert f"'{newest}' is damaged: {name}" in message, message
         assert f"--resume={out / 'checkpoints' / 'step6'}" in message, message
         assert checksums(out) == before, name
 
     out = tmp_path / "fallback"
-    shutil.copytree(pristine, out)
+    shutil.copytree(finished_run, out)
     flip_middle(out / "checkpoints" / "step8" / "mp_rank_00_model_states.pt")
     damaged = checksums(out / "checkpoints" / "step8")
-    result = train(assets, out, tmp_path, "--resume=true", **settings)
+    result = train(assets, out, tmp_path, "--resume=true", **FINISHED)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "checkpoint" in result.stdout and "mp_rank_00_model_states.pt does not match" in result.stdout
     assert f"resumed from {out / 'checkpoints' / 'step6'}" in result.stdout
