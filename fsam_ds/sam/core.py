@@ -120,11 +120,13 @@ class SharpnessAware:
 
         device = self._device(grads)  # keep the reductions on the gradients' device (NCCL needs CUDA)
         sums = torch.zeros(2, dtype=torch.float64, device=device)
+        every_gradient_scaled_by_one = weights is None and active is None  # then ||T g||_S is ||g||
         for i, g in enumerate(grads):
             if g is not None:
-                sums[0] += _square_norm(g)
+                square = _square_norm(g)
+                sums[0] += square
                 if is_active(i):
-                    sums[1] += _square_norm(scaled(i))
+                    sums[1] += square if every_gradient_scaled_by_one else _square_norm(scaled(i))
         comm.all_reduce(sums)
         grad_sq, active_sq = float(sums[0]), float(sums[1])
         perturbed = 1.0 if active is None else float(active.double().mean())
