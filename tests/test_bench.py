@@ -434,12 +434,14 @@ def test_background_peak_marks_keep_the_peak_over_every_stretch_of_a_name():
         start = peak.phases["train"]["start"]["heap"]
         for first in (True, False):
             peak.mark("forward")
+            if first:  # the heap just before the tensor: it may have shrunk a little since the phase began
+                before = heap_in_use()
             block = torch.ones(size // 4) if first else None
             peak._sample()
             del block
             peak.mark("step")
         peak.mark(None)
-    assert peak.marks["forward"]["heap"] - start >= size
+    assert peak.marks["forward"]["heap"] - before >= size
     assert peak.marks["step"]["heap"] < start + size * 0.5
     assert set(peak.marks) == {"forward", "step"}
 
