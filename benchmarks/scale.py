@@ -537,6 +537,8 @@ def format_scale_report(result: dict) -> str:
 HELD_ROLES = ("weights", "fp32 master", "gradients", "optimizer state")
 SAM_PHASES = ("first_pass", "rebuild_mask", "apply_perturbation", "zero_grads", "select_examples", "second_pass",
               "restore")
+NESTED_SAM_PHASES = ("rebuild_mask", "apply_perturbation")
+"""Run inside first_pass, whose seconds already count them."""
 
 
 def _format_breakdown(result: dict) -> str:
@@ -556,8 +558,7 @@ def _format_breakdown(result: dict) -> str:
                 return fmt(max(values)) if values else "-"
 
             seconds = run["step_phase_seconds"]
-            sam = [seconds[n] for n in ("first_pass", "select_examples", "second_pass", "restore", "zero_grads")
-                   if n in seconds]  # the outer sharpness-aware phases (rebuild_mask, apply_perturbation nest)
+            sam = [seconds[n] for n in SAM_PHASES if n in seconds and n not in NESTED_SAM_PHASES]
             rows.append([SETTINGS[s].label if name == "adamw" else "", name,
                          *(fmt(held.get(r)) for r in HELD_ROLES), fmt(sum(v for v in held.values() if v)),
                          heap("forward"), heap("backward"), heap(*SAM_PHASES), heap("step"), heap(BETWEEN_PHASES),
