@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from ds_workers import mlp, tiny_bert, tiny_gpt2
+from ds_workers import mlp, run_each, tiny_bert, tiny_gpt2
 from test_zero_equivalence import reference, relative_update_error
-from zero_init_workers import run_load_memory, run_zero_init_equivalence
+from zero_init_workers import run_decay_groups, run_load_memory, run_zero_init_equivalence
 
 pytest.importorskip("deepspeed")
 
@@ -54,6 +54,30 @@ def test_bert_loaded_partitioned_by_the_trainer_matches_single_process(tmp_path)
         ours = torch.cat(results[0]["params"][sam_type])
         assert relative_update_error(ours, reference("bert", sam_type), start) <= 1e-4, sam_type
         assert relative_update_error(ours, reference("bert", sam_type, variant="summed"), start) > 1e-2, sam_type
+
+
+def test_weight_decay_groups_are_the_same_at_every_stage_with_partitioned_loading(tmp_path):
+    """The trainer's AdamW groups (decay on matrices, none on biases and LayerNorm) at ZeRO 0-3 on 2 ranks,
+    the ZeRO-3 model loaded partitioned (its parameters are [0]-shaped placeholders when the groups are
+    built), and one step on a zero gradient: decay alone, w (1 - lr wd) exactly where the groups say."""
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(folder)
+    stages = [0, 1, 2, 3]
+    results = run_distributed(run_each, 2, tmp_path / "ranks", run_decay_groups,
+                              [(str(folder), stage) for stage in stages], use_deepspeed=True)[0]
+    expected = results[0]["groups"]
+    decayed = set(expected[0.5])
+    assert decayed and set(expected[0.0]), expected
+    assert all(".bias" not in n and "LayerNorm" not in n for n in decayed)
+    assert any("embeddings.word_embeddings" in n for n in decayed)
+    for stage, result in zip(stages, results):
+        assert result["groups"] == expected, stage
+        for name, before in result["before"].items():
+            after = result["after"][name]
+            want = before * (1 - 0.1 * 0.5) if name in decayed else before
+            assert torch.allclose(after, want, rtol=1e-6, atol=0), (stage, name)
+            if name in decayed:
+                assert not torch.equal(after, before), (stage, name)
 
 
 def _save_renamed(model, folder, rename) -> None:

@@ -116,3 +116,34 @@ def run_partitioned_loads(rank: int, world: int, cases: list[tuple], seed: int =
                         "conversions": [c.source_patterns for c in getattr(model, "_weight_conversions", [])]})
     return results
 
+
+
+def run_decay_groups(rank: int, world: int, model_dir: str, stage: int) -> dict:
+    """The trainer's optimizer groups for the classifier in `model_dir` loaded as the trainer loads it at
+    `stage` (partitioned at ZeRO-3), and one AdamW step on a zero gradient: Adam's moments stay 0, so the
+    step is weight decay alone, w -> w (1 - lr wd) in the decay group and no change elsewhere.
+    Returns {weight decay: sorted names} and the full weights before and after, by name."""
+    import fsam_ds.zero.engine as fe
+    from fsam_ds.trainer.build import build_optimizer, load_model
+    from fsam_ds.trainer.objectives import objective_for
+    from fsam_ds.trainer.run_config import TrainConfig
+
+    cfg = TrainConfig(task="mnli", model=model_dir)
+    cfg.optim.lr, cfg.optim.weight_decay = 0.1, 0.5
+    config = ds_config(stage)
+    model = load_model(cfg, objective_for(cfg), config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, cfg.optim)
+    groups = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+    engine = fe.initialize_plain(model, config, optimizer=optimizer).engine
+
+    def weights() -> dict:
+        params = dict(engine.module.named_parameters())
+        return dict(zip(params, full_params(engine)))
+
+    before = weights()
+    batch = split(global_batches("bert", 1)[0], rank, world)[0]
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    engine.backward(out.logits.sum() * 0.0)  # every gradient exactly zero
+    engine.step()
+    return {"groups": groups, "before": before, "after": weights()}

@@ -106,7 +106,8 @@ def build_data(cfg: TrainConfig, objective: Objective, tokenizer: Any, rank: int
 # ------------------------------------------------------------------------ optimizer and schedule
 
 def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.AdamW:
-    """AdamW; biases and 1-D weights (LayerNorm) get no weight decay.
+    """AdamW; biases and 1-D weights (LayerNorm) get no weight decay, judged from each parameter's full
+    shape, so the groups are the same at every ZeRO stage, partitioned loading included.
 
     torch's fused kernel where it has one for the parameters' device: the per-tensor implementation
     allocates two temporaries the size of what it updates (sqrt of the second moment, then its quotient),
@@ -116,7 +117,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+            # a ZeRO-3 parameter loaded partitioned is a placeholder of shape [0] here; its own shape is ds_shape
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (no_decay if ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     settings = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
