@@ -93,3 +93,19 @@ def test_sam_optimizer_marks_the_pieces_from_the_module():
     marked = {p.name: p.candidate for p in opt.shards.pieces}
     assert not marked["transformer.wte.weight"] and not marked["transformer.wpe.weight"]
     assert marked["transformer.h.0.attn.c_attn.weight"] and not marked["transformer.h.0.attn.c_attn.bias"]
+
+
+def test_a_rule_that_leaves_no_candidate_is_refused_before_any_step():
+    """A Fisher type whose candidate_exclude matches every tensor is refused when the candidates are chosen
+    (at SAMOptimizer / fsam_ds.initialize), not in the first step; non-Fisher types do not use the rule."""
+    from fsam_ds.sam.config import ConfigError
+
+    model = gpt2()
+    names = [n for n, _ in model.named_parameters()]
+    every = SAMConfig(sam_type="fisher-sam", candidate_exclude=("transformer", "lm_head"))
+    with pytest.raises(ConfigError, match=r"candidate_exclude = \['transformer', 'lm_head'\] leaves no Fisher"):
+        fisher_candidates(every, names, model)
+    with pytest.raises(ConfigError, match="leaves no Fisher candidate"):
+        SAMOptimizer(model.named_parameters(), torch.optim.SGD, every, module=model, lr=0.1)
+    assert not any(fisher_candidates(SAMConfig(sam_type="sam", candidate_exclude=("transformer",)), names, model))
+    assert any(fisher_candidates(SAMConfig(sam_type="fisher-sam", candidate_exclude=("transformer.h",)), names))

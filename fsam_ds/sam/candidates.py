@@ -14,7 +14,7 @@ from typing import Sequence
 
 from torch import nn
 
-from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.config import ConfigError, SAMConfig
 
 __all__ = ["embedding_parameter_names", "fisher_candidates"]
 
@@ -32,6 +32,15 @@ def embedding_parameter_names(module: nn.Module) -> set[str]:
 
 def fisher_candidates(config: SAMConfig, names: Sequence[str], module: nn.Module | None = None) -> list[bool]:
     """Per name, whether the tensor is a Fisher candidate: its name matches no `candidate_exclude`
-    pattern and, with `exclude_embeddings` and the `module` that owns the names, it is no embedding."""
+    pattern and, with `exclude_embeddings` and the `module` that owns the names, it is no embedding.
+    A Fisher type with no candidate at all is refused here, before any step: its mask would be empty."""
     embeddings = embedding_parameter_names(module) if module is not None and config.exclude_embeddings else set()
-    return [config.is_candidate(name) and name not in embeddings for name in names]
+    candidates = [config.is_candidate(name) and name not in embeddings for name in names]
+    if config.uses_fisher_mask and names and not any(candidates):
+        shown = ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")
+        raise ConfigError(f"candidate_exclude = {list(config.candidate_exclude)!r} leaves no Fisher candidate: it "
+                          f"matches every trainable tensor ({len(names)}: {shown})"
+                          + (" once embeddings are left out" if embeddings else "")
+                          + f", so {config.sam_type}'s mask would be empty. Narrow the patterns (they are regular "
+                          "expressions searched in each parameter name) or use a sam_type without the Fisher mask.")
+    return candidates
