@@ -11,13 +11,13 @@ Four parts, each importing only the ones before it:
 
 from fsam_ds.sam import ConfigError, SAMConfig, SAMOptimizer
 
-__all__ = ["ConfigError", "SAMConfig", "SAMEngine", "SAMOptimizer", "initialize"]
+__all__ = ["ConfigError", "SAMConfig", "SAMEngine", "SAMOptimizer", "initialize", "zero_init"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     # the DeepSpeed side is imported on first use, so that `fsam_ds.sam` works without DeepSpeed
-    if name in ("SAMEngine", "initialize"):
+    if name in ("SAMEngine", "initialize", "zero_init"):
         from fsam_ds.zero import engine
 
         return getattr(engine, name)

@@ -319,3 +319,82 @@ def test_partitioned_loading_is_scoped_to_its_block_and_to_zero3(monkeypatch):
             pass
     with partitioned_loading({"zero_optimization": {"stage": 1}}):  # not needed below stage 3
         pass
+
+
+RECIPE_PRELUDE = """
+import torch
+import fsam_ds
+from fsam_ds import SAMConfig
+
+ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+
+
+class MyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        import torch._dynamo  # noqa: F401  first imported here, as transformers' modeling code does
+        self.embed, self.head = torch.nn.Embedding(99, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+"""
+
+RECIPE_CHECK = """
+assert all(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters())  # partitioned from birth
+ids = torch.randint(1, 99, (2, 8))
+loss = lambda engine, batch: torch.nn.functional.cross_entropy(engine(batch), torch.tensor([0, 2]), reduction="none")
+assert not sam_engine.train_step([ids], loss).skipped
+print("recipe ok")
+"""
+
+TRANSFORMERS_RECIPE = """
+from transformers import AutoModelForSequenceClassification, BertConfig
+from transformers.integrations import HfDeepSpeedConfig
+
+hf_ds = HfDeepSpeedConfig(ds_config)
+model = AutoModelForSequenceClassification.from_config(
+    BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+               num_labels=3))
+opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+sam_engine = fsam_ds.initialize(model=model, config=ds_config, sam=SAMConfig(sam_type="fisher-sam"), optimizer=opt)
+assert all(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters())
+print("recipe ok")
+"""
+
+
+def _readme_recipe() -> str:
+    """The README's Python block that builds a model partitioned from birth, as it is written there."""
+    import re
+
+    from train_fixtures import REPO
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    (recipe,) = [b for b in blocks if "zero_init(" in b]
+    return recipe
+
+
+@pytest.mark.parametrize("variant", ["as written", "deepspeed.zero.Init", "transformers"])
+def test_the_readme_recipe_for_a_model_built_partitioned_runs_in_a_fresh_process(tmp_path, variant):
+    """In a fresh process whose model construction imports torch._dynamo for the first time: the README's
+    `fsam_ds.zero_init` block works as written, plain `deepspeed.zero.Init` fails there, and the
+    transformers line (HfDeepSpeedConfig, then from_config) builds the model partitioned."""
+    import subprocess
+    import sys
+
+    import train_fixtures as fx
+    from dist_harness import free_port
+
+    recipe = _readme_recipe()
+    if variant == "deepspeed.zero.Init":
+        recipe = recipe.replace("fsam_ds.zero_init(ds_config)",
+                                "__import__('deepspeed').zero.Init(config_dict_or_path=ds_config)")
+    code = RECIPE_PRELUDE + (TRANSFORMERS_RECIPE if variant == "transformers" else recipe + RECIPE_CHECK)
+    env = fx.env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                 PYTHONPATH=str(fx.REPO))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if variant == "deepspeed.zero.Init":
+        assert done.returncode != 0 and "Signature mismatch" in done.stderr, done.stderr[-3000:]
+    else:
+        assert done.returncode == 0 and "recipe ok" in done.stdout, done.stderr[-3000:]

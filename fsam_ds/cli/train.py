@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import torch.distributed as dist
 
 from fsam_ds.trainer.build import check_model_path
-from fsam_ds.trainer.loop import KNOWN_ERRORS, TrainingFailed, train
+from fsam_ds.trainer.loop import KNOWN_ERRORS, RUN_ERRORS, train
 from fsam_ds.trainer.run_config import load_config
 from fsam_ds.zero.distributed import init_distributed, teardown
 
@@ -46,11 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_distributed()
         train(cfg, rank, world)
         teardown()
-    except (*KNOWN_ERRORS, TrainingFailed) as err:
+    except (*KNOWN_ERRORS, *RUN_ERRORS) as err:
         _report(err)
-        code = 3 if isinstance(err, TrainingFailed) else 2
+        code = 3 if isinstance(err, RUN_ERRORS) else 2
         if not cli and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: the other ranks may not get this far
+    except Exception:
+        if not cli:
+            raise
+        # an unexpected error: its traceback, then a plain exit 1 (leaving through the interpreter with
+        # DeepSpeed's and gloo's threads alive aborts with "terminate called", exit 134)
+        traceback.print_exc()
+        code = 1
     if cli:
         sys.stdout.flush()
         sys.stderr.flush()

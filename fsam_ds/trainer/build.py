@@ -12,6 +12,7 @@ is the same curve.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -68,6 +69,38 @@ def load_model(cfg: TrainConfig, objective: Objective, ds_config: dict | None = 
         raise hub_error(cfg.model, "model", err) from None
     except CheckpointError as err:
         raise TrainError(f"model = {cfg.model!r}: {err}") from None
+
+
+def check_positions(cfg: TrainConfig, model_config: Any) -> None:
+    """Refuses generation lengths beyond the positions a model with learned position embeddings has (GPT-2's
+    n_positions, BART's max_position_embeddings): its forward indexes past the table and fails at the first
+    evaluation, after training. Rotary models run past max_position_embeddings, so they only get a warning."""
+    if cfg.task not in ("causal-lm", "seq2seq"):
+        return
+    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return  # relative positions (T5): no table to run out of
+    d, e = cfg.data, cfg.eval
+    if cfg.task == "causal-lm":
+        longest, what = d.max_length + e.max_new_tokens, (f"data.max_length + eval.max_new_tokens = {d.max_length} + "
+                                                          f"{e.max_new_tokens}")
+        fix = (f"Lower eval.max_new_tokens to {positions - d.max_length} or data.max_length to "
+               f"{positions - e.max_new_tokens}" if positions > max(d.max_length, e.max_new_tokens) else
+               "Lower data.max_length and eval.max_new_tokens")
+    else:  # the decoder starts from its start token, then generates
+        longest, what = max(d.max_length, e.max_new_tokens + 1), (f"max(data.max_length, eval.max_new_tokens + 1) "
+                                                                  f"= max({d.max_length}, {e.max_new_tokens + 1})")
+        fix = f"Keep data.max_length <= {positions} and eval.max_new_tokens <= {positions - 1}"
+    if longest <= positions:
+        return
+    rotary = any(getattr(model_config, key, None) is not None for key in ("rope_theta", "rope_parameters", "rope_scaling"))
+    message = f"{what} = {longest} tokens, more than the {positions} positions of the model {cfg.model!r}"
+    if rotary:
+        print(f"warning: {message}; its rotary positions run past that, but it was not trained on such lengths.",
+              file=sys.stderr, flush=True)
+        return
+    raise ConfigError(f"{message} ({type(model_config).__name__}), so the evaluation's generation would index past "
+                      f"its position table, after training. {fix}.")
 
 
 @dataclass

@@ -45,6 +45,10 @@ STATE_FILE = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 MANIFEST = "manifest.json"
 EXPORTS = ("best", "final")
+RUN_FILES = ("metrics.jsonl", "config.json", "wandb-run-id")
+"""The files a run writes at the top of output_dir, beside the folders."""
+REPLACED = "replaced-run"
+_REPLACED = re.compile(r"^replaced-run(\.\d+)?$")
 _TAG = re.compile(r"^step(\d+)$")
 # Settings that fix which examples each step sees; resuming with another value would not continue
 # the same run.
@@ -73,6 +77,8 @@ class TrainerState:
     """Skipped steps since the last applied update."""
     data: dict[str, int] = field(default_factory=dict)
     """The DATA_ORDER_KEYS values of the run."""
+    eval_pending: bool = False
+    """The checkpoint was written before this step's evaluation, which a resumed run runs first."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
@@ -225,10 +231,36 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint or exported model could not be written (a full disk, a file-size limit)."""
+
+
+def _failed_anywhere(error: BaseException | None) -> bool:
+    """Collective: whether any rank's write failed, so that every rank stops at the same point."""
+    flag = torch.tensor([float(error is not None)])
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def _write_failed(what: Path, error: BaseException | None, kept: str) -> CheckpointWriteFailed:
+    cause = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error is not None
+             else "another rank's write failed")
+    return CheckpointWriteFailed(
+        f"Could not write {str(what)!r} ({cause}): the disk may be full or a file-size limit reached. The partly "
+        f"written folder was removed; {kept} Free space (or raise the limit), then continue with the same command "
+        "and --resume=true.")
+
+
 def save_checkpoint(sam_engine: Any, output_dir: str | os.PathLike, state: TrainerState, keep: int,
                     run_config: dict[str, Any]) -> Path:
     """Collective: every rank writes its shard and RNG state; rank 0 writes the trainer state, the run's
-    configuration and, last, the manifest that marks the checkpoint complete, then prunes."""
+    configuration and, last, the manifest that marks the checkpoint complete, then prunes.
+
+    A write that fails on any rank (a full disk, a file-size limit) stops every rank with
+    CheckpointWriteFailed: the folder, which has no manifest and would never be resumed from, is removed,
+    and the message names the newest complete checkpoint. A rank that fails inside DeepSpeed's save while
+    another waits in one of its collectives cannot be told apart from a slow rank; on a shared file system
+    a full disk fails every rank's write."""
     root = Path(output_dir) / CHECKPOINT_DIR
     tag = f"step{state.step}"
     folder = root / tag
@@ -237,13 +269,28 @@ def save_checkpoint(sam_engine: Any, output_dir: str | os.PathLike, state: Train
     if rank == 0:
         (folder / MANIFEST).unlink(missing_ok=True)  # an older attempt at this step is not complete
     dist.barrier()
-    torch.save(rng_state(), folder / f"rng_state_rank{rank}.pt")
-    sam_engine.save_checkpoint(root, tag=tag, client_state={"trainer": asdict(state)})
-    dist.barrier()  # every rank's files are on disk before the folder is marked complete
+    error: BaseException | None = None
+    try:
+        torch.save(rng_state(), folder / f"rng_state_rank{rank}.pt")
+        sam_engine.save_checkpoint(root, tag=tag, client_state={"trainer": asdict(state)})
+    except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
+        error = err
+    failed = _failed_anywhere(error)  # also: every rank's files are on disk before the folder is marked complete
+    if rank == 0 and not failed:
+        try:
+            _write_json(folder / STATE_FILE, asdict(state))
+            _write_json(folder / RUN_CONFIG_FILE, run_config)
+            write_manifest(folder)
+        except OSError as err:
+            error = err
+    if _failed_anywhere(error if rank == 0 else None) or failed:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        newest = _complete(root)
+        kept = (f"the newest complete checkpoint is {newest[-1][1]}." if newest else
+                "no earlier checkpoint exists, so a relaunch starts from the beginning.")
+        raise _write_failed(folder, error, kept)
     if rank == 0:
-        _write_json(folder / STATE_FILE, asdict(state))
-        _write_json(folder / RUN_CONFIG_FILE, run_config)
-        write_manifest(folder)
         _prune(root, keep)
     dist.barrier()
     return folder
@@ -302,22 +349,70 @@ def discard_after(output_dir: str | os.PathLike, step: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def earlier_run(output_dir: str | os.PathLike) -> list[str]:
-    """What output_dir holds of another run that a fresh run must not replace unasked: its complete
-    checkpoints and its final model (a best/ alone is what a run killed before its first checkpoint
-    leaves). Empty for a new folder."""
-    out = Path(output_dir)
+def _run_held(out: Path) -> list[str]:
+    """What out holds of a run: its complete checkpoints and its final model (a best/ alone is what a run
+    killed before its first checkpoint leaves)."""
     held = [f"checkpoints up to step {found[-1][0]}" for found in [_complete(out / CHECKPOINT_DIR)] if found]
     return held + (["final/"] if (out / "final").is_dir() else [])
 
 
+def replaced_runs(output_dir: str | os.PathLike) -> list[Path]:
+    """The runs `set_aside_earlier_run` moved into replaced-run*/ whose replacement never checkpointed."""
+    out = Path(output_dir)
+    return sorted(p for p in (out.iterdir() if out.is_dir() else []) if p.is_dir() and _REPLACED.match(p.name))
+
+
+def earlier_run(output_dir: str | os.PathLike) -> list[str]:
+    """What output_dir holds of another run that a fresh run must not replace unasked: its complete
+    checkpoints, its final model, and an earlier run set aside by an --overwrite=true run that never
+    reached its first checkpoint. Empty for a new folder."""
+    out = Path(output_dir)
+    return _run_held(out) + [f"{folder.name}/, a run set aside by an --overwrite=true run that was stopped before "
+                             "its first checkpoint (move its files back into output_dir to keep it)"
+                             for folder in replaced_runs(out)]
+
+
 def clear_earlier_run(output_dir: str | os.PathLike) -> None:
-    """Removes an earlier run's checkpoints and exported models when a run starts afresh; rank 0 only,
-    and only after the whole new run has been checked and built."""
+    """Removes what a run writes (its checkpoints, exported models, metrics.jsonl, config.json) when a run
+    starts afresh; rank 0 only, after the whole new run has been checked and built, and after an earlier
+    run worth keeping was set aside (`set_aside_earlier_run`)."""
     out = Path(output_dir)
     for name in (CHECKPOINT_DIR, *EXPORTS):
         shutil.rmtree(out / name, ignore_errors=True)
-    (out / "wandb-run-id").unlink(missing_ok=True)  # the new run is a new wandb run
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)  # the new run is a new wandb run
+
+
+def set_aside_earlier_run(output_dir: str | os.PathLike) -> Path | None:
+    """--overwrite=true: moves the earlier run in output_dir (if it holds one) into replaced-run/
+    (replaced-run.1, ... if taken), where it stays until the new run's first checkpoint is on disk
+    (`drop_replaced_runs`) or the new run fails and puts it back (`put_back`); rank 0 only."""
+    out = Path(output_dir)
+    if not _run_held(out):
+        return None
+    target, suffix = out / REPLACED, 1
+    while target.exists():
+        target, suffix = out / f"{REPLACED}.{suffix}", suffix + 1
+    target.mkdir()
+    for name in (CHECKPOINT_DIR, *EXPORTS, *RUN_FILES):
+        if (out / name).exists():
+            os.replace(out / name, target / name)
+    return target
+
+
+def put_back(output_dir: str | os.PathLike, aside: Path) -> None:
+    """Undoes `set_aside_earlier_run` for a new run that failed before its first checkpoint: the new run's
+    files go, the earlier run's come back; rank 0 only."""
+    clear_earlier_run(output_dir)
+    for item in aside.iterdir():
+        os.replace(item, Path(output_dir) / item.name)
+    aside.rmdir()
+
+
+def drop_replaced_runs(output_dir: str | os.PathLike) -> None:
+    """Removes the runs an --overwrite=true run set aside, once its own first checkpoint is on disk; rank 0 only."""
+    for folder in replaced_runs(output_dir):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------- model export
@@ -357,25 +452,37 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
     as run_config.json when given; collective."""
     folder = Path(folder)
     state_dict = full_state_dict(engine, keep=dist.get_rank() == 0)  # only rank 0 writes
+    error: BaseException | None = None
     if dist.get_rank() == 0:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state_dict)
-        # save_pretrained records the module's (bf16/fp16) dtype; the weights written are fp32
-        config = _read_json(tmp / "config.json")
-        if "dtype" in config:
-            config["dtype"] = "float32"
-            _write_json(tmp / "config.json", config)
-        tokenizer.save_pretrained(tmp)
-        if info is not None:
-            _write_json(tmp / f"{folder.name}.json", info)
-        if run_config is not None:
-            _write_json(tmp / RUN_CONFIG_FILE, run_config)
-        write_manifest(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    dist.barrier()
+        try:
+            _write_model_folder(tmp, engine, state_dict, tokenizer, info and (f"{folder.name}.json", info), run_config)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        except (OSError, RuntimeError) as err:  # torch and safetensors report a short write as a RuntimeError
+            error = err
+            shutil.rmtree(tmp, ignore_errors=True)
+    if _failed_anywhere(error):
+        kept = f"{folder} is as it was before." if folder.exists() else "nothing was exported there."
+        raise _write_failed(folder, error, kept)
     return folder
+
+
+def _write_model_folder(tmp: Path, engine: Any, state_dict: dict, tokenizer: Any, info: tuple[str, dict] | None,
+                        run_config: dict[str, Any] | None) -> None:
+    engine.module.save_pretrained(tmp, state_dict=state_dict)
+    # save_pretrained records the module's (bf16/fp16) dtype; the weights written are fp32
+    config = _read_json(tmp / "config.json")
+    if "dtype" in config:
+        config["dtype"] = "float32"
+        _write_json(tmp / "config.json", config)
+    tokenizer.save_pretrained(tmp)
+    if info:
+        _write_json(tmp / info[0], info[1])
+    if run_config is not None:
+        _write_json(tmp / RUN_CONFIG_FILE, run_config)
+    write_manifest(tmp)
 
 
 # ------------------------------------------------------------------------------------ helpers

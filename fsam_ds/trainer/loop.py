@@ -13,7 +13,9 @@ import logging
 import math
 import sys
 import time
+import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,11 +25,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
-from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, hub_error, load_model, load_tokenizer,
-                                   resolve_config)
-from fsam_ds.trainer.checkpoint import (ResumePoint, TrainerState, check_same_run, clear_earlier_run, discard_after,
-                                        earlier_run, export_model, find_checkpoint, load_checkpoint,
-                                        save_checkpoint, set_aside, set_rng_state)
+from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_positions, hub_error, load_model,
+                                   load_tokenizer, resolve_config)
+from fsam_ds.trainer.checkpoint import (CheckpointWriteFailed, ResumePoint, TrainerState, check_same_run, clear_earlier_run, discard_after,
+                                        drop_replaced_runs, earlier_run, export_model, find_checkpoint,
+                                        load_checkpoint, put_back, save_checkpoint, set_aside, set_aside_earlier_run,
+                                        set_rng_state)
 from fsam_ds.trainer.metrics_log import open_run_logger, trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
@@ -35,6 +38,7 @@ from fsam_ds.trainer.data import DataError, set_epoch
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.objectives import Objective, objective_for
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
+from fsam_ds.trainer.run_claim import claim_output_dir
 from fsam_ds.trainer.run_identity import run_differences
 from fsam_ds.trainer.tasks import UnknownTaskError
 from fsam_ds.zero.adapters import UnsupportedConfiguration
@@ -45,6 +49,10 @@ KNOWN_ERRORS = (ConfigError, DataError, TrainError, UnknownTaskError, Unsupporte
 
 class TrainingFailed(Exception):
     """The run itself went wrong (e.g. every update skipped); fsam-train exits with status 3."""
+
+
+RUN_ERRORS = (TrainingFailed, CheckpointWriteFailed)
+"""Failures while training, reported in one paragraph with exit status 3."""
 
 
 def _quiet_libraries(rank: int, progress: bool) -> None:
@@ -76,6 +84,8 @@ class Run:
     state: TrainerState
     param_names: list[str]
     base_prefix: str
+    replacing: bool = False
+    """An earlier run that --overwrite=true set aside waits for this run's first checkpoint to be removed."""
 
     @property
     def engine(self) -> Any:
@@ -159,7 +169,7 @@ def run_eval(run: Run, epoch: float) -> None:
     cfg, state, objective = run.cfg, run.state, run.objective
     results = evaluate(run.engine, run.data.dev, run.objective)
     metrics = flatten_metrics(results, objective.select_split)
-    state.last_eval_step, state.last_metrics = state.step, metrics
+    state.last_eval_step, state.last_metrics, state.eval_pending = state.step, metrics, False
     run.logger.log_eval(state.step, metrics, metric_name=objective.select_metric, epoch=round(epoch, 4))
     value = results[objective.select_split][objective.select_metric]
     if is_better(value, state.best_metric):  # identical on every rank: all of them computed it
@@ -171,15 +181,41 @@ def run_eval(run: Run, epoch: float) -> None:
 
 
 def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
+    """Checkpoints, then evaluates when due. The checkpoint comes first so that an evaluation (or the
+    best/ export) that fails or is killed loses no training: the run resumes from this step and
+    evaluates it again (`TrainerState.eval_pending`)."""
     cfg, state = run.cfg, run.state
     final = state.step >= state.total_steps
-    due = ((cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
-           or (cfg.eval.every_epoch and epoch_done) or final)
-    if due:
-        run_eval(run, epoch)
+    due = bool((cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
+               or (cfg.eval.every_epoch and epoch_done) or final)
     every = cfg.checkpoint_every
-    if (every and state.step % every == 0) or (not every and due):
+    if due or (every and state.step % every == 0):
+        state.eval_pending = due
         save_checkpoint(run.sam_engine, cfg.output_dir, state, cfg.keep_checkpoints, config_to_dict(cfg))
+        if run.replacing:
+            if dist.get_rank() == 0:
+                drop_replaced_runs(cfg.output_dir)  # the new run can now be resumed: the old one may go
+            run.replacing = False
+    if due:
+        with _resumable(run, "the evaluation"):
+            run_eval(run, epoch)
+
+
+@contextmanager
+def _resumable(run: Run, what: str) -> Iterator[None]:
+    """Turns a failure of `what` after a checkpoint of this step into TrainingFailed saying how to resume."""
+    try:
+        yield
+    except (*KNOWN_ERRORS, *RUN_ERRORS):
+        raise
+    except Exception as err:
+        if dist.get_rank() == 0:
+            traceback.print_exc()
+        raise TrainingFailed(
+            f"{what} at step {run.state.step} failed ({type(err).__name__}: {err}). The training up to this step "
+            f"is saved in {Path(run.cfg.output_dir) / 'checkpoints' / f'step{run.state.step}'}: fix the cause (the "
+            "traceback above), then continue with the same command and --resume=true; the resumed run evaluates "
+            "this step again and goes on.") from err
 
 
 def train_loop(run: Run, rng: dict | None) -> None:
@@ -213,8 +249,9 @@ def finish(run: Run, started: float) -> None:
     cfg, state, objective = run.cfg, run.state, run.objective
     if cfg.max_consecutive_skipped and state.step and state.skipped_steps == state.step:
         _fail(run, f"every one of its {state.step} steps had a non-finite loss or gradients")
-    final_dir = export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "final",
-                             {"step": state.step, "metrics": state.last_metrics}, config_to_dict(cfg))
+    with _resumable(run, "the export of final/"):
+        final_dir = export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "final",
+                                 {"step": state.step, "metrics": state.last_metrics}, config_to_dict(cfg))
     run.logger.summary(state.best_metric, objective.select_metric, best_step=state.best_step, steps=state.step,
                        best_metrics=state.best_metrics, skipped_steps=state.skipped_steps,
                        sam_type=cfg.sam.sam_type, output_dir=cfg.output_dir)
@@ -264,8 +301,16 @@ def _refuse_earlier_run(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig, rank: int, world: int) -> None:
-    """The run. Nothing in output_dir is deleted, cut or replaced until the configuration, resume point,
-    tokenizer, data, model, DeepSpeed config and engine have all been checked and built."""
+    """The run, holding output_dir for its whole life (`fsam_ds.trainer.run_claim`): a second launch into
+    the same folder stops at once instead of interleaving its files with this run's."""
+    with claim_output_dir(cfg.output_dir, rank):
+        _train(cfg, rank, world)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int) -> None:
+    """Nothing in output_dir is deleted, cut or replaced until the configuration, resume point,
+    tokenizer, data, model, DeepSpeed config and engine have all been checked and built; an earlier run
+    that --overwrite=true replaces is set aside until this run's first checkpoint is on disk."""
     from transformers import AutoConfig, set_seed
 
     started = time.time()
@@ -279,10 +324,11 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     data = build_data(cfg, objective, tokenizer, rank, world)
     total = cfg.optim.max_steps or cfg.optim.epochs * data.steps_per_epoch
     try:
-        hidden = getattr(AutoConfig.from_pretrained(cfg.model), "hidden_size", None)
+        model_config = AutoConfig.from_pretrained(cfg.model)
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
-    ds_config = resolve_config(cfg, world, total, hidden)
+    check_positions(cfg, model_config)
+    ds_config = resolve_config(cfg, world, total, getattr(model_config, "hidden_size", None))
     model = load_model(cfg, objective, ds_config)  # partitioned from birth at ZeRO-3
     enable_activation_checkpointing(model, cfg.gradient_checkpointing, ds_config)
     if cfg.precision == "fp32" and cfg.dtype != "float32":
@@ -297,24 +343,42 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     checkpoint = point.folder
     if checkpoint is not None:
         state, rng = load_checkpoint(sam_engine, checkpoint, order, total)
+    replaced = None
     if rank == 0:  # everything is checked: from here on the run may change what output_dir holds
         for folder, problem in point.damaged:
             print(f"warning: checkpoint {folder} is damaged ({problem}); resuming from the newest intact one, "
                   f"{checkpoint}. The damaged one is kept as {set_aside(folder)}.", file=sys.stderr, flush=True)
         if checkpoint is None:
-            clear_earlier_run(cfg.output_dir)  # empty, leftovers of a killed attempt, or --overwrite=true
+            replaced = set_aside_earlier_run(cfg.output_dir)  # --overwrite=true: kept until the first checkpoint
+            clear_earlier_run(cfg.output_dir)  # what is left: leftovers of a killed attempt
         else:
             discard_after(cfg.output_dir, state.step)
-            trim_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.step)
-    dist.barrier()
-    with open_run_logger(cfg, rank, total_steps=total, start_step=state.step, resumed=checkpoint is not None) as logger:
-        if checkpoint is not None:
-            logger.console(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
-        run = Run(cfg, objective, data, sam_engine, tokenizer, logger, state, names,
-                  getattr(model, "base_model_prefix", ""))
-        if cfg.eval.at_start and state.step == 0 and state.last_eval_step is None:
-            run_eval(run, 0.0)  # what the pretrained model scores before fine-tuning changes it
-        train_loop(run, rng)
-        if state.last_eval_step != state.step:
-            run_eval(run, state.epoch + state.step_in_epoch / data.steps_per_epoch)
-        finish(run, started)
+            trim_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.step, keep_eval=not state.eval_pending)
+    replacing = [replaced is not None]
+    dist.broadcast_object_list(replacing, src=0)  # every rank keeps step with rank 0's collectives
+    run = None
+    try:
+        with open_run_logger(cfg, rank, total_steps=total, start_step=state.step,
+                             resumed=checkpoint is not None) as logger:
+            if checkpoint is not None:
+                logger.console(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
+            if replaced is not None:
+                logger.console(f"the earlier run in {cfg.output_dir} is set aside in {replaced} until this run's "
+                               "first checkpoint")
+            run = Run(cfg, objective, data, sam_engine, tokenizer, logger, state, names,
+                      getattr(model, "base_model_prefix", ""), replacing[0])
+            if cfg.eval.at_start and state.step == 0 and state.last_eval_step is None:
+                run_eval(run, 0.0)  # what the pretrained model scores before fine-tuning changes it
+            if state.eval_pending:  # the checkpoint was written before its step's evaluation
+                with _resumable(run, "the evaluation"):
+                    run_eval(run, state.epoch + state.step_in_epoch / data.steps_per_epoch)
+            train_loop(run, rng)
+            if state.last_eval_step != state.step:
+                run_eval(run, state.epoch + state.step_in_epoch / data.steps_per_epoch)
+            finish(run, started)
+    except BaseException:
+        if replaced is not None and (run is None or run.replacing):
+            put_back(cfg.output_dir, replaced)
+            print(f"fsam-train: this run stopped before its first checkpoint, so the earlier run it was replacing "
+                  f"(--overwrite=true) is back in {cfg.output_dir}.", file=sys.stderr, flush=True)
+        raise

@@ -164,14 +164,22 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any] | None:
     return summaries[-1] if summaries else None
 
 
-def trim_metrics(path: str | os.PathLike, step: int) -> None:
+def trim_metrics(path: str | os.PathLike, step: int, keep_eval: bool = True) -> None:
     """Drops the events a killed run logged after the checkpoint it is resumed from (and its summary),
-    so that metrics.jsonl reads as one uninterrupted run; rank 0 only, before the logger opens it."""
+    and with keep_eval=False the evaluation of that step itself (the checkpoint was written before it, and
+    the resumed run runs it again), so that metrics.jsonl reads as one uninterrupted run; rank 0 only,
+    before the logger opens it."""
     path = Path(path)
     if not path.is_file():
         return
-    kept = [r for r in read_events(path)
-            if r.get("event") != "summary" and not (isinstance(r.get("step"), int) and r["step"] > step)]
+
+    def after(record: dict[str, Any]) -> bool:
+        at = record.get("step")
+        if not isinstance(at, int):
+            return False
+        return at > step or (not keep_eval and at == step and record.get("event") == "eval")
+
+    kept = [r for r in read_events(path) if r.get("event") != "summary" and not after(r)]
     replace_file(path, "".join(encode_event(r) + "\n" for r in kept))
 
 

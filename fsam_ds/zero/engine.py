@@ -56,6 +56,18 @@ def allow_fp16_on_cpu() -> None:
     get_accelerator().is_fp16_supported = lambda: True
 
 
+def zero_init(config: dict | str | os.PathLike) -> Any:
+    """`deepspeed.zero.Init(config_dict_or_path=config)`, to build a model partitioned from birth for ZeRO-3.
+
+    torch._dynamo is imported first: inside zero.Init, torch.Tensor.__new__ is DeepSpeed's, and dynamo's
+    first import (transformers' `from_config` triggers it) checks its polyfill of that method against it
+    and raises "Signature mismatch". Imported before, dynamo keeps torch's own."""
+    import deepspeed
+    import torch._dynamo  # noqa: F401
+
+    return deepspeed.zero.Init(config_dict_or_path=config)
+
+
 def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SAMConfig,
                optimizer: Any = None, lr_scheduler: Any = None, model_parameters: Any = None,
                observer: StepObserver | None = None, **kwargs: Any) -> "SAMEngine":
