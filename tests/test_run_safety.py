@@ -375,3 +375,137 @@ def test_the_logged_perturbed_loss_is_the_mean_over_the_examples_kept_on_all_ran
         expected += [sum(first for first, _ in case) / 2, sum(kept) / len(kept)]
     for rank_logged in logged:
         assert [value for pair in rank_logged for value in pair] == pytest.approx(expected, rel=1e-12)
+
+
+# --------------------------------------------------------------------- 6. one run per folder, overwrite, failures
+
+def _popen_train(assets: dict[str, Path], out: Path | None, cwd: Path, *extra: str, **settings) -> subprocess.Popen:
+    return subprocess.Popen(fx.train_cmd(train_args(assets, out, *extra, **settings)), cwd=cwd,
+                            env=fx.env(PYTHONPATH=str(fx.REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_two_launches_at_once_into_one_folder_one_runs_and_the_other_stops_at_once(assets, tmp_path):
+    """The same command twice at once (a job submitted twice): both pick the same default folder. One
+    trains; the other exits 2 naming the holder (host, pid, start time) and the fix, and leaves the
+    folder to it: one start event, every metrics.jsonl line whole, one run's checkpoints and exports."""
+    import socket
+
+    launches = [_popen_train(assets, None, tmp_path) for _ in range(2)]
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in launches]
+    codes = [p.returncode for p in launches]
+    assert sorted(codes) == [0, 2], outputs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    message = error_line(subprocess.CompletedProcess([], 2, outputs[loser], None))
+    assert "is in use by another run" in message and "another --output_dir" in message, message
+    assert f"host {socket.gethostname()}, pid {launches[winner].pid}, started " in message, message
+    (run,) = (tmp_path / "runs").iterdir()
+    assert len(fx.events(run, "start")) == 1 and fx.summary(run)["steps"] == 8  # every line parses
+    assert not (run / "run.lock").exists()  # released at the end of the run
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_a_checkpoint(assets, finished_run, tmp_path):
+    """--overwrite=true that fails before its first checkpoint puts the earlier run back byte for byte;
+    one killed before it leaves the earlier run in replaced-run/, which a later launch names and which
+    the next --overwrite=true run (taking over the killed run's claim) removes once it has a checkpoint."""
+    run_a = tmp_path / "a"
+    shutil.copytree(finished_run, run_a)
+    before = checksums(run_a)
+
+    failing = {**FINISHED, "checkpoint_every": 0, "max_consecutive_skipped": 1, "optim.lr": 1e30,
+               "optim.warmup_ratio": 0}
+    result = train(assets, run_a, tmp_path, "--overwrite=true", **failing)
+    error_line(result, code=3)
+    assert "earlier run it was replacing (--overwrite=true) is back" in result.stdout, result.stdout[-3000:]
+    assert checksums(run_a) == before
+
+    killed = fx.run(fx.killed_train_cmd(train_args(assets, run_a, "--overwrite=true", **FINISHED)), TIMEOUT,
+                    cwd=tmp_path, PYTHONPATH=str(fx.REPO), FSAM_TEST_KILL_AT="1")
+    assert killed.returncode == -9, killed.stdout[-3000:]
+    assert checksums(run_a / "replaced-run") == {k: v for k, v in before.items()}
+    refused = train_here(assets, run_a, tmp_path, **FINISHED)
+    message = error_line(refused)
+    assert "replaced-run/, a run set aside by an --overwrite=true run" in message, message
+    # the killed run's claim was left behind; this launch took it over, then released it
+    assert "claimed by a run that is gone" in refused.stdout and "its process no longer exists" in refused.stdout
+
+    result = train(assets, run_a, tmp_path, "--overwrite=true", **FINISHED)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert not (run_a / "replaced-run").exists() and fx.summary(run_a)["steps"] == 8
+
+
+EVALUATION_FAILS = """
+import sys
+import fsam_ds.trainer.loop as loop, fsam_ds.cli.train
+
+def failing(*args, **kwargs):
+    raise IndexError("index out of range in self")
+
+loop.evaluate = failing
+sys.argv[0] = "fsam-train"
+fsam_ds.cli.train.main()
+"""
+
+
+def test_a_failed_evaluation_loses_no_training(assets, tmp_path):
+    """The evaluation after the last step fails (as generation past a model's positions did): the step's
+    checkpoint is already on disk, the error says how to resume, and the resumed run evaluates that step,
+    exports and ends as an uninterrupted run would."""
+    out = tmp_path / "run"
+    args = train_args(assets, out)
+    result = fx.run([fx.PYTHON, "-c", EVALUATION_FAILS, *args], TIMEOUT, cwd=tmp_path, PYTHONPATH=str(fx.REPO))
+    assert result.returncode == 3, result.stdout[-4000:]
+    assert "in failing\nIndexError: index out of range in self" in result.stdout  # the cause's traceback
+    (message,) = [line for line in result.stdout.splitlines() if line.startswith("fsam-train: error:")]
+    assert "the evaluation at step 8 failed (IndexError: index out of range in self)" in message, message
+    assert f"saved in {out / 'checkpoints' / 'step8'}" in message and "--resume=true" in message
+    verify_folder(out / "checkpoints" / "step8")
+    assert not (out / "final").exists() and fx.events(out, "eval") == []
+
+    result = train(assets, out, tmp_path, "--resume=true")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert [e["step"] for e in fx.events(out, "eval")] == [8] and fx.summary(out)["steps"] == 8
+    verify_folder(out / "final")
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import fsam_ds.zero.engine, fsam_ds.cli.train
+
+real = fsam_ds.zero.engine.SAMEngine.save_checkpoint
+
+def limited(self, *args, **kwargs):
+    # a file-size limit from the first checkpoint on (DeepSpeed's ops are built and loaded by then):
+    # a write past it fails with EFBIG, as a full disk fails with ENOSPC
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    return real(self, *args, **kwargs)
+
+fsam_ds.zero.engine.SAMEngine.save_checkpoint = limited
+sys.argv[0] = "fsam-train"
+fsam_ds.cli.train.main()
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_reported_and_removed(assets, tmp_path):
+    out = tmp_path / "run"
+    result = fx.run([fx.PYTHON, "-c", FILE_SIZE_LIMIT, *train_args(assets, out)], TIMEOUT, cwd=tmp_path,
+                    PYTHONPATH=str(fx.REPO))
+    message = error_line(result, code=3)
+    assert f"Could not write '{out / 'checkpoints' / 'step8'}'" in message, message
+    assert "disk may be full or a file-size limit reached" in message and "--resume=true" in message
+    assert "no earlier checkpoint exists" in message
+    assert not (out / "checkpoints" / "step8").exists()  # no half checkpoint left to look intact
+
+
+def test_a_live_claim_refuses_a_launch_before_anything_is_read(assets, tmp_path):
+    import json
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                              "started": "2026-12-01T10:00:00+00:00", "command": "fsam-train x"}))
+    message = error_line(train_here(assets, out, tmp_path))
+    assert f"pid {os.getpid()}, started 2026-12-01T10:00:00+00:00 with `fsam-train x`" in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]

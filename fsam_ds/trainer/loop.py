@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
 from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_positions, hub_error, load_model,
                                    load_tokenizer, resolve_config)
-from fsam_ds.trainer.checkpoint import (CheckpointWriteFailed, ResumePoint, TrainerState, check_same_run, clear_earlier_run, discard_after,
-                                        drop_replaced_runs, earlier_run, export_model, find_checkpoint,
-                                        load_checkpoint, put_back, save_checkpoint, set_aside, set_aside_earlier_run,
-                                        set_rng_state)
+from fsam_ds.trainer.checkpoint import (CheckpointWriteFailed, ResumePoint, TrainerState, check_same_run,
+                                        clear_earlier_run, discard_after, drop_replaced_runs, earlier_run,
+                                        export_model, find_checkpoint, load_checkpoint, put_back, replaced_runs,
+                                        save_checkpoint, set_aside, set_aside_earlier_run, set_rng_state)
 from fsam_ds.trainer.metrics_log import open_run_logger, trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
@@ -354,7 +354,9 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> None:
         else:
             discard_after(cfg.output_dir, state.step)
             trim_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.step, keep_eval=not state.eval_pending)
-    replacing = [replaced is not None]
+    # runs set aside earlier (by this run, or by an --overwrite=true run killed before its first checkpoint)
+    # go once this run has a checkpoint; a fresh run gets here with them only under --overwrite=true
+    replacing = [rank == 0 and checkpoint is None and bool(replaced_runs(cfg.output_dir))]
     dist.broadcast_object_list(replacing, src=0)  # every rank keeps step with rank 0's collectives
     run = None
     try:
