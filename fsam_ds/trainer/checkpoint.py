@@ -9,6 +9,11 @@ Layout under the run's output_dir:
                            (a killed run) and is never resumed from; one whose files differ from it
                            is damaged and is never loaded.
     checkpoints/damaged-step<N>/   a damaged checkpoint that resume=true passed over, kept for inspection.
+                           A checkpoint is written before every evaluation (and every checkpoint_every
+                           steps), so a failed evaluation or export loses no training.
+    replaced-run/          the earlier run an --overwrite=true run set aside, removed at that run's first
+                           checkpoint and put back if it fails before (kept if it is killed).
+    run.lock               the claim of the run that holds the folder (`fsam_ds.trainer.run_claim`).
     best/, final/          Hugging Face model folders (config, tokenizer, fp32 weights, manifest.json) with
                            run_config.json, the run's configuration (fsam-predict rebuilds the task from
                            it); best/ also holds best.json with the step and the dev metrics that selected it.

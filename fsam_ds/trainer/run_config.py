@@ -136,7 +136,7 @@ class TrainConfig:
     resume: bool | str = False  # true: latest checkpoint in output_dir; a path: that checkpoint
     overwrite: bool = False  # a fresh run may replace another run's checkpoints and models in output_dir
     max_consecutive_skipped: int = 10  # stop when more steps than this in a row are skipped; 0: never stop
-    checkpoint_every: int = 0  # steps; 0: at each evaluation
+    checkpoint_every: int = 0  # steps; 0: only at each evaluation (every evaluation is preceded by one)
     keep_checkpoints: int = 2
     sam: SAMSection = field(default_factory=SAMSection)
     optim: OptimSection = field(default_factory=OptimSection)
