@@ -96,12 +96,13 @@ def sam_config(sam_type: str, **kw) -> SAMConfig:
     return SAMConfig(**base)
 
 
-def ds_config(stage: int, dtype: str = "fp32", micro: int = 4, gas: int = 1, **zero) -> dict:
+def ds_config(stage: int, dtype: str = "fp32", micro: int = 4, gas: int = 1, grad_clip: float = 0.0,
+              **zero) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
            "zero_force_ds_cpu_optimizer": False,  # the tests pass torch.optim.AdamW, also under offload
            "zero_optimization": {"stage": stage, **zero}, "steps_per_print": 10 ** 6,
            "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False,
-           "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 unless told otherwise
+           "gradient_clipping": grad_clip}  # explicit: DeepSpeed clips at 1.0 unless told otherwise
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     if dtype == "fp16":
@@ -137,29 +138,38 @@ def full_params(engine) -> list[torch.Tensor]:
     return out
 
 
-def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, **zero):
+def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, grad_clip=0.0, **zero):
     import fsam_ds.zero.engine as fe
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    return fe.initialize(model=model, config=ds_config(stage, dtype, micro=micro, gas=gas, **zero), sam=sam,
-                         optimizer=optimizer)
+    config = ds_config(stage, dtype, micro=micro, gas=gas, grad_clip=grad_clip, **zero)
+    return fe.initialize(model=model, config=config, sam=sam, optimizer=optimizer)
+
+
+def train_equivalence(rank: int, world: int, stage: int, kind: str, sam_type: str, steps: int = 3,
+                      overrides: dict | None = None, zero: dict | None = None, parts: int = 1,
+                      checkpointing: str | bool = False, grad_clip: float = 0.0):
+    """`steps` steps of `sam_type` on this rank's share of `global_batches`; returns the engine and the
+    global gradient norm DeepSpeed recorded at each step (the one it clipped with)."""
+    loss = per_example_loss(kind)
+    model = build_model(kind, checkpointing)
+    sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})), gas=parts,
+                              micro=4 // parts, grad_clip=grad_clip, **(zero or {}))
+    norms = []
+    for b in global_batches(kind, steps):
+        out = sam_engine.train_step(split(b, rank, world, parts), loss)
+        assert not out.skipped
+        norm = sam_engine.engine.get_global_grad_norm()
+        norms.append(None if norm is None else float(norm))
+    return sam_engine, norms
 
 
 def run_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str], steps: int = 3,
                     overrides: dict | None = None, zero: dict | None = None, parts: int = 1,
                     checkpointing: str | bool = False):
-    results = {}
-    batches = global_batches(kind, steps)
-    loss = per_example_loss(kind)
-    for sam_type in types:
-        model = build_model(kind, checkpointing)
-        sam_engine = build_engine(model, stage, sam=sam_config(sam_type, **(overrides or {})), gas=parts,
-                                  micro=4 // parts, **(zero or {}))
-        for b in batches:
-            out = sam_engine.train_step(split(b, rank, world, parts), loss)
-            assert not out.skipped
-        results[sam_type] = full_params(sam_engine.engine)
-    return results
+    return {sam_type: full_params(train_equivalence(rank, world, stage, kind, sam_type, steps, overrides, zero, parts,
+                                                    checkpointing)[0].engine)
+            for sam_type in types}
 
 
 def run_checkpointed_equivalence(rank: int, world: int, stage: int, kind: str, types: list[str],
@@ -171,6 +181,22 @@ def run_checkpointed_equivalence(rank: int, world: int, stage: int, kind: str, t
 def run_equivalence_cases(rank: int, world: int, cases: list[tuple[int, dict, int]], kind: str, types: list[str]):
     """`run_equivalence` for several (stage, zero_optimization extras, micro-batches) in one launch."""
     return [run_equivalence(rank, world, stage, kind, types, 3, None, zero, parts) for stage, zero, parts in cases]
+
+
+def run_clipped_cases(rank: int, world: int, cases: list[tuple[int, dict, int, list[str]]], kind: str,
+                      grad_clip: float, overrides: dict | None = None) -> list[dict]:
+    """Runs of (stage, zero_optimization extras, micro-batches, types) with DeepSpeed's gradient clipping
+    at `grad_clip`, in one launch: per case and type, the trained parameters and the gradient norm
+    DeepSpeed clipped with at each step."""
+    out = []
+    for stage, zero, parts, types in cases:
+        runs = {}
+        for sam_type in types:
+            sam_engine, norms = train_equivalence(rank, world, stage, kind, sam_type, 3, overrides, zero, parts,
+                                                  grad_clip=grad_clip)
+            runs[sam_type] = {"params": full_params(sam_engine.engine), "norms": norms}
+        out.append(runs)
+    return out
 
 
 def full_grads(engine) -> list[torch.Tensor]:

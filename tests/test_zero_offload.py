@@ -1,7 +1,8 @@
 """ZeRO-Offload on 2 gloo ranks equals a single-process run of the core on the global batch (fp32):
 `offload_optimizer` cpu at stages 1-3, `offload_param` cpu at stage 3, with one and with two
 micro-batches per step (each pass then calls backward twice, so a gradient lost or doubled by the
-offloaded accumulation would show). Plus the settings that are refused, and the shipped configs."""
+offloaded accumulation would show), and with gradient clipping active. Plus the settings that are
+refused, and the shipped configs."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from ds_workers import mlp, run_equivalence_cases, run_fp16_overflow
-from fsam_ds.sam.config import ConfigError
+from ds_workers import build_model, global_batches, mlp, per_example_loss, run_clipped_cases, run_equivalence_cases, \
+    run_fp16_overflow, sam_config
+from fsam_ds.sam.config import SAM_TYPES, ConfigError
+from fsam_ds.sam.optim import SAMOptimizer
 from fsam_ds.zero.ds_config import build_ds_config, check_sam_compatible, resolve_ds_config
 from fsam_ds.zero.offload import check_offload
 from test_zero_equivalence import reference, relative_update_error
@@ -58,6 +61,92 @@ def test_offload_matches_single_process(group, tmp_path):
             for variant in ("no-perturbation", "summed"):
                 wrong = relative_update_error(ours, wrongs[sam_type, variant], start)
                 assert wrong > 1e-3, (case, parts, sam_type, variant, wrong)
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """torch AdamW after DeepSpeed's gradient clipping (`unscale_and_clip_grads`): every gradient times
+    min(1, max_norm / (norm + 1e-6)), where norm is the global L2 norm of the gradients in place, or
+    `norm_of()` when given. `norms` records the norm of each step."""
+
+    def __init__(self, params, max_norm: float, norm_of=None, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.max_norm, self.norm_of, self.norms = max_norm, norm_of, []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = self.norm_of() if self.norm_of is not None else float(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        self.norms.append(norm)
+        for g in grads:
+            g.mul_(min(1.0, self.max_norm / (norm + 1e-6)))
+        return super().step(closure)
+
+
+def clipped_reference(kind: str, sam_type: str, max_norm: float, steps: int = 3, norm: str = "corrected",
+                      **overrides) -> tuple[torch.Tensor, list[float]]:
+    """The single-process run of `reference` with the second-pass gradient clipped at `max_norm`; returns
+    the parameters and the norm clipped with at each step. norm="uncorrected" is the deliberately wrong
+    variant: the gsam types clip with the norm of the gradient before GSAM's correction."""
+    model = build_model(kind)
+    loss = per_example_loss(kind)
+    uncorrected: list[float] = []
+
+    def base(groups, **kwargs):
+        return ClippedAdamW(groups, max_norm, (lambda: uncorrected[-1]) if norm == "uncorrected" else None, **kwargs)
+
+    opt = SAMOptimizer(model.named_parameters(), base, sam_config(sam_type, **overrides), lr=1e-2, weight_decay=0.0)
+    second_pass = opt.core.second_pass
+
+    def recording_second_pass(shards):
+        uncorrected.append(float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))))
+        return second_pass(shards)
+
+    opt.core.second_pass = recording_second_pass
+    for b in global_batches(kind, steps):
+        opt.step_batch(b, lambda batch: loss(model, batch))
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.base_optimizer.norms
+
+
+GRAD_CLIP = 0.2  # below every step's gradient norm here (0.7 to 3): every step clips
+# a radius and GSAM weight at which the correction changes the gradient's norm by 1-3 % (0.3 % at the defaults)
+CLIP_OVERRIDES = {"rho": 0.3, "alpha": 1.0}
+GSAM_TYPES = ["gsam", "fisher-gsam"]
+# the gsam types wherever the offloaded norm is recorded differently (ZeRO-1, ZeRO-2, ZeRO-2 accumulating);
+# every type once, to show the others' norms (ESAM's second pass on a subset included) are right as recorded
+CLIP_RUNS = [("optimizer-1", 1, GSAM_TYPES), ("optimizer-2", 1, SAM_TYPES), ("optimizer-2", 2, GSAM_TYPES)]
+
+
+def test_clipping_under_optimizer_offload_uses_the_gradient_stepped_with(tmp_path):
+    """With gradient clipping on, DeepSpeed's clip coefficient comes from the gradient the optimizer steps
+    with, at ZeRO-1/2 with offload_optimizer. For the gsam types that is GSAM's corrected second-pass
+    gradient: under optimizer offload DeepSpeed records each parameter's gradient norm during the backward
+    (`norm_for_param_grads`), before the correction, and clipped with that before the adapter stored the
+    corrected norms (relative update error 7e-4 for gsam, 2e-3 for fisher-gsam: the "uncorrected" reference)."""
+    cases = [(CASES[case][0], CASES[case][1], parts, types) for case, parts, types in CLIP_RUNS]
+    results = run_distributed(run_clipped_cases, 2, tmp_path, cases, "mlp", GRAD_CLIP, CLIP_OVERRIDES,
+                              use_deepspeed=True, timeout=600)
+    start = torch.cat([p.detach().reshape(-1) for p in mlp().parameters()])
+    references = {sam_type: clipped_reference("mlp", sam_type, GRAD_CLIP, **CLIP_OVERRIDES) for sam_type in SAM_TYPES}
+    for sam_type, (_, norms) in references.items():
+        assert min(norms) > 2 * GRAD_CLIP, (sam_type, norms)  # clipping is active at every step
+    unclipped = {sam_type: reference("mlp", sam_type, **CLIP_OVERRIDES) for sam_type in SAM_TYPES}
+    uncorrected = {sam_type: clipped_reference("mlp", sam_type, GRAD_CLIP, norm="uncorrected", **CLIP_OVERRIDES)[0]
+                   for sam_type in GSAM_TYPES}
+    for (case, parts, types), mine, other in zip(CLIP_RUNS, results[0], results[1]):
+        for sam_type in types:
+            expected, expected_norms = references[sam_type]
+            ours = torch.cat(mine[sam_type]["params"])
+            assert torch.equal(ours, torch.cat(other[sam_type]["params"])), (case, parts, "ranks disagree")
+            norm_errors = [abs(a - b) / b for a, b in zip(mine[sam_type]["norms"], expected_norms)]
+            assert max(norm_errors) <= 1e-5, (case, parts, sam_type, mine[sam_type]["norms"], expected_norms)
+            err = relative_update_error(ours, expected, start)
+            assert err <= 1e-5, (case, parts, sam_type, err)
+            wrong = relative_update_error(ours, unclipped[sam_type], start)
+            assert wrong > 1e-3, (case, parts, sam_type, "unclipped", wrong)
+            if sam_type in GSAM_TYPES:
+                wrong = relative_update_error(ours, uncorrected[sam_type], start)
+                assert wrong > 1e-4, (case, parts, sam_type, "uncorrected", wrong)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

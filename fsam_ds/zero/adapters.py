@@ -35,6 +35,8 @@ from fsam_ds.zero.offload import optimizer_offloaded, restart_offloaded_accumula
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23
+# Why stages 1/2 under offload_optimizer write DeepSpeed's per-parameter gradient norms.
+_CLIP_NORMS = "under offload_optimizer so that gradient clipping measures GSAM's corrected gradient"
 
 
 class UnsupportedConfiguration(ConfigError):
@@ -58,14 +60,15 @@ class EngineShards(ShardAccess, Protocol):
 _MISSING = object()
 
 
-def _private(obj: object, attribute: str, what: str) -> object:
+def _private(obj: object, attribute: str, what: str,
+             purpose: str = "to reach the rank's gradient fragment") -> object:
     """Reads a DeepSpeed attribute that is not part of its public API, with a clear error if it moved."""
     value = getattr(obj, attribute, _MISSING)
     if value is _MISSING:
         import deepspeed
 
-        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{attribute}` on {what}; fsam-ds reads it "
-                           "to reach the rank's gradient fragment (tested with DeepSpeed 0.19.x). "
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{attribute}` on {what}; fsam-ds uses it "
+                           f"{purpose} (tested with DeepSpeed 0.19.x). "
                            "Install deepspeed>=0.19.8,<0.20 or use ZeRO stage 0 or 3.")
     return value
 
@@ -195,6 +198,9 @@ class PartitionShards(_EngineShards):
             self._owners.append(p)
         # under offload_optimizer the fragments below are views of the CPU fp32 master and its gradient
         self._offloaded = optimizer_offloaded(engine)
+        if self._offloaded:
+            for attribute in ("norm_for_param_grads", "get_param_id"):
+                _private(engine.optimizer, attribute, "the ZeRO-1/2 optimizer", _CLIP_NORMS)
         self._require_master_apart(lambda p: p.data, lambda p: p._hp_mapping.hp_fragment)
 
     def _fragment(self, p: Tensor) -> Tensor | None:
@@ -217,10 +223,34 @@ class PartitionShards(_EngineShards):
 
     def set_grads(self, grads: Sequence[Tensor | None]) -> None:
         scale = self.loss_scale()
+        written = []
         for p, g in zip(self._owners, grads):
             fragment = self._fragment(p)
             if g is not None and fragment is not None:
                 fragment.copy_((g * scale).to(fragment.dtype))
+                written.append((p, fragment))
+        if self._offloaded:
+            self._record_offloaded_norms(written)
+
+    def _record_offloaded_norms(self, written: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Makes an offloaded optimizer clip with the gradient as rewritten, not as the backward left it.
+
+        Under offload_optimizer DeepSpeed 0.19.8's `step()` never measures the gradient it steps with:
+        at the accumulation boundary of each backward, `copy_grads_in_partition` stores the norm of
+        every parameter's loss-scaled fragment in `norm_for_param_grads`; `step()` sums their squares
+        over the data-parallel group (`scaled_global_norm` ->
+        `complete_grad_norm_calculation_for_cpu_offload`) into the norm that `unscale_and_clip_grads`
+        clips with and `get_global_grad_norm` reports. A fragment rewritten after the backward (GSAM's
+        correction) would be clipped with the norm of the gradient it replaced (tests/test_zero_offload.py
+        fails without this). Each rewritten fragment's norm is stored again, computed as DeepSpeed does."""
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        optimizer = self.engine.optimizer
+        norms = _private(optimizer, "norm_for_param_grads", "the ZeRO-1/2 optimizer", _CLIP_NORMS)
+        param_id = _private(optimizer, "get_param_id", "the ZeRO-1/2 optimizer", _CLIP_NORMS)
+        dtype = get_norm_dtype()
+        for p, fragment in written:
+            norms[param_id(p)] = fragment.to(dtype).norm(2)
 
     def zero_grads(self) -> None:
         """Clears the fragments between the passes (bf16 with fp32 accumulation keeps them otherwise)."""

@@ -13,6 +13,13 @@ against the single-process reference):
 * `offload_param` cpu, stage 3: `p.ds_tensor` itself is a CPU tensor; the adapter adds e to it in
   place, where it is, and the next forward gathers from it.
 
+Gradient clipping: without offload, and at stage 3 (whose `safe_set_local_grad` records the norm it
+writes), DeepSpeed measures the gradient it steps with. ZeRO-1/2 under offload measures each
+parameter's fragment during the backward instead (`norm_for_param_grads`) and clips with those norms
+in `step()`; the adapter stores them again for the fragments it rewrites after the backward (GSAM's
+correction), so the clip coefficient comes from the corrected gradient. The other types step with the
+second pass's gradient as the backward left it, so DeepSpeed's own norms are the right ones there.
+
 Several backward passes per step: SAM calls backward at least twice per step (plus gradient
 accumulation), with `engine.optimizer.zero_grad()` in between. ZeRO-3's zero_grad resets its
 backward counter, so the second pass copies into the offloaded gradient partitions. ZeRO-1/2's does
