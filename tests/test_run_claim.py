@@ -93,3 +93,24 @@ def test_a_folder_under_a_file_is_refused_with_the_file_named(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match=f"'{blocker}' is a file, not a folder"):
         RunClaim(blocker / "run1").acquire()
+
+
+def test_an_earlier_attempt_of_the_same_elastic_job_is_taken_over_at_once(tmp_path, monkeypatch):
+    """torchrun restarted the workers (rank 0 maybe on another node): the claim of restart 0 of the same
+    rendezvous is the stopped attempt's; another job's, or the same restart's, is not."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    _write_claim(tmp_path, host="node-3", pid=99, elastic=["job-8", 0])
+    with pytest.raises(RunFolderClaimed):
+        RunClaim(tmp_path).acquire()
+    _write_claim(tmp_path, host="node-3", pid=99, elastic=["job-7", 1])
+    with pytest.raises(RunFolderClaimed):
+        RunClaim(tmp_path).acquire()
+    _write_claim(tmp_path, host="node-3", pid=99, elastic=["job-7", 0])
+    claim = RunClaim(tmp_path)
+    assert "it was restart 0 of this elastic job, which is now at restart 1" in claim.acquire()
+    claim.release()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # the standalone rendezvous: no job identity
+    _write_claim(tmp_path, host="node-3", pid=99, elastic=["none", 0])
+    with pytest.raises(RunFolderClaimed):
+        RunClaim(tmp_path).acquire()

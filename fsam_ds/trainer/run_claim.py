@@ -10,8 +10,11 @@ start time. Rank 0 claims and broadcasts the answer, so every rank of the refuse
 A run killed without a chance to release its claim (SIGKILL, a node lost) leaves the file behind. A
 later launch takes it over, with a message, when the holder is gone: on the same host its process no
 longer exists (or the pid now belongs to a younger process); from another host, which cannot see
-that process, when its heartbeat is older than `STALE_AFTER_S`. The holder refreshes the file's
-modification time every `HEARTBEAT_S` from a daemon thread, however long a step or an evaluation takes.
+that process, when its heartbeat is older than `STALE_AFTER_S`; and at once when it was an earlier
+attempt of the same elastic job (torchrun's rendezvous id, a lower restart count), which the elastic
+agent stopped before restarting the workers, maybe with rank 0 on another node. The holder refreshes
+the file's modification time every `HEARTBEAT_S` from a daemon thread, however long a step or an
+evaluation takes.
 """
 
 from __future__ import annotations
@@ -52,6 +55,18 @@ def _process_start(pid: int) -> int | None:
         return None
 
 
+def _elastic_attempt() -> tuple[str, int] | None:
+    """(rendezvous id, restart count) under torchrun with a named rendezvous; None otherwise (the standalone
+    rendezvous id "none" is shared by unrelated jobs)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id in ("", "none"):
+        return None
+    try:
+        return run_id, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return None
+
+
 def _alive(pid: int, started: int | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -72,7 +87,7 @@ class RunClaim:
         self.token = uuid.uuid4().hex
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
                        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                       "command": " ".join(sys.argv), "token": self.token}
+                       "command": " ".join(sys.argv), "token": self.token, "elastic": _elastic_attempt()}
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -133,6 +148,9 @@ class RunClaim:
         beat = holder.get("_heartbeat")
         if beat is None:
             return "its claim file vanished"
+        ours, theirs = _elastic_attempt(), holder.get("elastic")
+        if ours and isinstance(theirs, list) and len(theirs) == 2 and theirs[0] == ours[0] and theirs[1] < ours[1]:
+            return f"it was restart {theirs[1]} of this elastic job, which is now at restart {ours[1]}"
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
             return None if _alive(holder["pid"], holder.get("process_start")) else "its process no longer exists"
         age = time.time() - beat
