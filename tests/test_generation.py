@@ -264,3 +264,62 @@ def test_zero3_greedy_generation_on_2_ranks_equals_the_single_process_model(asse
     model = (AutoModelForCausalLM if task == "causal-lm" else AutoModelForSeq2SeqLM).from_pretrained(folder)
     single = objective.generate(model, objective.collator(tok)([dev[i] for i in range(7)])).tolist()
     assert {**ranks[0], **ranks[1]} == dict(enumerate(single))
+
+
+def test_empty_prompts_and_completions_are_counted_and_completions_all_empty_are_refused(assets, tmp_path):
+    tok = AutoTokenizer.from_pretrained(assets["llama"])
+    records = [{"prompt": "copy : red", "completion": "red"}, {"prompt": "", "completion": "blue"},
+               {"prompt": "copy : cat", "completion": ""}]
+    train = gf.write_jsonl(tmp_path / "some.jsonl", records)
+    cfg = gf.generation_config(assets["llama"], {**assets["files"], "train_pc": train, "dev_pc": train})
+    objective = objective_for(cfg)
+    with pytest.warns(UserWarning) as caught:
+        split = objective.prepare_splits(tok)["train"]
+    messages = " ".join(str(w.message) for w in caught)
+    assert f"{train}: column 'prompt' is empty (or only whitespace) in 1 of 3 row(s) (row 2, counted" in messages
+    assert f"{train}: column 'completion' is empty (or only whitespace) in 1 of 3 row(s) (row 3, count" in messages
+    # kept: the empty completion's target is EOS alone, which the model learns to answer with (a finite loss)
+    assert len(split) == 3 and split[2]["input_ids"][split[2]["prompt_length"]:] == [tok.eos_token_id]
+    model = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    assert torch.isfinite(objective.per_example_loss(model, batch_of(objective, tok, split, 3))).all()
+
+    nothing = gf.write_jsonl(tmp_path / "nothing.jsonl", [{"prompt": "copy : red", "completion": " "}] * 2)
+    cfg = gf.generation_config(assets["llama"], {**assets["files"], "train_pc": nothing, "dev_pc": nothing})
+    with pytest.raises(DataError, match=r"nothing.jsonl: column 'completion' is empty in every row \(2\).*"
+                                        r"--data.output_column"):
+        objective_for(cfg).prepare_splits(tok)
+
+
+def test_a_prompt_of_no_tokens_starts_from_the_tokenizers_start_token(assets, tmp_path):
+    """A tokenizer that adds no special tokens encodes an empty prompt as nothing: the prompt is then
+    its BOS token (EOS when it has none), so the completion's first token has a position to be
+    predicted from, and an empty prompt to predict on has an input to generate from."""
+    from tokenizers import processors
+
+    tok = AutoTokenizer.from_pretrained(assets["llama"])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    assert tok("")["input_ids"] == []
+    path = gf.write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "", "completion": "red"}])
+    objective = objective_for(gf.generation_config(assets["llama"], assets["files"]))
+    with pytest.warns(UserWarning, match="column 'prompt' is empty"):
+        row = objective.prediction_inputs(path, read_table(path), tok)[0]
+    assert row["input_ids"] == [tok.bos_token_id] and row["prompt_length"] == 1
+
+
+@pytest.mark.parametrize("task,name,model_type,can", [("seq2seq", "llama", "llama", "--task=causal-lm"),
+                                                      ("causal-lm", "t5", "t5", "--task=seq2seq")])
+def test_a_model_without_the_tasks_head_is_refused_from_its_config(assets, task, name, model_type, can):
+    """Checked from config.json before anything is built: one paragraph naming the model's type and
+    architecture, the task, and the tasks it can do, not transformers' list of every model class."""
+    from fsam_ds.trainer.model_loading import load_pretrained
+
+    cfg = gf.generation_config(assets[name], assets["files"], task, "s2s" if task == "seq2seq" else "pc")
+    with pytest.raises(ConfigError) as err:
+        objective_for(cfg)
+    message = str(err.value)
+    architecture = "LlamaForCausalLM" if name == "llama" else "T5ForConditionalGeneration"
+    assert f"model_type {model_type!r}" in message and architecture in message and f"--task={task}" in message
+    assert can in message and "classification" in message and "\n" not in message and len(message) < 800
+    head = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
+    with pytest.raises(ConfigError, match=f"model_type {model_type!r}"):  # and where the model is loaded
+        load_pretrained(head, str(assets[name]), torch.float32)

@@ -4,6 +4,7 @@ that a run and fsam-predict read each file once."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,41 @@ def test_predict_reads_its_input_once_and_echoes_each_row_with_the_models_predic
         assert list(out["prediction"]["probabilities"].values()) == pytest.approx(logits.softmax(-1).tolist(),
                                                                                   abs=1e-5)
         assert out["prediction"]["label"] == moods[int(logits.argmax())]
+
+
+def test_a_header_only_training_file_is_said_to_have_no_rows(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        objective_for(load_config(["--task=classification", "--model=m", f"--data.train_file={train}",
+                                   f"--data.dev_file={train}"]))
+    message = str(err.value)
+    assert f"File {str(train)!r} has no rows" in message and "data.train_file" in message
+    assert "--data.labels" not in message and "regression" not in message  # not a label problem
+
+
+def test_labels_that_differ_only_in_case_are_named_in_a_warning(tmp_path):
+    path = table(tmp_path / "train.csv", ["pos", "Pos", "neg", "pos", "NEG"])
+    with pytest.warns(UserWarning) as caught:
+        names = infer_label_names(path, "label")
+    assert names == ("NEG", "Pos", "neg", "pos")  # still four classes, as the warning says
+    message = " ".join(str(w.message) for w in caught)
+    assert f"File {str(path)!r} column 'label'" in message and "differ only in case" in message
+    assert "'NEG' and 'neg'" in message and "'Pos' and 'pos'" in message and "--data.labels" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # labels that differ otherwise: no warning
+        assert infer_label_names(table(tmp_path / "fine.csv", ["pos", "neg", "pos"]), "label") == ("neg", "pos")
+
+
+def test_empty_texts_are_counted_in_a_warning_naming_the_file_and_column(tmp_path):
+    rows = [{"claim": c, "reply": r, "label": lab} for c, r, lab in [
+        ("a good film", "yes", "pos"), ("", "no", "neg"), ("  ", "", "pos"), ("a bad film", "fine", "neg")]]
+    train = fx.write_table(tmp_path / "train.csv", rows)
+    task = own_data_task("classification", ("claim", "reply"), "label", ("neg", "pos"))
+    with pytest.warns(UserWarning) as caught:
+        split = load_task_splits(task, "files", data_files={"train": train, "validation": train})["train"]
+    assert len(split) == 4  # kept: an empty text is a text
+    messages = " ".join(str(w.message) for w in caught)
+    origin = f"File {str(train)!r}"
+    assert f"{origin} column 'claim' is empty (or only whitespace) in 2 of 4 row(s) (rows 2, 3, counted" in messages
+    assert f"{origin} column 'reply' is empty (or only whitespace) in 1 of 4 row(s) (row 3, counted" in messages

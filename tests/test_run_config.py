@@ -308,3 +308,19 @@ def test_a_label_that_is_not_text_or_a_number_is_refused_with_the_key_value_and_
 
     assert repr(yaml.safe_load(entries)) in message  # the value as read (YAML 1.1: yes/no are booleans)
     assert "is not a list of strings" in message and "Give a list of strings (comma list or JSON list)" in message
+
+
+def test_version_prints_the_package_version_and_exits_0(capsys):
+    from importlib.metadata import version
+
+    import fsam_ds
+    from fsam_ds.cli.train import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    # the installed distribution's version, which is the package's own
+    assert capsys.readouterr().out.strip() == f"fsam-train {version('fsam-ds')}" == f"fsam-train {fsam_ds.__version__}"
+    with pytest.raises(SystemExit):
+        load_config(["--help"])
+    assert "--version" in capsys.readouterr().out

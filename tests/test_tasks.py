@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -196,3 +197,17 @@ def test_metric_input_errors_name_the_shape():
         compute_metrics("sst2", [0.2, 0.9], [0, 1])
     with pytest.raises(ValueError, match="one score per example"):
         compute_metrics("stsb", np.zeros((2, 2)), [0.0, 1.0])
+
+
+def test_get_task_unknown_lists_the_tasks_on_your_own_files_too():
+    with pytest.raises(UnknownTaskError) as err:
+        get_task("seq2sec")
+    message = str(err.value)
+    assert "Did you mean 'seq2seq'" in message
+    for name in ("classification", "regression", "causal-lm", "seq2seq", *GLUE_TASKS, *SUPERGLUE_TASKS):
+        assert re.search(rf"[ :]{re.escape(name)}[,;.]", message), name
+    with pytest.raises(UnknownTaskError, match="Did you mean 'classification'"):
+        get_task("clasification")
+    # asked of the registry, a task on your own files says where it is built instead
+    with pytest.raises(UnknownTaskError, match=r"'causal-lm' is a task on your own files.*--task=causal-lm"):
+        get_task("causal_lm")

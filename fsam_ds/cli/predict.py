@@ -2,14 +2,23 @@
 
     fsam-predict runs/my-run/best reviews.csv                          # writes reviews.predictions.jsonl
     fsam-predict runs/my-run/final test.jsonl --output preds.jsonl --batch_size 128 --device cuda
+    fsam-predict runs/my-sft/best prompts.jsonl --max_new_tokens 256    # causal-lm / seq2seq
 
 The task is rebuilt from the run's configuration saved in the export (run_config.json), so the file
 is read, tokenized and its classes named exactly as in training: the same text columns, max_length
-and label set. The input may be .csv/.tsv/.json/.jsonl/.parquet; its label column is not needed.
-The output is JSON lines, one per input row in file order: the row's own columns plus "prediction",
-the task's prediction for it (classification: {"label": ..., "probabilities": {class: p}};
-regression: {"score": ...}). Batched, with a progress bar on stderr; exit status 2 and one paragraph
-for an input error (a folder that is not an export, a missing column).
+and label set. The input may be .csv/.tsv/.json/.jsonl/.parquet; its label (or target) column is not
+needed.
+
+The output is JSON lines, exactly one per input row, in file order, an empty text included: the row's
+own columns plus "prediction", the task's prediction for it. Classification: {"label": ...,
+"probabilities": {class: p}}; regression: {"score": ...}; causal-lm and seq2seq: {"generated": text,
+"truncated": true|false}, greedy, at most --max_new_tokens tokens (default: the run's
+eval.max_new_tokens), "truncated" true where the generation reached that limit without ending (EOS).
+In a CSV file a row whose only text is empty is written "" (as csv writers do); a blank line within
+the data is an error, as is any row that cannot be read, named by the file and row.
+
+Batched, with a progress bar on stderr; exit status 2 and one paragraph for an input error (a folder
+that is not an export, a missing column, a blank line).
 """
 
 from __future__ import annotations
@@ -54,8 +63,11 @@ def _run_config(folder: Path) -> dict[str, Any]:
 
 
 def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, output: str | os.PathLike, *,
-                 batch_size: int | None = None, device: str | None = None, progress: bool = True) -> int:
-    """Writes one JSON line per row of `input_file` to `output`; returns the number of rows."""
+                 batch_size: int | None = None, device: str | None = None, progress: bool = True,
+                 max_new_tokens: int | None = None) -> int:
+    """Writes one JSON line per row of `input_file` to `output`; returns the number of rows.
+    `max_new_tokens` (causal-lm and seq2seq only): the longest generation, instead of the run's
+    eval.max_new_tokens."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -64,9 +76,18 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
     from fsam_ds.trainer.data import read_table, table_rows
     from fsam_ds.trainer.objectives import objective_for
     from fsam_ds.trainer.run_config import config_from_dict
+    from fsam_ds.trainer.tasks import GENERATION_TASKS
 
     folder, input_file, output = Path(model_dir), Path(input_file), Path(output)
-    cfg = config_from_dict(_run_config(folder))
+    run_config = _run_config(folder)
+    if max_new_tokens is not None:
+        task = str(run_config.get("task", "")).strip().lower().replace("_", "-")
+        if task not in GENERATION_TASKS:
+            raise PredictError(f"--max_new_tokens = {max_new_tokens} limits a generation, but {str(folder)!r} was "
+                               f"trained for task {run_config.get('task')!r}, which predicts a class or score; "
+                               f"only {' and '.join(GENERATION_TASKS)} models generate. Drop --max_new_tokens.")
+        run_config["eval"] = {**run_config.get("eval", {}), "max_new_tokens": max_new_tokens}
+    cfg = config_from_dict(run_config)
     objective = objective_for(cfg)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     # read once: the same rows are tokenized and echoed
@@ -75,8 +96,8 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
     rows = table_rows(columns)
     if len(rows) != len(inputs):
         raise PredictError(f"{str(input_file)!r} has {len(rows)} rows but task {cfg.task!r} made {len(inputs)} "
-                           "examples of them, so predictions could not be matched to rows. Remove empty or "
-                           "malformed rows from the file.")
+                           "examples of them, so predictions could not be matched to rows. Remove malformed "
+                           "rows from the file.")
     if rows and PREDICTION in rows[0]:
         raise PredictError(f"{str(input_file)!r} has a column {PREDICTION!r}, the name fsam-predict writes each "
                            "row's prediction under. Rename that column.")
@@ -101,7 +122,11 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsam-predict", description=__doc__.split("\n\n")[0],
+    from fsam_ds.trainer.run_config import package_version
+
+    paragraphs = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(prog="fsam-predict", description="\n\n".join(paragraphs[:2]),
+                                     epilog="\n\n".join(paragraphs[2:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", help="an exported model folder: <output_dir>/best or <output_dir>/final")
     parser.add_argument("input", help="the file to predict on (.csv/.tsv/.json/.jsonl/.parquet)")
@@ -109,9 +134,13 @@ def _parser() -> argparse.ArgumentParser:
                                          "next to the input)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="examples per forward pass (default: the run's data.eval_batch_size)")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="causal-lm / seq2seq: the longest generation, in tokens (default: the run's "
+                             "eval.max_new_tokens); a generation cut there is marked \"truncated\": true")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
 
@@ -120,14 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     from fsam_ds.trainer.loop import KNOWN_ERRORS
 
     args = _parser().parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        print(f"fsam-predict: error: --batch_size = {args.batch_size} must be >= 1.", file=sys.stderr)
-        return 2
+    for flag in ("batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"fsam-predict: error: --{flag} = {value} must be >= 1.", file=sys.stderr)
+            return 2
     source = Path(args.input)
     output = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.jsonl")
     try:
         n = predict_file(args.model_dir, source, output, batch_size=args.batch_size, device=args.device,
-                         progress=args.progress)
+                         progress=args.progress, max_new_tokens=args.max_new_tokens)
     except (PredictError, *KNOWN_ERRORS) as err:
         print(f"fsam-predict: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -138,28 +138,46 @@ def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str
     missing (None) fields. Both are skipped with one warning, or raise (`bad_rows` "warn" or "error";
     "keep-all" raises too, for readers whose rows must stay aligned with the file's, and its message
     offers no skipping).
+
+    A row whose one field is empty (`""`, as csv writers write it) is a row with an empty text. A blank
+    line is no row, as for Python's csv.DictReader: blank lines at the end of the file are dropped, and
+    those within the data are skipped ("warn", "error") or, with "keep-all", refused with their rows.
     """
     import pandas as pd
 
     # pandas' python engine, unlike its C engine, leaves the fields missing from a short row empty (None),
     # so that they can be told apart from fields that are there and blank; index_col=False stops it from
-    # taking a row with one field too many as the sign of an unnamed index column
+    # taking a row with one field too many as the sign of an unnamed index column. skip_blank_lines=False:
+    # pandas would otherwise drop a row whose only field is empty (`""`) as if it were a blank line; blank
+    # lines come back as rows with every field None and are told apart below
     options: dict[str, Any] = {"sep": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"sep": ","}
-    options.update(engine="python", keep_default_na=False, index_col=False)
+    options.update(engine="python", keep_default_na=False, index_col=False, skip_blank_lines=False)
+    skip = (" (rows are never skipped here: the fix belongs in the file)" if bad_rows == "keep-all"
+            else ", or pass bad_rows='warn' to skip rows of the wrong width with a warning")
+    blank_first = DataError(f"{path}: line 1 is blank, but the first line must be the header row (or, in a "
+                            "headerless GLUE file, the first example). Delete the blank line(s) above it.")
     try:
-        first = pd.read_csv(path, header=None, nrows=2, dtype=str, encoding=encoding, **options)
+        try:
+            first = pd.read_csv(path, header=None, nrows=2, dtype=str, encoding=encoding, **options)
+        except pd.errors.ParserError as err:
+            # line 2 has more fields than line 1: line 1 is blank, or line 2 is a row too long (which the
+            # full read would cut to the header's width, as pandas does to the first row after the header)
+            if pd.read_csv(path, header=None, nrows=1, dtype=str, encoding=encoding, **options).empty:
+                raise blank_first from None
+            raise DataError(f"{path} could not be read (ParserError: {err}). Repair the line"
+                            f"{skip if bad_rows != 'warn' else ''}.") from None
     except UnicodeError as err:
         raise _encoding_error(path, encoding, err) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty; give a file with a header row and at least one example.") from None
+    if first.iloc[0].isna().all():
+        raise blank_first
     header = [str(c).strip() for c in first.iloc[0]]
     # a headerless layout may still be given a header naming the task's columns
     headerless = bool(names) and not set(required) <= set(header)
     columns = list(names) if headerless else header
     if len(first) < 2 and not headerless:
         return {name: [] for name in columns}  # a header only: load_task_splits says what to add
-    skip = (" (rows are never skipped here: the fix belongs in the file)" if bad_rows == "keep-all"
-            else ", or pass bad_rows='warn' to skip rows of the wrong width with a warning")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         data = _load_file("csv", path, encoding, header=None if headerless else 0, names=columns,
@@ -170,7 +188,9 @@ def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str
     for w in caught:
         if not issubclass(w.category, pd.errors.ParserWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    short = [i for i in range(len(data[columns[0]])) if any(data[name][i] is None for name in columns)]
+    blank = _blank_lines(path, data, columns, keep_all=bad_rows == "keep-all")
+    short = [i for i in range(len(data[columns[0]]))
+             if i not in blank and any(data[name][i] is None for name in columns)]
     if short and bad_rows != "warn":
         rows = ", ".join(str(i + 1) for i in short[:10]) + (", ..." if len(short) > 10 else "")
         raise DataError(f"{path}: row(s) {rows} (counted after the header) have fewer fields than the header's "
@@ -180,9 +200,28 @@ def _read_delimited(path: Path, *, tsv: bool, encoding: str, names: Sequence[str
         warnings.warn(f"{path}: skipped {len(skipped)} row(s) whose field count differs from the header's "
                       f"{len(columns)}: {'; '.join(skipped[:10])}{'; ...' if len(skipped) > 10 else ''}.",
                       stacklevel=3)
-        dropped = set(short)
+    dropped = blank | set(short)
+    if dropped:
         data = {name: [v for i, v in enumerate(values) if i not in dropped] for name, values in data.items()}
     return data
+
+
+def _blank_lines(path: Path, data: dict[str, list], columns: Sequence[str], *, keep_all: bool) -> set[int]:
+    """The rows of `data` that are blank lines (every field None). With `keep_all` a blank line before the
+    last row is an error: it is no row, and skipping it would leave the rows' places unaccounted for."""
+    n = len(data[columns[0]])
+    blank = {i for i in range(n) if all(data[name][i] is None for name in columns)}
+    end = n  # blank lines at the end of the file are its end
+    while end - 1 in blank:
+        end -= 1
+    inner = sorted(i for i in blank if i < end)
+    if inner and keep_all:
+        rows = ", ".join(str(i + 1) for i in inner[:10]) + (", ..." if len(inner) > 10 else "")
+        raise DataError(f"{path}: row(s) {rows} (counted after the header) are blank lines. A blank line holds "
+                        "no row, and rows are never skipped here, so that each row keeps its place (fsam-predict "
+                        "writes one prediction per row, in file order). Delete the blank line(s); for a row whose "
+                        'only text is empty, write "" on that line, as csv writers do.')
+    return blank
 
 
 def _read_json(path: Path, encoding: str) -> dict[str, list]:
@@ -422,6 +461,10 @@ def infer_label_names(path: PathLike, label_column: str, *, encoding: str = "utf
                         f"{_quoted(list(columns)) or 'none'}. Name the label column with "
                         "--data.label_column=<column>.")
     values = columns[label_column]
+    if not values:
+        raise DataError(f"{origin} has no rows (a header row only, or every row was skipped; see any warning "
+                        "above), so there are no labels to read the classes from and no examples to train on. Add "
+                        "examples, one per row below the header, or give data.train_file a file that has them.")
     missing = [i for i, value in enumerate(values) if _label_key(value) in (None, "")]
     if missing:
         raise DataError(f"{origin} column {label_column!r} is empty in {len(missing)} row(s) (rows "
@@ -437,12 +480,39 @@ def infer_label_names(path: PathLike, label_column: str, *, encoding: str = "utf
 
     numeric = all(number(k) is not None for k in keys)
     names = tuple(sorted(keys, key=number if numeric else None))  # type: ignore[arg-type]
+    _warn_case_variants(origin, label_column, names)
     if len(names) < 2:
         raise DataError(f"{origin} column {label_column!r} holds {len(names)} distinct label(s) "
                         f"({_quoted(names)}); a classifier needs at least two classes. Train on data with every "
                         "class, give the label set with --data.labels=<class>,<class>,..., or, for numeric "
                         "scores, use --task=regression.")
     return names  # type: ignore[return-value]
+
+
+def _warn_case_variants(origin: str, label_column: str, names: Sequence[str]) -> None:
+    """Warns about labels that differ only in case ('pos', 'Pos'): each is a class of its own."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.casefold(), []).append(name)
+    alike = [sorted(group) for group in groups.values() if len(group) > 1]
+    if alike:
+        listed = "; ".join(" and ".join(repr(n) for n in group) for group in sorted(alike))
+        warnings.warn(f"{origin} column {label_column!r} has labels that differ only in case: {listed}. Each is a "
+                      f"class of its own ({len(names)} classes in all). If they are meant to be one class, write "
+                      "them alike in the file (e.g. all lower case); if they are distinct classes, give the label "
+                      "set with --data.labels=<class>,<class>,... to say so (which also silences this warning).",
+                      stacklevel=3)
+
+
+def warn_empty_texts(origin: str, where: str, values: Sequence[Any], what: str) -> None:
+    """Warns with the count and rows (from 1) of the texts in `where` (e.g. "column 'text'") of the
+    file or split `origin` that are empty or only whitespace; `what` says what such a row gives the model."""
+    empty = [i for i, v in enumerate(values) if isinstance(v, str) and not v.strip()]
+    if empty:
+        shown = ", ".join(str(i + 1) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
+        warnings.warn(f"{origin} {where} is empty (or only whitespace) in {len(empty)} of {len(values)} "
+                      f"row(s) ({'row' if len(empty) == 1 else 'rows'} {shown}, counted from 1): {what}. "
+                      "Fill or drop those rows if that is not meant.", stacklevel=3)
 
 
 def _score(value: Any) -> float:
@@ -483,6 +553,7 @@ def _normalize(raw: _Raw, spec: TaskSpec, rename: Mapping[str, str], labelled: b
             raise DataError(f"{raw.origin} column {name!r} is null in {len(empty)} row(s) (rows "
                             f"{_quoted(empty[:10])}{', ...' if len(empty) > 10 else ''}); task {spec.name!r} reads "
                             "text from it. Fill or drop those rows.")
+        warn_empty_texts(raw.origin, f"column {name!r}", columns[name], "the model reads no text from it there")
     rows = [dict(zip(fields, values)) for values in zip(*(columns[c] for c in fields))]
     texts = list(zip(*(spec.texts(row) for row in rows)))  # one tuple per text column
     data: dict[str, list] = {TEXT_A: list(texts[0])}

@@ -30,9 +30,15 @@ seq2seq, `rouge1`, `rouge2`, `rougeL` (rouge-score F-measures with Porter stemmi
 examples). All higher is better; the best checkpoint is picked by chrf (causal-lm) or rougeL
 (seq2seq), or by neg_loss when generation is off.
 
+Empty texts. Empty (or whitespace-only) prompts, sources, completions and targets are kept and counted
+in a warning naming the file, column and rows; a file whose every target is empty is an error (see
+`_Generation._check_empty` for why). A prompt or source that encodes to no token at all is the
+tokenizer's BOS (causal LM) or EOS, so that there is a position to predict from and an input to generate from.
+
 Prediction. `prediction_inputs` takes a file's prompts (chats, sources) in file order from its columns,
-read once by the caller, targets optional and unused; `predict` gives {"generated": text} per example,
-generated as in evaluation.
+read once by the caller, targets optional and unused; `predict` gives {"generated": text, "truncated":
+bool} per example, generated as in evaluation (with eval.max_new_tokens, which fsam-predict's
+--max_new_tokens sets), "truncated" true for a generation that reached that limit without EOS.
 
 Collective generation. Under ZeRO-3 every forward gathers parameters with every rank, so every rank
 must run as many forwards: a dev batch is generated on every rank when any rank needs it (one
@@ -54,7 +60,7 @@ from datasets import Dataset
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import DataError, read_table
+from fsam_ds.trainer.data import DataError, read_table, warn_empty_texts
 from fsam_ds.trainer.objectives import Model, model_device
 from fsam_ds.trainer.run_config import TrainConfig
 
@@ -201,6 +207,23 @@ class _Generation:
     def _column_names(self) -> str:
         return f"{self.input_column!r} and {self.output_column!r}"
 
+    def _check_empty(self, path: Path, where: str, texts: list[str], *, target: bool) -> None:
+        """Counts the empty (or whitespace-only) inputs or targets in `where` (e.g. "column 'prompt'").
+
+        An empty target is kept with a warning, not refused: its target is EOS alone, a finite loss
+        that teaches the model to answer that input with nothing, which a data set may mean (a
+        question with no answer); more often it is a missing value, hence the count. A file in which
+        every target is empty is an error: the model would learn only to stop at once, and the
+        likely cause is the wrong column.
+        """
+        if target and texts and all(not t.strip() for t in texts):
+            raise DataError(f"{path}: {where} is empty in every row ({len(texts)}), so the model would learn only "
+                            f"to stop at once. Fill in the {self.default_columns[1]}s, or name the column that "
+                            "holds them with --data.output_column=COLUMN.")
+        what = ("its target is EOS alone, so the model learns to answer that input with nothing" if target
+                else "the model is given no text there (a causal LM then starts from its start token)")
+        warn_empty_texts(f"{path}:", where, texts, what)
+
     @staticmethod
     def _eos(tokenizer: Any) -> int | None:
         """The token that ends a target, and a generation."""
@@ -231,17 +254,23 @@ class _Generation:
         total, count = self._targets(model, batch)
         return total / count
 
-    def generate(self, model: Model, batch: Mapping[str, Tensor]) -> Tensor:
-        """Greedy continuations of `batch`: [examples, eval.max_new_tokens] token ids, NO_TOKEN from the
-        first EOS on. Collective when distributed (every rank must call it as often)."""
+    def _generate_new_tokens(self, model: Model, batch: Mapping[str, Tensor]) -> Tensor:
+        """The new token ids of `batch`'s greedy continuations as `generate` gives them: at most
+        eval.max_new_tokens per example, each ending at its first EOS or at that limit. Collective when
+        distributed (every rank must call it as often)."""
         device = model_device(model)
         ids, mask = (t.to(device) for t in self._generation_inputs(batch))
         module = getattr(model, "module", model)  # a DeepSpeed engine's transformers model
-        eos = self._eos(self.tokenizer)
         out = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                              do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=self._pad_id(),
+                              do_sample=False, num_beams=1, eos_token_id=self._eos(self.tokenizer),
+                              pad_token_id=self._pad_id(),
                               synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
-        return _until_eos(self._new_tokens(out, ids).cpu(), eos, self.max_new_tokens)
+        return self._new_tokens(out, ids).cpu()
+
+    def generate(self, model: Model, batch: Mapping[str, Tensor]) -> Tensor:
+        """Greedy continuations of `batch`: [examples, eval.max_new_tokens] token ids, NO_TOKEN from the
+        first EOS on. Collective when distributed (every rank must call it as often)."""
+        return _until_eos(self._generate_new_tokens(model, batch), self._eos(self.tokenizer), self.max_new_tokens)
 
     @torch.no_grad()
     def eval_outputs(self, model: Model, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -275,9 +304,15 @@ class _Generation:
         return metrics
 
     def predict(self, model: Model, batch: Mapping[str, Tensor]) -> list[dict[str, Any]]:
-        """One {"generated": text} per example of `batch`."""
+        """One {"generated": text, "truncated": bool} per example of `batch`; "truncated" marks a generation
+        cut at eval.max_new_tokens, one that had not ended (no EOS) when it reached that many tokens."""
+        eos = self._eos(self.tokenizer)
         with torch.no_grad():
-            return [{"generated": text} for text in self._decode(self.generate(model, batch))]
+            tokens = self._generate_new_tokens(model, batch)
+        # generate fills a row that ended before the others with pad ids; a row with no EOS ran to the limit
+        cut = ~(tokens == eos).any(1)
+        texts = self._decode(_until_eos(tokens, eos, self.max_new_tokens))
+        return [{"generated": text, "truncated": bool(c)} for text, c in zip(texts, cut.tolist())]
 
     def batch_size(self, batch: Mapping[str, Tensor]) -> int:
         return len(batch["input_ids"])
@@ -295,9 +330,13 @@ class CausalLM(_Generation):
 
     def _encode(self, path: Path, columns: dict[str, list], tokenizer: Any, *, targets: bool) -> dict[str, list]:
         prompts, chat, completions = self._texts(path, columns, tokenizer, targets=targets)
+        limit, eos = self.cfg.data.max_length, self._eos(tokenizer)
         # a rendered chat holds its special tokens already
         prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
-        limit, eos = self.cfg.data.max_length, self._eos(tokenizer)
+        # a prompt of no tokens (an empty text, and a tokenizer that adds no BOS) is the start token, so
+        # that the completion's first token has a position to be predicted from, and generation an input
+        start = eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id
+        prompt_ids = [ids or [start] for ids in prompt_ids]
         # to predict on: the prompt alone, whatever the file holds after it
         targets_ids = (tokenizer(completions, add_special_tokens=False)["input_ids"] if targets
                        else [[] for _ in prompts])
@@ -326,10 +365,16 @@ class CausalLM(_Generation):
         row's completion."""
         if self.input_column not in columns and MESSAGES in columns:
             prompts, completions = self._chat(path, columns[MESSAGES], tokenizer, targets=targets)
+            if completions is not None:
+                self._check_empty(path, f"the last (assistant) turn of {MESSAGES!r}", completions, target=True)
             return prompts, True, completions
         prompts = self._text_column(path, columns, self.input_column, key="input_column")
-        completions = self._text_column(path, columns, self.output_column, key="output_column", required=targets)
-        return prompts, False, completions if targets else None
+        self._check_empty(path, f"column {self.input_column!r}", prompts, target=False)
+        if not targets:
+            return prompts, False, None
+        completions = self._text_column(path, columns, self.output_column, key="output_column")
+        self._check_empty(path, f"column {self.output_column!r}", completions, target=True)
+        return prompts, False, completions
 
     def _chat(self, path: Path, conversations: list, tokenizer: Any,
               *, targets: bool) -> tuple[list[str], list[str] | None]:
@@ -407,8 +452,13 @@ class Seq2Seq(_Generation):
     def _encode(self, path: Path, columns: dict[str, list], tokenizer: Any, *, targets: bool) -> dict[str, list]:
         limit, eos = self.cfg.data.max_length, self._eos(tokenizer)
         sources = self._text_column(path, columns, self.input_column, key="input_column")
+        self._check_empty(path, f"column {self.input_column!r}", sources, target=False)
         target_texts = self._text_column(path, columns, self.output_column, key="output_column", required=targets)
-        rows = {"input_ids": tokenizer(sources, truncation=True, max_length=limit)["input_ids"]}
+        if targets:
+            self._check_empty(path, f"column {self.output_column!r}", target_texts, target=True)
+        # a source of no tokens (a tokenizer that adds none to an empty text) is EOS: the encoder needs an input
+        rows = {"input_ids": [ids or [eos] for ids in
+                              tokenizer(sources, truncation=True, max_length=limit)["input_ids"]]}
         labels = [[] for _ in sources]
         if target_texts is not None:
             # the tokenizer adds what its model's targets end with (T5 and BART: EOS); EOS is made sure of

@@ -94,13 +94,15 @@ def load_pretrained(model_class: Any, name: str, dtype: torch.dtype, ds_config: 
     (a folder, or a hub id already in the local cache), else through transformers' ZeRO-3 loading."""
     ds_config = ds_config or {}
     if not zero3_enabled(ds_config):
+        check_model_head(model_class, name)
         return model_class.from_pretrained(name, dtype=dtype, **kwargs)
     plan, why, error = None, "another rank cannot read this checkpoint partitioned", None
     try:
+        check_model_head(model_class, name)  # here, so that a rank that refuses the model stops the others
         plan = plan_partitioned_load(model_class, name, dtype, ds_config, **kwargs)
     except Fallback as reason:
         why = str(reason)
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:
         error = err
     # what follows is collective: every rank takes the same path, or raises
     agreed = _least_over_ranks(0 if error is not None else 2 if plan is not None else 1)
@@ -115,6 +117,61 @@ def load_pretrained(model_class: Any, name: str, dtype: torch.dtype, ds_config: 
         drop_unused_weight_conversions(model)
         return model
     return load_planned(model_class, plan, dtype, ds_config)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A transformers Auto class that a kind of task builds its model with."""
+
+    mapping: str
+    """transformers' public mapping of the Auto class: configuration class -> model class."""
+    tasks: str
+    """The tasks that use it, as a user names them."""
+    models: str
+    """Examples of the models that have it."""
+
+
+HEADS: dict[str, Head] = {
+    "AutoModelForCausalLM": Head("MODEL_FOR_CAUSAL_LM_MAPPING", "--task=causal-lm",
+                                 "a decoder-only model (GPT-2, Llama, Qwen, SmolLM2, ...)"),
+    "AutoModelForSeq2SeqLM": Head("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING", "--task=seq2seq",
+                                  "an encoder-decoder model (T5, BART, an EncoderDecoderModel, ...)"),
+    "AutoModelForSequenceClassification": Head(
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING",
+        "--task=classification, --task=regression or a GLUE/SuperGLUE task",
+        "a model with a sequence-classification head (BERT, RoBERTa, DeBERTa, and most decoders)"),
+}
+"""The Auto classes the objectives build their models with (`Objective.model_class`), by name."""
+
+
+def check_model_head(model_class: Any, name: str, task: str | None = None) -> None:
+    """Raises ConfigError, before anything is built, when the model `name` has no `model_class` (one of
+    `HEADS`) in transformers: from its config.json alone, in a local folder or a hub id's snapshot
+    already in the local cache (nothing is downloaded here; a model it cannot read is left to the
+    loading, which says what is wrong). `task` names the run's task in the message."""
+    import transformers
+
+    head = HEADS.get(getattr(model_class, "__name__", ""))
+    folder = checkpoint_folder(name)
+    if head is None or folder is None:
+        return
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError):  # no config.json, or a model_type this transformers does not know
+        return
+    if type(config) in getattr(transformers, head.mapping):
+        return
+    able = [h.tasks for h in HEADS.values() if type(config) in getattr(transformers, h.mapping)]
+    architectures = getattr(config, "architectures", None) or []
+    kind = f"model_type {config.model_type!r}"
+    if architectures:
+        kind += f", architecture {', '.join(architectures)}"
+    wanted = f"--task={task}" if task else head.tasks
+    can = (f"What this model can do: {'; '.join(able)}. Choose {'that' if len(able) == 1 else 'one of those'}, "
+           f"or give a model made for {wanted}." if able else f"Give a model made for {wanted}.")
+    raise ConfigError(f"model = {name!r} ({kind}) cannot be fine-tuned for {wanted}: transformers has no "
+                      f"{model_class.__name__} for {config.model_type} models, and that task needs {head.models}. "
+                      f"{can}")
 
 
 def drop_unused_weight_conversions(model: Any) -> None:

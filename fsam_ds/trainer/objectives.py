@@ -23,9 +23,10 @@ from torch import Tensor
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.data import (infer_label_names, load_task_splits, padding_collator, prediction_split,
                                   read_split_file, tokenize)
+from fsam_ds.trainer.model_loading import check_model_head
 from fsam_ds.trainer.run_config import DataSection, TrainConfig
-from fsam_ds.trainer.tasks import (CLASSIFICATION, OWN_DATA_TASKS, REGRESSION, TaskSpec, compute_metrics, get_task,
-                                   own_data_task, predicted_ids)
+from fsam_ds.trainer.tasks import (CAUSAL_LM, CLASSIFICATION, OWN_DATA_TASKS, REGRESSION, SEQ2SEQ, TaskSpec,
+                                   compute_metrics, get_task, own_data_task, predicted_ids)
 
 Model = Callable[..., Any]
 """The module or DeepSpeed engine: called with the batch's model inputs as keyword arguments."""
@@ -80,7 +81,7 @@ class Objective(Protocol):
 
     def predict(self, model: Model, batch: Mapping[str, Tensor]) -> list[dict[str, Any]]:
         """One JSON-serialisable prediction per example of `batch` (e.g. {"label": .., "probabilities": {..}}
-        or {"generated": ..})."""
+        or {"generated": .., "truncated": ..})."""
         ...
 
 
@@ -242,7 +243,7 @@ def _seq2seq(cfg: TrainConfig) -> Objective:
 
 
 OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {
-    **dict.fromkeys(OWN_DATA_TASKS, own_data_objective), "causal-lm": _causal_lm, "seq2seq": _seq2seq}
+    **dict.fromkeys(OWN_DATA_TASKS, own_data_objective), CAUSAL_LM: _causal_lm, SEQ2SEQ: _seq2seq}
 """Objectives by `task` name for the kinds of fine-tuning that are not a registered task
 (`fsam_ds.trainer.tasks`); any other name is a registered classification or regression task."""
 
@@ -250,8 +251,16 @@ _OWN_DATA_KEYS = ("text_columns", "label_column", "labels")
 
 
 def objective_for(cfg: TrainConfig) -> Objective:
-    """The objective that trains and scores the run's `task`."""
-    make = OBJECTIVES.get(cfg.task.strip().lower())
+    """The objective that trains and scores the run's `task`; a model whose configuration has no head
+    for that task (a decoder-only model for seq2seq) is refused here, before it is loaded and before
+    any data is tokenized."""
+    objective = _objective(cfg)
+    check_model_head(objective.model_class(), cfg.model, cfg.task)
+    return objective
+
+
+def _objective(cfg: TrainConfig) -> Objective:
+    make = OBJECTIVES.get(cfg.task.strip().lower().replace("_", "-"))  # as get_task reads names
     if make is not None:
         return make(cfg)
     task = get_task(cfg.task)

@@ -31,6 +31,7 @@ from fsam_ds.trainer.tasks import OWN_DATA_TASKS
 __all__ = [
     "BASELINE_SAM_TYPE", "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",
     "TrainConfig", "load_config", "config_from_dict", "config_to_dict", "config_keys", "format_help",
+    "package_version",
 ]
 
 BASELINE_SAM_TYPE = "none"
@@ -439,15 +440,29 @@ def _placeholder_value(cfg: TrainConfig, match: re.Match[str]) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).replace("/", "_")
 
 
+def package_version() -> str:
+    """The version of the installed fsam-ds distribution, which `--version` prints."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fsam-ds")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed: pip install -e . to give it a version)"
+
+
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Build the run configuration from `--config FILE` and `--key=value` overrides (later wins).
 
     Keys may be dotted (`--sam.rho=0.02`) or, when unique across sections, flat (`--rho=0.02`).
-    `--local_rank` from the deepspeed launcher is ignored. `--help` prints every key and exits.
+    `--local_rank` from the deepspeed launcher is ignored. `--help` prints every key and exits;
+    `--version` prints the package version and exits.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(format_help())
+        raise SystemExit(0)
+    if "--version" in argv:
+        print(f"fsam-train {package_version()}")
         raise SystemExit(0)
     config_file, overrides = _parse_argv(argv)
     return _build((_read_file(config_file) if config_file is not None else []) + overrides)
@@ -464,8 +479,8 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def format_help() -> str:
-    lines = ["Usage: fsam-train [--config FILE.yaml|.json] [--key=value ...]", "",
-             "Keys (flat names work where unique across sections, e.g. --rho for sam.rho):"]
+    lines = ["Usage: fsam-train [--config FILE.yaml|.json] [--key=value ...]", "       fsam-train --help | --version",
+             "", "Keys (flat names work where unique across sections, e.g. --rho for sam.rho):"]
     for key, tp in _all_keys().items():
         lines.append(f"  --{key:<28} {_describe(tp)}  [default: {json.dumps(_value(TrainConfig(), key))}]")
     return "\n".join(lines)

@@ -197,6 +197,21 @@ _ALIASES = {
 }
 
 
+CLASSIFICATION, REGRESSION = "classification", "regression"
+OWN_DATA_TASKS = (CLASSIFICATION, REGRESSION)
+"""Task names that train on the user's own files (data.train_file, data.dev_file) instead of a registered task."""
+CAUSAL_LM, SEQ2SEQ = "causal-lm", "seq2seq"
+GENERATION_TASKS = (CAUSAL_LM, SEQ2SEQ)
+"""Task names that fine-tune a generator on the user's own files (`fsam_ds.trainer.generation`)."""
+
+
+def known_tasks() -> str:
+    """Every task name fsam-train takes, grouped, for messages."""
+    others = sorted(set(TASKS) - set(GLUE_TASKS) - set(SUPERGLUE_TASKS))
+    return (f"GLUE: {', '.join(GLUE_TASKS)}; SuperGLUE: {', '.join(SUPERGLUE_TASKS)}; also {', '.join(others)}; "
+            f"on your own files (data.train_file, data.dev_file): {', '.join(OWN_DATA_TASKS + GENERATION_TASKS)}")
+
+
 def get_task(name: str | TaskSpec) -> TaskSpec:
     """The registered task called `name` (case-insensitive; '_' and '-' are interchangeable)."""
     if isinstance(name, TaskSpec):
@@ -205,15 +220,15 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
     key = _ALIASES.get(key, key)
     if key in TASKS:
         return TASKS[key]
-    close = difflib.get_close_matches(key, [*TASKS, *_ALIASES], n=3, cutoff=0.6)
+    if key in OWN_DATA_TASKS + GENERATION_TASKS:
+        python = (" From Python, build it with own_data_task(...)." if key in OWN_DATA_TASKS else "")
+        raise UnknownTaskError(f"{key!r} is a task on your own files, not a registered one: fsam-train builds it "
+                               f"from the run's configuration (--task={key} with data.train_file and "
+                               f"data.dev_file).{python}")
+    close = difflib.get_close_matches(key, [*TASKS, *_ALIASES, *OWN_DATA_TASKS, *GENERATION_TASKS], n=3, cutoff=0.6)
     close = list(dict.fromkeys(_ALIASES.get(c, c) for c in close))
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownTaskError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(TASKS))}.")
-
-
-CLASSIFICATION, REGRESSION = "classification", "regression"
-OWN_DATA_TASKS = (CLASSIFICATION, REGRESSION)
-"""Task names that train on the user's own files (data.train_file, data.dev_file) instead of a registered task."""
+    raise UnknownTaskError(f"Unknown task {name!r}.{hint} Known tasks: {known_tasks()}.")
 
 
 def own_data_task(name: str, text_columns: tuple[str, ...], label_column: str,
