@@ -331,19 +331,19 @@ def run_mask_capture(rank: int, world: int, stage: int, kind: str, keep_ratio: f
             "pieces": pieces, "names": names}
 
 
-def run_checkpoint(rank: int, world: int, stage: int, sam_type: str, directory: str):
+def run_checkpoint(rank: int, world: int, stage: int, sam_type: str, directory: str, dtype: str = "fp32"):
     batches = global_batches("mlp", 6)
     loss = per_example_loss("mlp")
-    straight = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    straight = build_engine(mlp(), stage, dtype, sam=sam_config(sam_type))
     for b in batches:
         straight.train_step(split(b, rank, world), loss)
     expected = full_params(straight.engine)
 
-    first = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    first = build_engine(mlp(), stage, dtype, sam=sam_config(sam_type))
     for b in batches[:3]:
         first.train_step(split(b, rank, world), loss)
     tag = first.save_checkpoint(directory)
-    resumed = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    resumed = build_engine(mlp(), stage, dtype, sam=sam_config(sam_type))
     resumed.load_checkpoint(directory)
     step_after_load = resumed.core.step_count
     for b in batches[3:]:
@@ -351,7 +351,7 @@ def run_checkpoint(rank: int, world: int, stage: int, sam_type: str, directory: 
     got = full_params(resumed.engine)
 
     # without the SAM state (mask, counters, generator) the run would differ
-    blind = build_engine(mlp(), stage, sam=sam_config(sam_type))
+    blind = build_engine(mlp(), stage, dtype, sam=sam_config(sam_type))
     blind.engine.load_checkpoint(directory, tag=tag)
     for b in batches[3:]:
         blind.train_step(split(b, rank, world), loss)

@@ -336,8 +336,12 @@ class Stage3Shards(_EngineShards):
             if delta is None:
                 continue
             local = p.ds_tensor.view(-1)[: piece.size]
-            # under offload_optimizer delta is on the CPU, next to the gradient, and ds_tensor on the device
-            local.copy_(local.float().add_(delta.to(local.device)))
+            # under offload_optimizer delta is on the CPU, next to the gradient, and ds_tensor on the device.
+            # e is rounded to the weights' dtype first, as `_write_full` sends it to the materialised copies:
+            # otherwise a bf16 partition (w + e rounded once) and a parameter left gathered (w + e rounded
+            # twice) would disagree, and the second pass would see one or the other depending on which
+            # parameters happen to be gathered (after a checkpoint load, not the same ones)
+            local.copy_(local.float().add_(delta.to(device=local.device, dtype=local.dtype).float()))
             pieces_of[id(p)] = [(piece, delta)]
         # every rank takes part in the all-reduces of the materialised parameters, with or without pieces
         self._write_full(self._materialised(), pieces_of, add=True)
