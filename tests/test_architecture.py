@@ -1,7 +1,9 @@
-"""The package's four parts import one way: sam <- zero <- trainer <- cli.
+"""The package's parts import one way: sam <- zero <- trainer <- cli, and sam <- zero <- hf.
 
 `fsam_ds.sam` imports torch and the standard library only, so the math and the plain-PyTorch
-optimizer work without DeepSpeed or transformers; `fsam_ds.zero` never reaches into the trainer.
+optimizer work without DeepSpeed or transformers; `fsam_ds.zero` never reaches into the trainer;
+`fsam_ds.hf` (the Hugging Face Trainer integration) sits beside the trainer and imports neither it
+nor the commands, and they do not import it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ ALLOWED = {
     "zero": {"sam", "zero"},
     "trainer": {"sam", "zero", "trainer"},
     "cli": {"sam", "zero", "trainer", "cli"},
+    "hf": {"sam", "zero", "hf"},
 }
 # third-party modules `fsam_ds.sam` may import (everything else there must be the standard library)
 SAM_THIRD_PARTY = {"torch"}
@@ -69,9 +72,13 @@ def test_checker_catches_an_import_against_the_direction(tmp_path):
     (tmp_path / "fsam_ds" / "zero" / "engine.py").write_text("from fsam_ds.trainer.loop import train\n")
     (tmp_path / "fsam_ds" / "sam" / "core.py").write_text("import deepspeed\nimport math\nimport torch\n")
     (tmp_path / "fsam_ds" / "trainer" / "loop.py").write_text("from fsam_ds.zero.engine import SAMEngine\n")
+    (tmp_path / "fsam_ds" / "hf" / "trainer.py").write_text("from fsam_ds.trainer.loop import train\n"
+                                                           "from fsam_ds.zero.engine import SAMEngine\n")
+    (tmp_path / "fsam_ds" / "cli" / "train.py").write_text("from fsam_ds.hf import trainer\n")
     found = direction_violations(tmp_path / "fsam_ds")
     assert found == ["fsam_ds/sam/core.py:1 imports deepspeed (fsam_ds.sam may import torch and the standard "
-                     "library only)", "fsam_ds/zero/engine.py:1 imports fsam_ds.trainer.loop"]
+                     "library only)", "fsam_ds/zero/engine.py:1 imports fsam_ds.trainer.loop",
+                     "fsam_ds/cli/train.py:1 imports fsam_ds.hf", "fsam_ds/hf/trainer.py:1 imports fsam_ds.trainer.loop"]
 
 
 def test_sam_imports_without_deepspeed_or_transformers():

@@ -231,3 +231,15 @@ def test_round_robin_gradients_is_refused_where_it_reorders_the_shards(stage, ro
     context = pytest.raises(ConfigError, match="round_robin_gradients") if refused else contextlib.nullcontext()
     with context:
         check_sam_compatible(config)
+
+
+def test_auto_values_left_for_the_hugging_face_trainer_pass_only_when_said_so():
+    from fsam_ds.zero.ds_config import check_sam_compatible
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+    check_sam_compatible(config, auto_filled_later=True)
+    with pytest.raises(ConfigError, match='still has "auto" for train_micro_batch_size_per_gpu'):
+        check_sam_compatible(config)
+    with pytest.raises(ConfigError, match="round_robin_gradients"):  # the other checks still apply
+        check_sam_compatible({**config, "zero_optimization": {"stage": 2, "round_robin_gradients": True}},
+                             auto_filled_later=True)

@@ -181,9 +181,12 @@ def _load(ds_config: Mapping[str, Any] | str | Path | None, precision: str,
     return loaded, source
 
 
-def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed config") -> None:
+def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed config",
+                         auto_filled_later: bool = False) -> None:
     """Raises ConfigError for settings the two-pass SAM step cannot run with (offload, pipeline,
-    round-robin gradients at ZeRO 1/2, fp16 at ZeRO stage 0, "auto" values DeepSpeed itself cannot fill)."""
+    round-robin gradients at ZeRO 1/2, fp16 at ZeRO stage 0, "auto" values DeepSpeed itself cannot fill).
+    `auto_filled_later`: "auto" values are left for a caller that fills them before DeepSpeed reads the
+    config (the Hugging Face Trainer does)."""
     r = _Resolver(dict(config), source)
     _reject_unsupported(r)
     fp16 = config.get("fp16") or {}
@@ -204,7 +207,7 @@ def check_sam_compatible(config: Mapping[str, Any], source: str = "DeepSpeed con
         r.fail("has fp16 enabled at ZeRO stage 0, where DeepSpeed's optimizer unscales a loss it never "
                "scaled (updates come out divided by the loss scale). Use ZeRO stage 1, 2 or 3 with fp16, "
                "or bf16 at stage 0.")
-    left = _auto_paths(r.config)
+    left = [] if auto_filled_later else _auto_paths(r.config)
     if left:
         r.fail(f'still has "auto" for {", ".join(left)}; DeepSpeed cannot fill these. Pass the config through '
                "fsam_ds.zero.ds_config.resolve_ds_config(...) with the training arguments, or give concrete values.")

@@ -110,9 +110,11 @@ class _EngineBackend:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
     def backward(self, loss: Tensor, index: int, count: int) -> None:
-        # DeepSpeed divides by the accumulation steps itself and reduces gradients at the boundary
+        # the boundary (where DeepSpeed reduces the gradients) is the last micro-batch given, and the loss
+        # is divided by their count, not by the config's gradient_accumulation_steps: the two differ in
+        # an epoch's short last step, whose gradient is the mean over the micro-batches it has
         self.engine.set_gradient_accumulation_boundary(index == count - 1)
-        self.engine.backward(loss)
+        self.engine.backward(loss / count, scale_wrt_gas=False)
 
     def zero_grads(self) -> None:
         # ZeRO-3 needs the optimizer's zero_grad (it resets the partition copy logic); the stage 1/2
@@ -156,11 +158,13 @@ class SAMEngine(ObservedThroughCore):
 
     def train_step(self, micro_batches: Sequence[Any], loss_fn: EngineLoss) -> StepOutput:
         """One full step: both passes over this rank's `micro_batches` (as many as the engine's
-        gradient_accumulation_steps), one update; `loss_fn(engine, batch)` returns per-example losses."""
+        gradient_accumulation_steps, or fewer in an epoch's short last step, which then averages over
+        those it has), one update; `loss_fn(engine, batch)` returns per-example losses."""
         gas = self.engine.gradient_accumulation_steps()
-        if len(micro_batches) != gas:
+        if not 1 <= len(micro_batches) <= gas:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches but the DeepSpeed config has "
-                             f"gradient_accumulation_steps = {gas}; pass exactly that many.")
+                             f"gradient_accumulation_steps = {gas}; pass that many (fewer only for an epoch's "
+                             "short last step, and the same number on every rank).")
         self.engine.train()
         out = two_pass_step(self._backend, micro_batches, lambda batch: loss_fn(self.engine, batch))
         self.skipped_steps += int(out.skipped)

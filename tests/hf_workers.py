@@ -1,0 +1,209 @@
+"""Code that runs inside the 2-rank Hugging Face Trainer test processes (imported by the spawned workers).
+
+Each case trains the tiny BERT classifier with `SAMTrainer` under a `deepspeed=` config dict, records
+the micro-batches the Trainer handed to each of its optimizer steps, then trains a second copy through
+fsam-ds's own engine path (`fsam_ds.initialize` + `train_step`) on those same micro-batches with the
+same optimizer, parameter groups and schedule."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ds_workers import ds_config, full_params, sam_config, tiny_bert
+
+LR = 1e-2
+WEIGHT_DECAY = 0.01
+PER_DEVICE_BATCH = 2
+ACCUMULATION = 2
+SEQ_LEN = 12
+
+
+def run_accelerate_on_gloo() -> None:
+    """accelerate 1.16 finds no distributed backend on a machine without an accelerator and then runs
+    DeepSpeed on one process, whatever the launcher set up; here it takes the gloo ranks the harness
+    started. Test-only: on GPUs accelerate finds NCCL itself."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    found = PartialState._prepare_backend
+    if getattr(found, "gloo_for_tests", False):
+        return
+
+    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        chosen, kind = found(self, cpu, sagemaker_dp, backend)
+        if chosen is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return chosen, kind
+
+    prepare_backend.gloo_for_tests = True
+    PartialState._prepare_backend = prepare_backend
+
+
+def examples(count: int) -> list[dict[str, torch.Tensor]]:
+    """The training set, in memory: `count` sequences of random tokens with 3-class labels."""
+    g = torch.Generator().manual_seed(5)
+    return [{"input_ids": torch.randint(1, 97, (SEQ_LEN,), generator=g),
+             "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long),
+             "labels": torch.randint(0, 3, (), generator=g)} for _ in range(count)]
+
+
+def bert_loss(module, batch) -> torch.Tensor:
+    """The engine path's per-example loss, written apart from fsam_ds.hf.losses."""
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """The Trainer's two AdamW groups: weight decay except on biases and LayerNorm weights."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n in decay], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+
+
+def named_param_groups(model: torch.nn.Module) -> list[dict]:
+    """The same weight decay per parameter as `param_groups`, as SAMOptimizer takes it: one group per
+    (name, tensor) in the model's order, the order SAMEngine sees them in (ESAM's random subset of
+    tensors is drawn by position)."""
+    decay = {id(p): g["weight_decay"] for g in param_groups(model) for p in g["params"]}
+    return [{"params": [(n, p)], "weight_decay": decay[id(p)]} for n, p in model.named_parameters()]
+
+
+def ds_scheduler_section(warmup: int, total: int) -> dict:
+    return {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_type": "linear",
+                                                "warmup_num_steps": warmup, "total_num_steps": total}}
+
+
+def trainer_ds_config(stage: int, scheduler: str) -> dict:
+    config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
+    if scheduler == "deepspeed":  # the engine's scheduler; the Trainer fills its "auto" values
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_type": "linear",
+            "warmup_num_steps": "auto", "total_num_steps": "auto"}}
+    return config
+
+
+def recording(base: type) -> type:
+    """`base` (a SAMTrainer class) that records the micro-batches of each of the Trainer's optimizer
+    steps, the learning rate each `engine.step()` ran with, and whether each SAM step was skipped."""
+
+    class Recording(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.windows: list[list[dict]] = []
+            self.step_lrs: list[float] = []
+            self.skipped: list[bool] = []
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if len(self.windows) == self.state.global_step:
+                self.windows.append([])
+            self.windows[self.state.global_step].append({k: v.detach().clone() for k, v in inputs.items()})
+            if "step" not in vars(model):
+                real_step = model.step
+
+                def step(*args, **kwargs):
+                    self.step_lrs.append(float(model.optimizer.param_groups[0]["lr"]))
+                    return real_step(*args, **kwargs)
+
+                model.step = step
+            skipped_before = self.sam_engine.skipped_steps if self.sam_engine is not None else 0
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not self._sam_window:  # the window closed: a SAM step ran
+                self.skipped.append(self.sam_engine.skipped_steps > skipped_before)
+            return loss
+
+    return Recording
+
+
+def every_micro_batch(base: type) -> type:
+    """The deliberately wrong variant: a SAM step (and an update) at every micro-batch."""
+
+    class EveryMicroBatch(base):
+        def _window_closes(self) -> bool:
+            return True
+
+    return EveryMicroBatch
+
+
+def poisoned_loss(trainer, update: int):
+    """`bert_loss`, infinite in every call during the Trainer's optimizer step `update`."""
+    def loss(module, batch):
+        value = bert_loss(module, batch)
+        return value * float("inf") if trainer.state.global_step == update else value
+    return loss
+
+
+def train_with_trainer(rank: int, stage: int, sam_type: str, variant: str, scheduler: str, count: int,
+                       warmup: int, out_dir: str, poison: int | None = None) -> dict:
+    from transformers import TrainingArguments
+
+    from fsam_ds.hf.trainer import SAMTrainer
+
+    run_accelerate_on_gloo()
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, f"{stage}-{sam_type}-{variant}-{scheduler}"), deepspeed=trainer_ds_config(
+            stage, scheduler), per_device_train_batch_size=PER_DEVICE_BATCH, gradient_accumulation_steps=ACCUMULATION,
+        num_train_epochs=1, learning_rate=LR, weight_decay=WEIGHT_DECAY, warmup_steps=warmup, max_grad_norm=0.0,
+        optim="adamw_torch", lr_scheduler_type="linear", report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, dataloader_pin_memory=False)
+    trainer_class = recording(SAMTrainer if variant == "right" else every_micro_batch(SAMTrainer))
+    trainer = trainer_class(model=tiny_bert(), args=args, train_dataset=examples(count), sam=sam_config(sam_type))
+    if poison is not None:
+        trainer.sam_loss_fn = poisoned_loss(trainer, poison)
+    trainer.train()
+    engine = trainer.model_wrapped
+    return {"params": full_params(engine), "windows": trainer.windows, "step_lrs": trainer.step_lrs,
+            "global_step": trainer.state.global_step, "engine_steps": engine.global_steps,
+            "logged_lrs": [e["learning_rate"] for e in trainer.state.log_history if "loss" in e],
+            "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "scheduler": type(trainer.lr_scheduler).__name__, "engine_scheduler": type(engine.lr_scheduler).__name__,
+            "skipped": trainer.skipped, "scheduler_steps": getattr(trainer.lr_scheduler, "last_epoch", None)}
+
+
+def train_with_engine(stage: int, sam_type: str, scheduler: str, windows: list[list[dict]], warmup: int) -> list:
+    """fsam-ds's own path over the Trainer's micro-batches: same init, optimizer groups and schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    import fsam_ds.zero.engine as fe
+
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(param_groups(model), lr=LR)
+    config = ds_config(stage, micro=PER_DEVICE_BATCH, gas=ACCUMULATION)
+    schedule = None
+    if scheduler == "deepspeed":
+        config["scheduler"] = ds_scheduler_section(warmup, len(windows))
+    else:
+        schedule = get_linear_schedule_with_warmup(optimizer, warmup, len(windows))
+    sam_engine = fe.initialize(model=model, config=config, sam=sam_config(sam_type), optimizer=optimizer,
+                               lr_scheduler=schedule)
+    for window in windows:
+        assert not sam_engine.train_step(window, bert_loss).skipped
+    return full_params(sam_engine.engine)
+
+
+def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) -> list[dict]:
+    """Per case (stage, sam_type, variant "right"/"every-micro-batch", scheduler "trainer"/"deepspeed",
+    count examples, warmup steps, poison: an update whose losses are infinite, reference: whether to run
+    the engine path): the Trainer's run, and the engine path's parameters on its batches."""
+    out = []
+    for case in cases:
+        started = time.perf_counter()
+        case = {"variant": "right", "scheduler": "trainer", "count": 20, "warmup": 0, "poison": None,
+                "reference": True, **case}
+        run = train_with_trainer(rank, case["stage"], case["sam_type"], case["variant"], case["scheduler"],
+                                 case["count"], case["warmup"], out_dir, case["poison"])
+        if case["reference"]:
+            run["engine_params"] = train_with_engine(case["stage"], case["sam_type"], case["scheduler"],
+                                                     run["windows"], case["warmup"])
+        run["seconds"] = time.perf_counter() - started
+        out.append(run)
+    return out

@@ -1,0 +1,267 @@
+"""SAMTrainer (transformers' Trainer under --deepspeed) on 2 gloo ranks equals fsam-ds's own engine path on
+the same micro-batches, and a single-process run of SAMOptimizer on the global batches; the learning rate
+steps once per update; what it cannot run exactly is refused at train()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("accelerate")
+
+from transformers import (BertConfig, BertForQuestionAnswering, HfArgumentParser, Trainer,  # noqa: E402
+                          TrainingArguments, get_linear_schedule_with_warmup)
+
+from dist_harness import run_distributed  # noqa: E402
+from ds_workers import sam_config, tiny_bert  # noqa: E402
+from hf_workers import LR, bert_loss, examples, named_param_groups, run_trainer_cases, trainer_ds_config  # noqa: E402
+from fsam_ds.hf import SAMArguments, SAMTrainer, sam_trainer  # noqa: E402
+from fsam_ds.sam.config import ConfigError, SAMConfig  # noqa: E402
+from fsam_ds.sam.optim import SAMOptimizer  # noqa: E402
+from test_zero_equivalence import relative_update_error  # noqa: E402
+
+TOLERANCE = 1e-4  # tiny BERT, as in test_zero_equivalence
+
+
+def start_params() -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in tiny_bert().parameters()])
+
+
+def plain_reference(sam_type: str, runs: list[dict]) -> torch.Tensor:
+    """SAMOptimizer in one process, each update on the global batch: every rank's micro-batches of that
+    optimizer step together; the Trainer's AdamW groups and linear schedule."""
+    model = tiny_bert()
+    optimizer = SAMOptimizer(named_param_groups(model), torch.optim.AdamW, sam_config(sam_type), module=model, lr=LR)
+    windows = [run["windows"] for run in runs]
+    schedule = get_linear_schedule_with_warmup(optimizer.base_optimizer, 0, len(windows[0]))
+    for k in range(len(windows[0])):
+        micro = [batch for rank_windows in windows for batch in rank_windows[k]]
+        global_batch = {key: torch.cat([batch[key] for batch in micro]) for key in micro[0]}
+        assert not optimizer.step_batch(global_batch, lambda batch: bert_loss(model, batch)).skipped
+        schedule.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def check_against_references(cases: list[dict], results: list[list[dict]]) -> None:
+    start = start_params()
+    for case, rank0, rank1 in zip(cases, *results):
+        ours = torch.cat(rank0["params"])
+        assert torch.equal(ours, torch.cat(rank1["params"])), ("ranks disagree", case)
+        # 20 examples, 2 ranks x 2 per micro-batch, 2 micro-batches per step: the last step has one
+        assert [len(w) for w in rank0["windows"]] == [2, 2, 1] and rank0["global_step"] == 3
+        engine_error = relative_update_error(ours, torch.cat(rank0["engine_params"]), start)
+        plain_error = relative_update_error(ours, plain_reference(case["sam_type"], [rank0, rank1]), start)
+        if case.get("variant", "right") == "right":
+            assert engine_error <= TOLERANCE, (case, engine_error)
+            assert plain_error <= TOLERANCE, (case, plain_error)
+            assert rank0["engine_steps"] == 3, case
+        else:  # an update at every micro-batch: 5 engine steps for the Trainer's 3
+            assert engine_error > 1e-2 and plain_error > 1e-2, (case, engine_error, plain_error)
+            assert rank0["engine_steps"] == 5, case
+
+
+STAGE_CASES = {
+    "stage0-1": [{"stage": 0, "sam_type": t} for t in ("sam", "fisher-sam", "gsam")]
+    + [{"stage": 1, "sam_type": "fisher-sam"}, {"stage": 2, "sam_type": "fisher-sam", "variant": "every-micro-batch"}],
+    "stage2": [{"stage": 2, "sam_type": t} for t in ("sam", "fisher-sam", "gsam", "fisher-esam")],
+    "stage3": [{"stage": 3, "sam_type": t} for t in ("sam", "fisher-sam", "gsam", "esam")],
+}
+
+
+@pytest.mark.parametrize("group", list(STAGE_CASES))
+def test_trainer_steps_equal_the_engine_path_and_the_single_process_reference(group, tmp_path):
+    """fp32, gradient accumulation 2 with a short last step; the deliberately wrong variant (an update at
+    every micro-batch) is far from both references."""
+    cases = STAGE_CASES[group]
+    results = run_distributed(run_trainer_cases, 2, tmp_path, cases, str(tmp_path), use_deepspeed=True, timeout=400)
+    check_against_references(cases, results)
+
+
+def linear_lrs(updates: int) -> list[float]:
+    """transformers' linear schedule without warmup, at the start of update k: lr (1 - k / T)."""
+    return [LR * (updates - k) / updates for k in range(updates)]
+
+
+def warmup_decay_lrs(updates: int, warmup: int) -> list[float]:
+    """DeepSpeed's WarmupDecayLR (linear warmup from 0 over `warmup` >= 2 steps, then linear decay to 0 at
+    `updates`), at the start of update k: its value after k - 1 steps, and its starting value 0 for
+    k = 0 (it is stepped after each update)."""
+    def after(i: int) -> float:
+        return LR * (i / warmup if i < warmup else max(0.0, (updates - i) / max(1, updates - warmup)))
+    return [0.0] + [after(k - 1) for k in range(1, updates)]
+
+
+def test_learning_rate_steps_once_per_update(tmp_path):
+    """28 examples: updates of 2, 2, 2 and 1 micro-batches. The lr each engine.step() ran with follows the
+    schedule's formula whether the Trainer (transformers' LambdaLR) or DeepSpeed (a "scheduler" section)
+    owns the scheduler; an update at every micro-batch does not; a skipped step (non-finite first pass in
+    fp32) holds the Trainer's scheduler back once."""
+    base = {"stage": 2, "sam_type": "fisher-sam", "count": 28, "reference": False}
+    on_deepspeed = {**base, "scheduler": "deepspeed", "warmup": 2}
+    cases = [base, {**base, "variant": "every-micro-batch"}, on_deepspeed,
+             {**on_deepspeed, "variant": "every-micro-batch"}, {**base, "poison": 1}]
+    right, wrong, ds_right, ds_wrong, poisoned = run_distributed(run_trainer_cases, 2, tmp_path, cases, str(tmp_path),
+                                                                 use_deepspeed=True, timeout=400)[0]
+    assert right["scheduler"] == "LambdaLR" and right["engine_scheduler"] == "NoneType"
+    assert ds_right["scheduler"] == "DeepSpeedSchedulerWrapper" and ds_right["engine_scheduler"] == "WarmupDecayLR"
+    for run in (right, ds_right, poisoned):
+        assert [len(w) for w in run["windows"]] == [2, 2, 2, 1] and run["global_step"] == 4
+    assert right["step_lrs"] == pytest.approx(linear_lrs(4), abs=1e-12)
+    assert right["logged_lrs"] == pytest.approx(linear_lrs(4), abs=1e-12)
+    assert right["engine_steps"] == 4
+    assert ds_right["step_lrs"] == pytest.approx(warmup_decay_lrs(4, 2), abs=1e-12)
+    assert ds_right["engine_steps"] == 4
+    for run, expected in ((wrong, linear_lrs(4)), (ds_wrong, warmup_decay_lrs(4, 2))):
+        assert run["engine_steps"] == 7 and run["step_lrs"] != pytest.approx(expected, abs=1e-12)
+    # update 1 applied nothing: its lr stays for update 2, and the 4 updates end one schedule step short
+    assert poisoned["skipped"] == [False, True, False, False]
+    assert poisoned["step_lrs"] == pytest.approx([LR, LR * 0.75, LR * 0.5], abs=1e-12)
+    assert poisoned["scheduler_steps"] == 3
+
+
+# ---------------------------------------------------------------- single process: arguments and refusals
+def test_hf_argument_parser_reads_sam_arguments():
+    parser = HfArgumentParser((TrainingArguments, SAMArguments))
+    training, sam = parser.parse_args_into_dataclasses(
+        ["--output_dir", "out", "--seed", "7", "--sam_type", "fisher-gsam", "--rho", "0.1", "--keep_ratio", "0.2",
+         "--sam_seed", "3", "--candidate_exclude", "bias", "norm", "--no_exclude_embeddings"])
+    assert training.seed == 7
+    assert sam.to_config() == SAMConfig(sam_type="fisher-gsam", rho=0.1, keep_ratio=0.2, seed=3,
+                                        candidate_exclude=("bias", "norm"), exclude_embeddings=False)
+    assert parser.parse_args_into_dataclasses(["--output_dir", "out"])[1].to_config() == SAMConfig()
+    with pytest.raises(ConfigError, match="rho"):
+        parser.parse_args_into_dataclasses(["--output_dir", "out", "--rho", "-1"])[1].to_config()
+
+
+def test_sam_trainer_wraps_any_trainer_class():
+    class MyTrainer(Trainer):
+        pass
+
+    wrapped = sam_trainer(MyTrainer)
+    assert wrapped.__name__ == "SAMMyTrainer" and issubclass(wrapped, MyTrainer)
+    assert wrapped.training_step is SAMTrainer.training_step
+    assert sam_trainer(MyTrainer) is wrapped and sam_trainer(SAMTrainer) is SAMTrainer
+    with pytest.raises(TypeError, match="Trainer subclass"):
+        sam_trainer(torch.nn.Module)
+
+
+def question_answering_bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=48, max_position_embeddings=32))
+
+
+class OwnLossTrainer(SAMTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def _args(tmp_path, deepspeed: dict | None = None, **kwargs) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), deepspeed=deepspeed, report_to=[], save_strategy="no",
+                             disable_tqdm=True, per_device_train_batch_size=2, **kwargs)
+
+
+REFUSALS = {
+    "no-deepspeed": (dict(deepspeed=None), {}, "needs DeepSpeed: pass --deepspeed"),
+    "resume": (dict(), {"resume_from_checkpoint": "checkpoint-3"}, "cannot resume from a checkpoint yet"),
+    "round-robin": (dict(deepspeed={**trainer_ds_config(2, "trainer"), "zero_optimization": {
+        "stage": 2, "round_robin_gradients": True}}), {}, "round_robin_gradients"),
+    "own-compute-loss": (dict(trainer_class=OwnLossTrainer), {}, "overrides compute_loss"),
+    "label-smoothing": (dict(label_smoothing_factor=0.1), {}, "label_smoothing_factor"),
+    "esam-without-per-example-loss": (dict(model=question_answering_bert, sam="esam"), {},
+                                      "ranks examples by their loss"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_train_refuses_what_it_cannot_run_exactly_before_any_work(case, tmp_path):
+    setup, train_kwargs, message = REFUSALS[case]
+    setup = {"deepspeed": trainer_ds_config(2, "trainer"), "trainer_class": SAMTrainer, "model": tiny_bert,
+             "sam": "fisher-sam", **setup}
+    trainer_class, model, sam_type = setup.pop("trainer_class"), setup.pop("model"), setup.pop("sam")
+    trainer = trainer_class(model=model(), args=_args(tmp_path, **setup), train_dataset=examples(8),
+                            sam=sam_config(sam_type))
+    with pytest.raises(ConfigError, match=message):
+        trainer.train(**train_kwargs)
+    assert trainer.model_wrapped is trainer.model and trainer.sam_engine is None  # nothing was prepared
+
+
+def test_a_per_example_loss_function_lifts_the_loss_refusals(tmp_path):
+    """With sam_loss_fn, an own compute_loss and a model whose loss kind is unknown are accepted (checked
+    up to the refusals; training itself runs in the 2-rank tests)."""
+    for trainer_class, model in ((OwnLossTrainer, tiny_bert), (SAMTrainer, question_answering_bert)):
+        trainer = trainer_class(model=model(), args=_args(tmp_path, deepspeed=trainer_ds_config(2, "trainer")),
+                                train_dataset=examples(8), sam=sam_config("esam"), sam_loss_fn=bert_loss)
+        trainer._refuse_unsupported(None)
+
+
+# ---------------------------------------------------------------- per-example losses against the models' own
+def _bert(head, **config) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, head)(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=48,
+                                                  max_position_embeddings=32, **config))
+
+
+def _tokens(rows: int = 4, length: int = 10) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {"input_ids": torch.randint(1, 97, (rows, length), generator=g),
+            "attention_mask": torch.ones(rows, length, dtype=torch.long)}
+
+
+SEQUENCE_LABELS = {  # the head's config and labels for each problem type
+    "single": ({"num_labels": 3}, torch.tensor([0, 2, 1, 2])),
+    "regression": ({"num_labels": 1}, torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    "multi-label": ({"num_labels": 3, "problem_type": "multi_label_classification"},
+                    torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])),
+}
+
+
+@pytest.mark.parametrize("problem", list(SEQUENCE_LABELS))
+def test_sequence_losses_average_to_the_models_own_loss(problem):
+    from fsam_ds.hf.losses import outputs_loss_for
+
+    config, labels = SEQUENCE_LABELS[problem]
+    model = _bert("BertForSequenceClassification", **config)
+    inputs = {**_tokens(), "labels": labels}
+    outputs = model(**inputs)
+    per_example = outputs_loss_for(model)(outputs, inputs)
+    assert per_example.shape == (4,)
+    torch.testing.assert_close(per_example.mean(), outputs.loss, rtol=1e-6, atol=1e-7)
+
+
+def test_token_losses_are_per_sequence_means_and_weigh_sequences_not_tokens():
+    """Labelled-token counts 10, 10, 10, 10 (token classification): the mean of the per-sequence losses is
+    the model's token mean. Counts 9, 5, 2, 0 (causal LM, labels shifted): the model's token mean is the
+    token-weighted mean of ours, and the plain mean of ours differs from it."""
+    from fsam_ds.hf.losses import outputs_loss_for
+
+    model = _bert("BertForTokenClassification", num_labels=5)
+    inputs = {**_tokens(), "labels": torch.randint(0, 5, (4, 10), generator=torch.Generator().manual_seed(4))}
+    outputs = model(**inputs)
+    torch.testing.assert_close(outputs_loss_for(model)(outputs, inputs).mean(), outputs.loss, rtol=1e-6, atol=1e-7)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    inputs = _tokens()
+    labels = inputs["input_ids"].clone()
+    for row, kept in enumerate((10, 6, 3, 1)):  # the first `kept` tokens are labels: kept - 1 targets after the shift
+        labels[row, kept:] = -100
+    inputs["labels"] = labels
+    outputs = lm(**inputs)
+    per_sequence = outputs_loss_for(lm)(outputs, inputs)
+    counts = torch.tensor([9.0, 5.0, 2.0, 0.0])
+    assert per_sequence[3] == 0  # no labelled token
+    torch.testing.assert_close((per_sequence * counts).sum() / counts.sum(), outputs.loss, rtol=1e-6, atol=1e-7)
+    assert abs(per_sequence.mean() - outputs.loss) > 1e-2
+
+
+def test_no_per_example_loss_for_an_unknown_loss_kind():
+    from fsam_ds.hf.losses import outputs_loss_for
+
+    assert outputs_loss_for(question_answering_bert()) is None
