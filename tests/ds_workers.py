@@ -138,12 +138,30 @@ def full_params(engine) -> list[torch.Tensor]:
     return out
 
 
-def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, grad_clip=0.0, **zero):
+def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, grad_clip=0.0, planned_steps=None,
+                 **zero):
     import fsam_ds.zero.engine as fe
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     config = ds_config(stage, dtype, micro=micro, gas=gas, grad_clip=grad_clip, **zero)
-    return fe.initialize(model=model, config=config, sam=sam, optimizer=optimizer)
+    return fe.initialize(model=model, config=config, sam=sam, optimizer=optimizer, planned_steps=planned_steps)
+
+
+def run_scheduled(rank: int, world: int, cases: list[tuple[int, str, str, int]], kind: str = "mlp") -> list[dict]:
+    """Per (stage, sam_type, schedule, steps): the full parameters after the steps and whether each step
+    was sharpness-aware, on this rank's share of `global_batches` (planned_steps = steps)."""
+    loss = per_example_loss(kind)
+    out = []
+    for stage, sam_type, schedule, steps in cases:
+        sam_engine = build_engine(build_model(kind), stage, sam=sam_config(sam_type, schedule=schedule),
+                                  planned_steps=steps)
+        kinds = []
+        for b in global_batches(kind, steps):
+            step = sam_engine.train_step(split(b, rank, world), loss)
+            assert not step.skipped
+            kinds.append(step.stats.sharpness_aware)
+        out.append({"params": torch.cat(full_params(sam_engine.engine)), "kinds": kinds})
+    return out
 
 
 def train_equivalence(rank: int, world: int, stage: int, kind: str, sam_type: str, steps: int = 3,
@@ -297,6 +315,37 @@ def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str, zero: di
     after = full_params(sam_engine.engine)
     report["next"] = {"skipped": out.skipped, "changed": any(not torch.equal(a, b) for a, b in zip(before, after)),
                       "skipped_steps": sam_engine.skipped_steps, "ds_skipped": sam_engine.engine.skipped_steps}
+    return report
+
+
+def run_fp16_overflow_without_sharpness(rank: int, world: int, stage: int) -> dict:
+    """fp16 fisher-sam with schedule every:2: step 0 is sharpness-aware; step 1 (one forward-backward, no
+    second pass) overflows in its only pass, then is taken again without the overflow."""
+    from fsam_ds.zero.engine import allow_fp16_on_cpu
+
+    allow_fp16_on_cpu()
+    batches = global_batches("mlp", 3)
+    loss, calls = poisonable_loss("mlp")
+    sam_engine = build_engine(mlp(), stage, "fp16", sam=sam_config("fisher-sam", schedule="every:2"))
+    first = sam_engine.train_step(split(batches[0], rank, world), loss)
+    before_master, before_module = full_params(sam_engine.engine), module_full_params(sam_engine.engine)
+    scale = sam_engine.shards.loss_scale()
+    calls["poison"] = calls["n"] + 1
+    out = sam_engine.train_step(split(batches[1], rank, world), loss)
+    report = {"first": (first.skipped, first.stats.sharpness_aware),
+              "poisoned": {"skipped": out.skipped, "sharpness_aware": out.stats.sharpness_aware,
+                           "scale_backed_off": sam_engine.shards.loss_scale() < scale,
+                           "master_same": all(torch.equal(a, b) for a, b in
+                                              zip(before_master, full_params(sam_engine.engine))),
+                           "module_same": all(torch.equal(a, b) for a, b in
+                                              zip(before_module, module_full_params(sam_engine.engine))),
+                           "step_count": sam_engine.core.step_count}}
+    calls["poison"] = None
+    calls_before = calls["n"]
+    out = sam_engine.train_step(split(batches[1], rank, world), loss)
+    changed = any(not torch.equal(a, b) for a, b in zip(before_master, full_params(sam_engine.engine)))
+    report["retried"] = {"skipped": out.skipped, "sharpness_aware": out.stats.sharpness_aware, "changed": changed,
+                         "forwards": calls["n"] - calls_before}
     return report
 
 

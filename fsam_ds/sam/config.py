@@ -12,6 +12,8 @@ FisherEstimator = Literal["batch", "accumulated"]
 NonCandidateMode = Literal["dense", "none"]
 SAM_TYPES: tuple[str, ...] = get_args(SamType)
 """Every step this package implements; the one list the trainer, tests and launch tools read."""
+SCHEDULES = ("always", "every", "late", "random", "adaptive")
+"""The kinds of `SAMConfig.schedule`."""
 
 
 class ConfigError(ValueError):
@@ -73,7 +75,14 @@ class SAMConfig:
     eps: float = 1e-12
     """Added to norms before dividing."""
     seed: int = 0
-    """Seed of the generator behind ESAM's random tensor subset (identical on every rank)."""
+    """Seed of the generators behind ESAM's random tensor subset and the random schedule (identical on
+    every rank)."""
+    schedule: str = "always"
+    """Which steps are sharpness-aware; the others apply their first-pass gradient with the base optimizer
+    (one forward-backward, no perturbation). 'always'; 'every:k': steps 0, k, 2k, ... (Composer's
+    interval); 'late:f': from update int(f x planned updates) on; 'random:p': each step with probability
+    p (RST); 'adaptive:c': when ||g||^2 >= mean + c x std of its running statistics (AE-SAM). Steps count
+    applied updates, so a skipped step is decided again."""
 
     def __post_init__(self) -> None:
         if isinstance(self.candidate_exclude, (list, str)):
@@ -137,6 +146,30 @@ class SAMConfig:
                 raise invalid_value(key + "candidate_exclude", pattern, f"is not a regular expression ({err})",
                                     "Escape special characters with a backslash.") from None
         check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an integer")
+        try:
+            self.schedule_rule
+        except ValueError as err:
+            check(False, "schedule", str(err), "For example: always, every:5, late:0.8, random:0.2, adaptive:1.0.")
+
+    @property
+    def schedule_rule(self) -> tuple[str, float]:
+        """`schedule` parsed: (kind, its number; 0 for always). Raises ValueError saying what is wrong."""
+        text = str(self.schedule).strip().lower()
+        if text == "always":
+            return "always", 0.0
+        kind, _, number = text.partition(":")
+        if kind not in SCHEDULES or kind == "always":
+            raise ValueError(f"must be one of {', '.join(SCHEDULES)}, the last four with ':<number>'")
+        try:
+            value = float(number)
+        except ValueError:
+            raise ValueError(f"needs a number after '{kind}:'") from None
+        ok = {"every": value >= 1 and value.is_integer(), "late": 0 <= value <= 1, "random": 0 < value <= 1,
+              "adaptive": math.isfinite(value)}[kind]
+        if not ok:
+            raise ValueError({"every": "needs an integer k >= 1 (every:k)", "late": "needs a fraction in [0, 1]",
+                              "random": "needs a probability in (0, 1]", "adaptive": "needs a finite c"}[kind])
+        return kind, value
 
     def is_candidate(self, name: str) -> bool:
         """Whether the tensor called `name` takes part in the Fisher top-k."""

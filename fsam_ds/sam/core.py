@@ -14,6 +14,12 @@ One step of every type (Foret et al. 2021; FSAM: Zhong et al. 2022, Eq. 5-7):
 
 Every global quantity (norms, inner products, the Fisher threshold, ESAM's example ranking) is a
 sum of local sums reduced by `shards.comm`, so the same code is exact on ZeRO shards.
+
+A schedule (`SAMConfig.schedule`) decides in step 2, after the mask is due (mask rebuilds use g from
+any step), whether this step is sharpness-aware. If not, nothing is perturbed, there is no second
+pass, and the driver steps the base optimizer with g. The decision is identical on every rank: it
+depends on the applied-update count, a generator seeded identically everywhere, or the all-reduced
+||g||^2, and the state behind it is part of `state_dict`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.sam.driver import NULL_OBSERVER, StepObserver
 from fsam_ds.sam.fisher import global_topk
 from fsam_ds.sam.shards import Comm, Piece, ShardAccess, pack_bits, unpack_bits
@@ -35,6 +41,10 @@ def _square_norm(t: Tensor) -> Tensor:
     """||t||^2 accumulated in float64 (exact enough to compare sharded and single-process runs)."""
     return torch.linalg.vector_norm(t, dtype=torch.float64).square()
 
+
+_SCHEDULE_SEED_OFFSET = 1_000_003
+_STATS_DECAY = 0.9
+"""adaptive: weight of the history in the running mean and variance of ||g||^2 (AE-SAM's delta)."""
 
 # Global index of entry j of parameter i is (i << _INDEX_SHIFT) + j: unique and ordered by
 # (parameter, position) on every sharding, without any rank knowing the other parameters' sizes.
@@ -55,6 +65,8 @@ class StepStats:
     """Fraction of candidate entries in the Fisher mask."""
     perturbed_tensors: float = 1.0
     """Fraction of parameters perturbed this step (ESAM's random subset; 1 otherwise)."""
+    sharpness_aware: bool = True
+    """Whether the schedule made this a sharpness-aware step (else: a base step with g, no second pass)."""
 
 
 class SharpnessAware:
@@ -65,10 +77,18 @@ class SharpnessAware:
         pieces: this process's pieces, in the same order as `ShardAccess.pieces`.
         num_parameters: number of parameters in the whole model (identical on every rank).
         initial_lr: learning rate at which rho = config.rho when config.rho_min is set.
+        planned_steps: the run's planned updates; the schedule `late:f` needs them.
     """
 
-    def __init__(self, config: SAMConfig, pieces: Sequence[Piece], num_parameters: int, initial_lr: float) -> None:
+    def __init__(self, config: SAMConfig, pieces: Sequence[Piece], num_parameters: int, initial_lr: float,
+                 planned_steps: int | None = None) -> None:
+        kind, _ = config.schedule_rule
+        if kind == "late" and not planned_steps:
+            raise ConfigError(f"{config.key_prefix}schedule = {config.schedule!r} starts the sharpness-aware steps at "
+                              "a fraction of the planned updates, which were not given: pass planned_steps (the "
+                              "number of optimizer steps of the run) to SAMOptimizer / fsam_ds.initialize.")
         self.config = config
+        self.planned_steps = planned_steps
         self.pieces = list(pieces)
         self.num_parameters = num_parameters
         self.initial_lr = float(initial_lr)
@@ -77,6 +97,10 @@ class SharpnessAware:
         self.mask_density: float | None = None
         self.fisher_sum: list[Tensor | None] | None = None
         self.generator = torch.Generator().manual_seed(config.seed)
+        # its own stream: sharing ESAM's would tie the schedule's draw to ESAM's first tensor draw
+        self.schedule_generator = torch.Generator().manual_seed(config.seed + _SCHEDULE_SEED_OFFSET)
+        self.grad_sq_stats: tuple[float, float] | None = None  # adaptive: running mean, variance of ||g||^2
+        self._pending_stats: tuple[float, float] | None = None
         self._first_grads: list[Tensor | None] | None = None
         # A step is committed by end_step or rolled back by discard_step (an overflow in the second pass
         # or in the base step). Until then the step's Fisher contribution and the mask it replaced wait:
@@ -133,6 +157,7 @@ class SharpnessAware:
         if not math.isfinite(grad_sq):
             return StepStats(False, float("nan"), rho, 0.0, perturbed_tensors=perturbed)
 
+        sharpness_aware = self._scheduled(grad_sq)
         rebuilt = False
         if cfg.uses_fisher_mask:
             self._accumulate_fisher(grads)
@@ -140,6 +165,9 @@ class SharpnessAware:
                 with self.observer.phase("rebuild_mask"):
                     self._rebuild_mask(comm, grads)
                 rebuilt = True
+        if not sharpness_aware:
+            return StepStats(True, math.sqrt(grad_sq), rho, 0.0, rebuilt, self.mask_density, 0.0,
+                             sharpness_aware=False)
 
         denominator = math.sqrt(active_sq)
         if cfg.renormalize and cfg.uses_fisher_mask:
@@ -172,6 +200,27 @@ class SharpnessAware:
             shards.apply_perturbation(deltas())
         e_norm = math.sqrt(float(comm.all_reduce(delta_sq)))
         return StepStats(True, math.sqrt(grad_sq), rho, e_norm, rebuilt, self.mask_density, perturbed)
+
+    # ---------------------------------------------------------------- schedule
+    def _scheduled(self, grad_sq: float) -> bool:
+        """Whether this step is sharpness-aware (`SAMConfig.schedule`), from quantities every rank shares."""
+        kind, value = self.config.schedule_rule
+        n = self.step_count
+        if kind == "every":
+            return n % int(value) == 0
+        if kind == "late":
+            return n >= int(value * self.planned_steps)
+        if kind == "random":
+            return float(torch.rand(1, generator=self.schedule_generator, dtype=torch.float64)) < value
+        if kind == "adaptive":
+            # AE-SAM (Jiang et al. 2023): against the statistics of the steps before this one; the first is
+            # sharpness-aware. The update waits for end_step, so a skipped step leaves them as they were.
+            self._pending_stats = running_stats(self.grad_sq_stats, grad_sq)
+            if self.grad_sq_stats is None:
+                return True
+            mean, variance = self.grad_sq_stats
+            return grad_sq >= mean + value * math.sqrt(variance)
+        return True
 
     # ---------------------------------------------------------------- Fisher mask
     def _accumulate_fisher(self, grads: Sequence[Tensor | None]) -> None:
@@ -271,6 +320,8 @@ class SharpnessAware:
             for total, step in zip(self.fisher_sum, self._step_fisher):
                 if step is not None:
                     total.add_(step)
+        if self._pending_stats is not None:
+            self.grad_sq_stats = self._pending_stats
         self.step_count += 1
         self._forget_step()
 
@@ -282,6 +333,7 @@ class SharpnessAware:
         self._forget_step()
 
     def _forget_step(self) -> None:
+        self._pending_stats = None
         self._first_grads = None
         self._step_fisher = None
         self._replaced_mask = None
@@ -319,6 +371,8 @@ class SharpnessAware:
             "mask_density": self.mask_density,
             "fisher_sum": self.fisher_sum,
             "generator": self.generator.get_state(),
+            "schedule_generator": self.schedule_generator.get_state(),
+            "grad_sq_stats": self.grad_sq_stats,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -341,3 +395,17 @@ class SharpnessAware:
         self.mask_density = state["mask_density"]
         self.fisher_sum = state["fisher_sum"]
         self.generator.set_state(state["generator"])
+        if "schedule_generator" in state:  # absent from checkpoints written before schedules existed
+            self.schedule_generator.set_state(state["schedule_generator"])
+        stats = state.get("grad_sq_stats")
+        self.grad_sq_stats = None if stats is None else (float(stats[0]), float(stats[1]))
+
+
+def running_stats(stats: tuple[float, float] | None, value: float,
+                  decay: float = _STATS_DECAY) -> tuple[float, float]:
+    """Exponentially weighted mean and variance after `value`: m' = d m + (1 - d) x,
+    v' = d v + (1 - d) (x - m)^2; the first value starts them at (x, 0)."""
+    if stats is None:
+        return value, 0.0
+    mean, variance = stats
+    return decay * mean + (1 - decay) * value, decay * variance + (1 - decay) * (value - mean) ** 2

@@ -12,6 +12,9 @@ The sequence (core.py states the math):
    gradient was not finite, or that the base optimizer refused (fp16 overflow), leaves every weight
    and the SAM state as they were before it.
 
+A step the schedule leaves without sharpness ends after 2: the base optimizer applies the first
+pass's gradient (`base_step`), with the same skip rules.
+
 What differs between plain PyTorch and a DeepSpeed engine (how backward runs, how gradients are
 cleared, how the base step reports an overflow, how weights come back after a refused step) is a
 `StepBackend`; everything else is here.
@@ -176,6 +179,21 @@ def finish_step(backend: StepBackend, perturbed: bool) -> bool:
     return False
 
 
+def base_step(backend: StepBackend) -> bool:
+    """A step the schedule left without sharpness: the base optimizer applies the first-pass gradient
+    in place (nothing was perturbed, so there is nothing to restore). Returns whether it updated."""
+    core, observer = backend.core, backend.core.observer
+    with observer.phase("step"):
+        applied = backend.step(True)
+    if applied:
+        core.end_step()
+        return True
+    with observer.phase("zero_grads"):
+        backend.zero_grads()
+    core.discard_step()
+    return False
+
+
 def two_pass_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: PerExampleLoss) -> StepOutput:
     """One full step of any type over this rank's `micro_batches`; `loss_fn(batch)` returns per-example
     losses. Both passes use the mean of the per-example losses (the paper's code summed the second
@@ -202,6 +220,10 @@ def two_pass_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: P
     if not stats.finite:
         finish_step(backend, perturbed=False)
         return StepOutput(first_loss, float("nan"), stats, True, 0, backend.loss_scale())
+    if not stats.sharpness_aware:
+        updated = base_step(backend)
+        return StepOutput(first_loss, float("nan"), stats, not updated, sum(l.numel() for l in before),
+                          backend.loss_scale())
     with observer.phase("zero_grads"):
         backend.zero_grads()
 

@@ -94,13 +94,14 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         observer: measures the step's phases (`fsam_ds.sam.driver.StepObserver`); settable as `.observer`.
         module: the model the named parameters come from; with it the Fisher candidates also leave out
             embedding weights and parameters tied to them (`SAMConfig.exclude_embeddings`).
+        planned_steps: the run's planned optimizer steps; the schedule `late:f` needs them.
         **base_kwargs: passed to the base optimizer (lr, weight_decay, ...).
     """
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer],
                  config: SAMConfig | None = None, comm: Comm | None = None,
                  observer: StepObserver | None = None, module: torch.nn.Module | None = None,
-                 **base_kwargs: Any) -> None:
+                 planned_steps: int | None = None, **base_kwargs: Any) -> None:
         self.config = config or SAMConfig()
         groups, names = _named_groups(params)
         tensors = [p for g in groups for p in g["params"]]
@@ -123,7 +124,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         self.shards = TensorShards([n for n, _ in trainable], [p for _, p in trainable],
                                    fisher_candidates(self.config, [n for n, _ in trainable], module))
         lr = self.param_groups[0].get("initial_lr", self.param_groups[0].get("lr", 0.0))
-        self.core = SharpnessAware(self.config, self.shards.pieces, len(trainable), lr)
+        self.core = SharpnessAware(self.config, self.shards.pieces, len(trainable), lr, planned_steps)
         self.observer = observer
         self.example_comm = comm or LocalComm()
         self.skipped_steps = 0
@@ -138,6 +139,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> StepStats:
         """Perturbs w <- w + e from the gradients in `.grad` (the first pass)."""
+        self._refuse_schedule("first_step() / second_step()")
         stats = self.core.first_pass(self.shards, self._backend.lr())
         self._perturbed = stats.finite
         if zero_grad:
@@ -158,6 +160,13 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
             self.zero_grad()
         return updated
 
+    def _refuse_schedule(self, api: str) -> None:
+        # these calls run the second pass whatever the schedule decides; train_step skips it
+        if self.config.schedule_rule[0] != "always":
+            raise ValueError(f"schedule={self.config.schedule!r} skips the second pass on some steps, which {api} "
+                             "always runs; call train_step(micro_batches, per_example_loss) or step_batch(batch, "
+                             "per_example_loss) instead.")
+
     # ---------------------------------------------------------------- one-call API
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """torch-style step: `closure` clears nothing, computes the mean loss and calls backward.
@@ -171,6 +180,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         if self.config.uses_esam and self.config.gamma < 1:
             raise ValueError(f"sam_type={self.config.sam_type!r} with gamma={self.config.gamma} selects examples "
                              "by their per-example loss; call step_batch(batch, per_example_loss_fn) instead.")
+        self._refuse_schedule("step(closure)")
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()

@@ -201,7 +201,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict, tota
     if cfg.sam.sam_type == "none":
         return fe.initialize_plain(model, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
     sam = SAMConfig(**cfg.sam.to_core_kwargs())
-    return fe.initialize(model, ds_config, sam, optimizer=optimizer, lr_scheduler=scheduler)
+    return fe.initialize(model, ds_config, sam, optimizer=optimizer, lr_scheduler=scheduler, planned_steps=total_steps)
 
 
 def resolve_config(cfg: TrainConfig, world: int, total_steps: int, hidden_size: int | None) -> dict:

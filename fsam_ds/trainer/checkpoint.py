@@ -80,6 +80,8 @@ class TrainerState:
     """Steps whose update was skipped (non-finite gradients or loss), over the whole run."""
     consecutive_skipped: int = 0
     """Skipped steps since the last applied update."""
+    sam_steps: int = 0
+    """Applied updates that were sharpness-aware (all of them under sam.schedule = always)."""
     data: dict[str, int] = field(default_factory=dict)
     """The DATA_ORDER_KEYS values of the run."""
     eval_pending: bool = False

@@ -124,13 +124,14 @@ def log_step(run: Run, out: StepOutput, lr: float, examples: int, epoch: float) 
     lost = out.skipped or not math.isfinite(loss)  # any rank's non-finite loss makes the mean non-finite
     run.state.skipped_steps += int(lost)
     run.state.consecutive_skipped = run.state.consecutive_skipped + 1 if lost else 0
+    run.state.sam_steps += int(not lost and run.cfg.sam.sam_type != "none" and out.stats.sharpness_aware)
     s = out.stats
     scalars: dict[str, Any] = {"lr": lr, "epoch": round(epoch, 4)}
     if run.cfg.sam.sam_type != "none" or math.isfinite(s.grad_norm):  # DeepSpeed may not compute it
         scalars["grad_norm"] = s.grad_norm
     if run.cfg.sam.sam_type != "none":
         scalars.update(perturbed_loss=perturbed, perturbation_norm=s.perturbation_norm, rho=s.rho,
-                       mask_rebuilt=s.mask_rebuilt)
+                       mask_rebuilt=s.mask_rebuilt, sharpness_aware=s.sharpness_aware, sam_steps=run.state.sam_steps)
         if s.mask_density is not None:
             scalars["mask_density"] = s.mask_density
         if run.cfg.sam.sam_type.endswith("esam"):
@@ -254,7 +255,8 @@ def finish(run: Run, started: float) -> None:
                                  {"step": state.step, "metrics": state.last_metrics}, config_to_dict(cfg))
     run.logger.summary(state.best_metric, objective.select_metric, best_step=state.best_step, steps=state.step,
                        best_metrics=state.best_metrics, skipped_steps=state.skipped_steps,
-                       sam_type=cfg.sam.sam_type, output_dir=cfg.output_dir)
+                       sam_type=cfg.sam.sam_type, sam_schedule=cfg.sam.schedule, sam_steps=state.sam_steps,
+                       output_dir=cfg.output_dir)
     best = "none" if state.best_metric is None else f"{state.best_metric:.4f} at step {state.best_step}"
     best_dir = (f", best model in {Path(cfg.output_dir) / 'best'}"
                 if cfg.eval.save_best and state.best_step is not None else "")

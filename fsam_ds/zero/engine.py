@@ -70,8 +70,9 @@ def zero_init(config: dict | str | os.PathLike) -> Any:
 
 def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SAMConfig,
                optimizer: Any = None, lr_scheduler: Any = None, model_parameters: Any = None,
-               observer: StepObserver | None = None, **kwargs: Any) -> "SAMEngine":
-    """`deepspeed.initialize` plus the sharpness-aware configuration; returns a `SAMEngine`."""
+               observer: StepObserver | None = None, planned_steps: int | None = None, **kwargs: Any) -> "SAMEngine":
+    """`deepspeed.initialize` plus the sharpness-aware configuration; returns a `SAMEngine`.
+    `planned_steps`: the run's planned optimizer steps (the schedule `late:f` needs them)."""
     config = config if isinstance(config, dict) else json.loads(Path(config).read_text())
     check_sam_compatible(config)
     if not any(p.requires_grad for p in model.parameters()):
@@ -80,7 +81,7 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SA
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine = _deepspeed_initialize(model=model, config=config, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                    model_parameters=model_parameters, **kwargs)
-    return SAMEngine(engine, sam, observer)
+    return SAMEngine(engine, sam, observer, planned_steps)
 
 
 def initialize_plain(model: torch.nn.Module, config: dict | str | os.PathLike, optimizer: Any = None,
@@ -141,7 +142,8 @@ class _EngineBackend:
 class SAMEngine(ObservedThroughCore):
     """Runs SAM-family training steps on a DeepSpeed engine (`.engine`); an `EngineStepper`."""
 
-    def __init__(self, engine: Any, config: SAMConfig, observer: StepObserver | None = None) -> None:
+    def __init__(self, engine: Any, config: SAMConfig, observer: StepObserver | None = None,
+                 planned_steps: int | None = None) -> None:
         self.engine = engine
         self.config = config
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -151,7 +153,8 @@ class SAMEngine(ObservedThroughCore):
         self.shards = shards_for_engine(engine, names, params, fisher_candidates(config, names, engine.module),
                                         self.data_comm)
         group = engine.optimizer.param_groups[0]
-        self.core = SharpnessAware(config, self.shards.pieces, len(params), float(group.get("initial_lr", group["lr"])))
+        self.core = SharpnessAware(config, self.shards.pieces, len(params), float(group.get("initial_lr", group["lr"])),
+                                   planned_steps)
         self.observer = observer
         self.skipped_steps = 0
         self._backend = _EngineBackend(engine, self.core, self.shards, self.data_comm)
