@@ -147,13 +147,13 @@ def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, 
     return fe.initialize(model=model, config=config, sam=sam, optimizer=optimizer, planned_steps=planned_steps)
 
 
-def run_scheduled(rank: int, world: int, cases: list[tuple[int, str, str, int]], kind: str = "mlp") -> list[dict]:
-    """Per (stage, sam_type, schedule, steps): the full parameters after the steps and whether each step
-    was sharpness-aware, on this rank's share of `global_batches` (planned_steps = steps)."""
+def run_scheduled(rank: int, world: int, cases: list[tuple[int, str, dict, int]], kind: str = "mlp") -> list[dict]:
+    """Per (stage, sam_type, SAMConfig overrides, steps): the full parameters after the steps and whether
+    each step was sharpness-aware, on this rank's share of `global_batches` (planned_steps = steps)."""
     loss = per_example_loss(kind)
     out = []
-    for stage, sam_type, schedule, steps in cases:
-        sam_engine = build_engine(build_model(kind), stage, sam=sam_config(sam_type, schedule=schedule),
+    for stage, sam_type, overrides, steps in cases:
+        sam_engine = build_engine(build_model(kind), stage, sam=sam_config(sam_type, **overrides),
                                   planned_steps=steps)
         kinds = []
         for b in global_batches(kind, steps):

@@ -17,13 +17,20 @@ from fsam_ds.sam.optim import SAMOptimizer
 STEPS = 12
 
 
+def _overrides(schedule: str) -> dict:
+    """SAMConfig fields for a schedule name; "looksam": every:3 with LookSAM's reuse."""
+    if schedule == "looksam":
+        return {"schedule": "every:3", "reuse": "looksam", "reuse_alpha": 0.5}
+    return {"schedule": schedule}
+
+
 def _train(schedule: str, sam_type: str = "fisher-sam", steps: int = STEPS, opt: SAMOptimizer | None = None,
            model=None, batches=None) -> tuple[list[bool], list[float], torch.nn.Module, SAMOptimizer]:
     """Single-process steps; returns whether each was sharpness-aware, each first-pass ||g||^2, the model
     and the optimizer."""
     model = model or mlp()
     opt = opt or SAMOptimizer(model.named_parameters(), torch.optim.AdamW,
-                              sam_config(sam_type, schedule=schedule, mask_interval=2), planned_steps=steps,
+                              sam_config(sam_type, mask_interval=2, **_overrides(schedule)), planned_steps=steps,
                               lr=1e-2, weight_decay=0.0)
     loss = per_example_loss("mlp")
     kinds, grad_sq = [], []
@@ -83,7 +90,7 @@ def test_a_step_without_sharpness_is_the_base_optimizers_step_on_the_first_pass_
     assert not torch.equal(ours, torch.cat([p.detach().reshape(-1) for p in always.parameters()]))
 
 
-@pytest.mark.parametrize("schedule", ["random:0.5", "adaptive:0.5", "every:3"])
+@pytest.mark.parametrize("schedule", ["random:0.5", "adaptive:0.5", "every:3", "looksam"])
 def test_resume_continues_the_schedule_exactly(schedule):
     """Stopped after 5 steps and restored from state_dict into a fresh model and optimizer: the step
     types and the weights equal those of the uninterrupted run."""
@@ -93,8 +100,8 @@ def test_resume_continues_the_schedule_exactly(schedule):
     state, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
     fresh = mlp()
     fresh.load_state_dict(weights)
-    again = SAMOptimizer(fresh.named_parameters(), torch.optim.AdamW, sam_config("fisher-sam", schedule=schedule,
-                                                                                 mask_interval=2),
+    again = SAMOptimizer(fresh.named_parameters(), torch.optim.AdamW,
+                         sam_config("fisher-sam", mask_interval=2, **_overrides(schedule)),
                          planned_steps=STEPS, lr=1e-2, weight_decay=0.0)
     again.load_state_dict(state)
     rest_kinds, _, resumed, _ = _train(schedule, opt=again, model=fresh, batches=batches[5:])
@@ -116,30 +123,35 @@ def test_bad_schedules_and_apis_that_cannot_skip_a_pass_are_refused():
         opt.first_step()
 
 
+LOOKSAM = {"schedule": "every:2", "reuse": "looksam", "reuse_alpha": 0.5}
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_take_the_same_steps_as_one_process(stage, tmp_path):
     """2 gloo ranks: both ranks decide alike, and the weights equal the single-process run with the same
-    schedule (every:2 for sam / fisher-sam / gsam, late:1.0 = AdamW); the same run without the schedule differs."""
+    schedule (every:2 for sam / fisher-sam / gsam, LookSAM reuse on fisher-sam, late:1.0 = AdamW); the
+    same run with every step sharpness-aware differs."""
     from dist_harness import run_distributed
     from ds_workers import run_scheduled
     from test_zero_equivalence import relative_update_error
 
-    cases = [(stage, t, "every:2", 4) for t in ("sam", "fisher-sam", "gsam")] + [(stage, "fisher-sam", "late:1.0", 4)]
+    cases = ([(stage, t, {"schedule": "every:2"}, 4) for t in ("sam", "fisher-sam", "gsam")]
+             + [(stage, "fisher-sam", LOOKSAM, 5), (stage, "fisher-sam", {"schedule": "late:1.0"}, 4)])
     results = run_distributed(run_scheduled, 2, tmp_path, cases, use_deepspeed=True)
     start = torch.cat([p.detach().reshape(-1) for p in mlp().parameters()])
-    for i, (_, sam_type, schedule, steps) in enumerate(cases):
+    for i, (_, sam_type, overrides, steps) in enumerate(cases):
         ours, other = results[0][i], results[1][i]
         assert ours["kinds"] == other["kinds"] and torch.equal(ours["params"], other["params"])
         model = mlp()
-        opt = SAMOptimizer(model.named_parameters(), torch.optim.AdamW, sam_config(sam_type, schedule=schedule),
+        opt = SAMOptimizer(model.named_parameters(), torch.optim.AdamW, sam_config(sam_type, **overrides),
                            planned_steps=steps, lr=1e-2, weight_decay=0.0)
         loss = per_example_loss("mlp")
         kinds = [opt.step_batch(b, lambda batch: loss(model, batch)).stats.sharpness_aware
                  for b in global_batches("mlp", steps)]
-        assert ours["kinds"] == kinds, (stage, sam_type, schedule)
+        assert ours["kinds"] == kinds, (stage, sam_type, overrides)
         reference = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        assert relative_update_error(ours["params"], reference, start) <= 1e-5, (stage, sam_type, schedule)
-        if schedule != "late:1.0":
+        assert relative_update_error(ours["params"], reference, start) <= 1e-5, (stage, sam_type, overrides)
+        if overrides["schedule"] != "late:1.0":
             from test_zero_equivalence import reference as always_reference
 
             assert relative_update_error(ours["params"], always_reference("mlp", sam_type, steps=steps),
@@ -175,3 +187,62 @@ def test_fsam_train_takes_the_schedule_and_reports_its_steps(tmp_path):
     assert [e["sharpness_aware"] for e in steps] == [n % 3 == 0 for n in range(8)]
     assert [e["sam_steps"] for e in steps] == [1, 1, 1, 2, 2, 2, 3, 3]
     assert fx.summary(out)["sam_steps"] == 3 and fx.summary(out)["sam_schedule"] == "every:3"
+
+
+# --------------------------------------------------------------------- LookSAM
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def looksam_reference(steps: int, every: int, alpha: float, per_tensor: bool = False) -> torch.Tensor:
+    """LookSAM by hand on one process: fisher-sam's two passes on steps 0, every, 2 every, ... (the
+    perturbation through SAMOptimizer's two-phase API), g_v = h - (<h, g> / ||g||^2) g over the whole
+    model (or, as a wrong variant, tensor by tensor), and on the other steps AdamW with
+    g + alpha ||g|| / ||g_v|| g_v."""
+    model = mlp()
+    params = list(model.parameters())
+    opt = SAMOptimizer(model.named_parameters(), torch.optim.AdamW, sam_config("fisher-sam", mask_interval=1),
+                       lr=1e-2, weight_decay=0.0)
+    loss = per_example_loss("mlp")
+    g_v = None
+    for n, b in enumerate(global_batches("mlp", steps)):
+        opt.zero_grad()
+        loss(model, b).mean().backward()
+        g = [p.grad.detach().clone() for p in params]
+        if n % every == 0:
+            opt.first_step(zero_grad=True)
+            loss(model, b).mean().backward()
+            h = [p.grad.detach().clone() for p in params]
+            opt.second_step(zero_grad=True)
+            if per_tensor:
+                g_v = [hi - (hi * gi).sum() / (gi * gi).sum() * gi for hi, gi in zip(h, g)]
+            else:
+                c = (_flat(h) * _flat(g)).sum() / (_flat(g) * _flat(g)).sum()
+                g_v = [hi - c * gi for hi, gi in zip(h, g)]
+        else:
+            scale = alpha * _flat(g).norm() / _flat(g_v).norm()
+            for p, gi, vi in zip(params, g, g_v):
+                p.grad = gi + scale * vi
+            opt.base_optimizer.step()
+    return _flat(p.detach() for p in params)
+
+
+def test_looksam_steps_equal_the_hand_computed_reference():
+    steps, start = 7, _flat(p.detach() for p in mlp().parameters())
+    model = mlp()
+    opt = SAMOptimizer(model.named_parameters(), torch.optim.AdamW,
+                       sam_config("fisher-sam", mask_interval=1, schedule="every:3", reuse="looksam", reuse_alpha=0.5),
+                       lr=1e-2, weight_decay=0.0)
+    loss = per_example_loss("mlp")
+    kinds = [opt.step_batch(b, lambda batch: loss(model, batch)).stats.sharpness_aware
+             for b in global_batches("mlp", steps)]
+    assert kinds == [n % 3 == 0 for n in range(steps)]
+    ours = _flat(p.detach() for p in model.parameters())
+
+    def error(reference):
+        return ((ours - reference).norm() / (reference - start).norm()).item()
+
+    assert error(looksam_reference(steps, 3, 0.5)) <= 1e-6
+    assert error(looksam_reference(steps, 3, 0.5, per_tensor=True)) > 1e-3  # a per-tensor decomposition
+    assert error(looksam_reference(steps, 3, 0.0)) > 1e-3  # reusing nothing: plain every:3

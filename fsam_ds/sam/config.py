@@ -10,6 +10,7 @@ from typing import ClassVar, Literal, get_args, get_type_hints
 SamType = Literal["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"]
 FisherEstimator = Literal["batch", "accumulated"]
 NonCandidateMode = Literal["dense", "none"]
+ReuseMode = Literal["none", "looksam"]
 SAM_TYPES: tuple[str, ...] = get_args(SamType)
 """Every step this package implements; the one list the trainer, tests and launch tools read."""
 SCHEDULES = ("always", "every", "late", "random", "adaptive")
@@ -83,6 +84,13 @@ class SAMConfig:
     interval); 'late:f': from update int(f x planned updates) on; 'random:p': each step with probability
     p (RST); 'adaptive:c': when ||g||^2 >= mean + c x std of its running statistics (AE-SAM). Steps count
     applied updates, so a skipped step is decided again."""
+    reuse: ReuseMode = "none"
+    """'looksam' (Liu et al. 2022): a sharpness-aware step stores g_v, the component of its update gradient
+    orthogonal to its first-pass g (global inner product and norms); a step the schedule leaves without
+    sharpness applies g + reuse_alpha * ||g|| / ||g_v|| * g_v instead of g. Costs one fp32 copy of the
+    rank's gradient shard (4 bytes per parameter / ranks)."""
+    reuse_alpha: float = 0.2
+    """LookSAM: weight of the reused component."""
 
     def __post_init__(self) -> None:
         if isinstance(self.candidate_exclude, (list, str)):
@@ -101,6 +109,10 @@ class SAMConfig:
     @property
     def uses_gsam(self) -> bool:
         return self.sam_type.endswith("gsam")
+
+    @property
+    def uses_looksam(self) -> bool:
+        return self.reuse == "looksam"
 
     def _check(self, ok: bool, name: str, requirement: str, fix: str = "") -> None:
         if not ok:
@@ -138,6 +150,8 @@ class SAMConfig:
               f"must be one of {', '.join(get_args(FisherEstimator))}")
         check(self.non_candidates in get_args(NonCandidateMode), "non_candidates",
               f"must be one of {', '.join(get_args(NonCandidateMode))}")
+        check(self.reuse in get_args(ReuseMode), "reuse", f"must be one of {', '.join(get_args(ReuseMode))}")
+        check(self.reuse_alpha >= 0, "reuse_alpha", "must be >= 0", "0 reuses nothing.")
         check(self.eps > 0, "eps", "must be > 0")
         for pattern in self.candidate_exclude:
             try:

@@ -101,6 +101,10 @@ class SharpnessAware:
         self.schedule_generator = torch.Generator().manual_seed(config.seed + _SCHEDULE_SEED_OFFSET)
         self.grad_sq_stats: tuple[float, float] | None = None  # adaptive: running mean, variance of ||g||^2
         self._pending_stats: tuple[float, float] | None = None
+        # LookSAM: g_v per piece and its global norm, from the last applied sharpness-aware step
+        self.reuse_direction: list[Tensor | None] | None = None
+        self.reuse_norm = 0.0
+        self._pending_direction: tuple[list[Tensor | None], float] | None = None
         self._first_grads: list[Tensor | None] | None = None
         # A step is committed by end_step or rolled back by discard_step (an overflow in the second pass
         # or in the base step). Until then the step's Fisher contribution and the mask it replaced wait:
@@ -166,6 +170,8 @@ class SharpnessAware:
                     self._rebuild_mask(comm, grads)
                 rebuilt = True
         if not sharpness_aware:
+            if cfg.uses_looksam and self.reuse_direction is not None:
+                self._reuse(shards, grads, math.sqrt(grad_sq))
             return StepStats(True, math.sqrt(grad_sq), rho, 0.0, rebuilt, self.mask_density, 0.0,
                              sharpness_aware=False)
 
@@ -194,7 +200,7 @@ class SharpnessAware:
                 delta_sq.add_(_square_norm(delta))
                 yield delta, support
 
-        if cfg.uses_gsam:
+        if cfg.uses_gsam or cfg.uses_looksam:
             self._first_grads = [None if g is None else g.clone() for g in grads]
         with self.observer.phase("apply_perturbation"):
             shards.apply_perturbation(deltas())
@@ -221,6 +227,31 @@ class SharpnessAware:
             mean, variance = self.grad_sq_stats
             return grad_sq >= mean + value * math.sqrt(variance)
         return True
+
+    # ---------------------------------------------------------------- LookSAM
+    def _reuse(self, shards: ShardAccess, grads: Sequence[Tensor | None], grad_norm: float) -> None:
+        """A step without sharpness: g <- g + alpha * ||g|| / ||g_v|| * g_v, in place of the first-pass g."""
+        scale = self.config.reuse_alpha * grad_norm / (self.reuse_norm + self.config.eps)
+        shards.set_grads([None if g is None or v is None else g + scale * v.to(g.device)
+                          for g, v in zip(grads, self.reuse_direction)])
+
+    def _hold_direction(self, comm: Comm, h: Sequence[Tensor | None]) -> None:
+        """After a sharpness-aware step's second pass: g_v = h - (<h, g> / ||g||^2) g, the component of the
+        update gradient h orthogonal to the first-pass g, with global sums; held until end_step."""
+        g = self._first_grads
+        sums = torch.zeros(2, dtype=torch.float64, device=self._device(h))
+        for hi, gi in zip(h, g):
+            if hi is not None and gi is not None:
+                sums[0] += torch.dot(hi.double(), gi.double())
+                sums[1] += _square_norm(gi)
+        comm.all_reduce(sums)
+        projection = float(sums[0]) / (float(sums[1]) + self.config.eps)
+        direction = [None if hi is None or gi is None else (hi - projection * gi).float() for hi, gi in zip(h, g)]
+        norm_sq = torch.zeros(1, dtype=torch.float64, device=self._device(h))
+        for v in direction:
+            if v is not None:
+                norm_sq += _square_norm(v)
+        self._pending_direction = (direction, math.sqrt(float(comm.all_reduce(norm_sq))))
 
     # ---------------------------------------------------------------- Fisher mask
     def _accumulate_fisher(self, grads: Sequence[Tensor | None]) -> None:
@@ -285,7 +316,7 @@ class SharpnessAware:
     def _second_pass(self, shards: ShardAccess) -> bool:
         h = shards.grads()
         sums = torch.zeros(3, dtype=torch.float64, device=self._device(h))
-        g_old = self._first_grads if self.config.uses_gsam else None
+        g_old = self._first_grads if self.config.uses_gsam else None  # the sums GSAM needs
         for i, hi in enumerate(h):
             if hi is None:
                 continue
@@ -296,7 +327,7 @@ class SharpnessAware:
         shards.comm.all_reduce(sums)
         if not math.isfinite(float(sums.sum())):
             return False
-        if g_old is not None:
+        if g_old is not None and self.config.uses_gsam:
             eps, alpha = self.config.eps, self.config.alpha
             h_norm, g_norm = math.sqrt(float(sums[0])), math.sqrt(float(sums[2]))
             cosine = float(sums[1]) / (h_norm * g_norm + eps)
@@ -308,6 +339,9 @@ class SharpnessAware:
                 vertical = gi - (cosine * g_norm / (h_norm + eps)) * hi
                 corrected.append(hi.add_(vertical, alpha=-alpha))
             shards.set_grads(corrected)
+            h = corrected
+        if self.config.uses_looksam:
+            self._hold_direction(shards.comm, h)
         return True
 
     def end_step(self) -> None:
@@ -322,6 +356,8 @@ class SharpnessAware:
                     total.add_(step)
         if self._pending_stats is not None:
             self.grad_sq_stats = self._pending_stats
+        if self._pending_direction is not None:
+            self.reuse_direction, self.reuse_norm = self._pending_direction
         self.step_count += 1
         self._forget_step()
 
@@ -334,6 +370,7 @@ class SharpnessAware:
 
     def _forget_step(self) -> None:
         self._pending_stats = None
+        self._pending_direction = None
         self._first_grads = None
         self._step_fisher = None
         self._replaced_mask = None
@@ -373,6 +410,8 @@ class SharpnessAware:
             "generator": self.generator.get_state(),
             "schedule_generator": self.schedule_generator.get_state(),
             "grad_sq_stats": self.grad_sq_stats,
+            "reuse_direction": self.reuse_direction,
+            "reuse_norm": self.reuse_norm,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -399,6 +438,8 @@ class SharpnessAware:
             self.schedule_generator.set_state(state["schedule_generator"])
         stats = state.get("grad_sq_stats")
         self.grad_sq_stats = None if stats is None else (float(stats[0]), float(stats[1]))
+        self.reuse_direction = state.get("reuse_direction")
+        self.reuse_norm = float(state.get("reuse_norm", 0.0))
 
 
 def running_stats(stats: tuple[float, float] | None, value: float,
