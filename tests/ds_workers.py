@@ -298,7 +298,8 @@ def run_fp16_overflow(rank: int, world: int, stage: int, sam_type: str, zero: di
         before_master = full_params(sam_engine.engine)
         before_module = module_full_params(sam_engine.engine)
         scale = sam_engine.shards.loss_scale()
-        passes = 3 if sam_engine.config.uses_esam and sam_engine.config.gamma < 1 else 2
+        passes = (1 if sam_engine.config.uses_momentum  # msam: the step's only pass (both cases poison it)
+                  else 3 if sam_engine.config.uses_esam and sam_engine.config.gamma < 1 else 2)
         calls["poison"] = calls["n"] + (offset if offset == 1 else passes)
         out = sam_engine.train_step(split(batches[1], rank, world), loss)
         report[name] = {
@@ -560,6 +561,11 @@ def run_reused_parameters(rank: int, world: int, cases: list[tuple[int, str]], s
 def run_each(rank: int, world: int, fn, cases: list[tuple]) -> list:
     """[fn(rank, world, *case) for each case] in one launch: starting the ranks costs more than these runs."""
     return [fn(rank, world, *case) for case in cases]
+
+
+def run_jobs(rank: int, world: int, jobs: list[tuple]) -> list:
+    """[fn(rank, world, *args) for each (fn, args)]: different workers in one launch."""
+    return [fn(rank, world, *args) for fn, args in jobs]
 
 
 def _share_master_with_weights(engine) -> None:

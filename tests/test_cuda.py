@@ -18,7 +18,7 @@ import torch
 from dist_harness import run_distributed
 from ds_workers import (build_model, mlp, run_bf16, run_checkpointed_equivalence, run_each, run_equivalence,
                         run_equivalence_cases, run_fp16_overflow)
-from fsam_ds.sam.config import SAM_TYPES
+from fsam_ds.sam.config import MSAM_TYPES, SAM_TYPES
 from test_activation_checkpointing import reference as checkpointing_reference
 from test_zero_equivalence import reference, relative_update_error
 from test_zero_offload import CASES as OFFLOAD_CASES, GROUPS as OFFLOAD_GROUPS
@@ -65,6 +65,24 @@ def test_stages_match_single_process_all_types(tmp_path):
             for variant in ("no-perturbation", "summed", "no-restore"):
                 wrong = relative_update_error(ours, reference("mlp", sam_type, variant=variant), start)
                 assert wrong > 1e-3, (stage, parts, sam_type, variant, wrong)
+
+
+def test_msam_stages_match_single_process(tmp_path):
+    """msam and fisher-msam at fp32 ZeRO 1-3 (first moments read from the device's optimizer state, and
+    offloaded at stage 2) against SAMOptimizer on the CPU, 1e-5; the CPU test's wrong variants fail."""
+    from test_msam import msam_reference
+
+    cases = [(stage, {}, 1) for stage in STAGES] + [(2, {"offload_optimizer": CPU}, 1)]
+    results = run_nccl(run_equivalence_cases, tmp_path, cases, "mlp", list(MSAM_TYPES))
+    start = flat(mlp())
+    for index, case in enumerate(cases):
+        for sam_type in MSAM_TYPES:
+            assert_ranks_agree(results, lambda r: r[index][sam_type])
+            ours = torch.cat(results[0][index][sam_type])
+            assert relative_update_error(ours, reference("mlp", sam_type), start) <= 1e-5, (case, sam_type)
+            for variant in ("sign", "per-tensor", "none"):
+                wrong = relative_update_error(ours, msam_reference(sam_type, 3, variant), start)
+                assert wrong > 1e-3, (case, sam_type, variant, wrong)
 
 
 def test_offload_matches_single_process(tmp_path):

@@ -179,11 +179,11 @@ def test_sam_section_core_kwargs_cover_every_field():
 
 
 def test_every_sam_type_but_none_is_known_to_the_optimizer_core():
-    from fsam_ds.sam.config import SAM_TYPES
+    from fsam_ds.sam.config import MSAM_TYPES, SAM_TYPES
     from typing import get_args, get_type_hints
 
     choices = get_args(get_type_hints(SAMSection)["sam_type"])
-    assert set(choices) == set(SAM_TYPES) | {"none"}
+    assert set(choices) == set(SAM_TYPES) | set(MSAM_TYPES) | {"none"}
 
 
 def test_help_lists_keys(capsys):
@@ -214,7 +214,7 @@ def test_sam_section_mirrors_the_core_config():
     """The trainer's SAM section and the core's SAMConfig must not drift apart."""
     import dataclasses
 
-    from fsam_ds.sam.config import SAM_TYPES, SAMConfig
+    from fsam_ds.sam.config import MSAM_TYPES, SAM_TYPES, SAMConfig
     from fsam_ds.trainer.run_config import SAMSection
 
     core = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
@@ -222,7 +222,7 @@ def test_sam_section_mirrors_the_core_config():
     for field in dataclasses.fields(SAMSection):
         assert field.name in core, f"SAMSection.{field.name} has no SAMConfig counterpart"
         assert getattr(section, field.name) == core[field.name], field.name
-    for sam_type in SAM_TYPES:
+    for sam_type in SAM_TYPES + MSAM_TYPES:
         kwargs = dataclasses.replace(section, sam_type=sam_type).to_core_kwargs()
         assert SAMConfig(**kwargs).sam_type == sam_type
 

@@ -171,6 +171,18 @@ def train_cmd(args: list[str]) -> list[str]:
     return [PYTHON, "-m", "fsam_ds.train", *args]
 
 
+def train_sst2_epoch(folder: Path, **extra: Any) -> Path:
+    """fsam-train for one epoch (8 steps) on a tiny model and SST-2 files written under `folder`, with
+    `base_args`' settings and `extra`; asserts it succeeded and returns its output directory."""
+    model = write_tiny_model(folder / "model")
+    train, dev = write_sst2_files(folder / "data")
+    out = folder / "run"
+    result = run(train_cmd(base_args(model, train, dev, out, **{"optim.epochs": 1, **extra})), 300, cwd=folder,
+                 PYTHONPATH=str(REPO))
+    assert result.returncode == 0, result.stdout[-3000:]
+    return out
+
+
 def events(out: Path, kind: str | None = None) -> list[dict]:
     path = out / "metrics.jsonl"
     if not path.is_file():

@@ -7,12 +7,15 @@ import re
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal, get_args, get_type_hints
 
-SamType = Literal["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam"]
+SamType = Literal["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam", "msam", "fisher-msam"]
 FisherEstimator = Literal["batch", "accumulated"]
 NonCandidateMode = Literal["dense", "none"]
 ReuseMode = Literal["none", "looksam"]
-SAM_TYPES: tuple[str, ...] = get_args(SamType)
-"""Every step this package implements; the one list the trainer, tests and launch tools read."""
+MSAM_TYPES: tuple[str, ...] = ("msam", "fisher-msam")
+"""One pass per step at w + e along the base optimizer's first moment (Becker et al. 2024)."""
+SAM_TYPES: tuple[str, ...] = tuple(t for t in get_args(SamType) if t not in MSAM_TYPES)
+"""The two-pass steps (e from the first pass's g, the update from the second pass's h): the list the
+tests parametrize over and compare with a two-pass reference. Every type is `SAM_TYPES + MSAM_TYPES`."""
 SCHEDULES = ("always", "every", "late", "random", "adaptive")
 """The kinds of `SAMConfig.schedule`."""
 
@@ -35,7 +38,7 @@ class SAMConfig:
     steps, ESAM beta = gamma = 0.5, GSAM alpha 0.4), with its defects fixed (see README).
     """
 
-    sam_types: ClassVar[tuple[str, ...]] = SAM_TYPES
+    sam_types: ClassVar[tuple[str, ...]] = SAM_TYPES + MSAM_TYPES
     """The values `sam_type` may take (the trainer's section adds its AdamW baseline)."""
     key_prefix: ClassVar[str] = ""
     """Put before field names in error messages (the trainer's section reports `sam.rho`)."""
@@ -111,6 +114,11 @@ class SAMConfig:
         return self.sam_type.endswith("gsam")
 
     @property
+    def uses_momentum(self) -> bool:
+        """MSAM: e along the base optimizer's first moment, one pass per step."""
+        return self.sam_type in MSAM_TYPES
+
+    @property
     def uses_looksam(self) -> bool:
         return self.reuse == "looksam"
 
@@ -164,6 +172,14 @@ class SAMConfig:
             self.schedule_rule
         except ValueError as err:
             check(False, "schedule", str(err), "For example: always, every:5, late:0.8, random:0.2, adaptive:1.0.")
+        if self.uses_momentum:
+            msam = f"{key}sam_type = {self.sam_type!r} takes one pass per step, at w + e"
+            check(self.reuse == "none", "reuse", f"needs a second-pass gradient, which {msam}",
+                  f"Set {key}reuse to none.")
+            check(self.schedule_rule[0] != "adaptive", "schedule", f"decides from the first-pass ||g|| at w, which "
+                  f"{msam} (e is applied before the pass)", "Use always, every:k, late:f or random:p.")
+            check(not self.adaptive, "adaptive", f"scales the first-pass gradient by |w|; {msam} along the "
+                  "momentum", f"Set {key}adaptive to false.")
 
     @property
     def schedule_rule(self) -> tuple[str, float]:

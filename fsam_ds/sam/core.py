@@ -20,13 +20,23 @@ any step), whether this step is sharpness-aware. If not, nothing is perturbed, t
 pass, and the driver steps the base optimizer with g. The decision is identical on every rank: it
 depends on the applied-update count, a generator seeded identically everywhere, or the all-reduced
 ||g||^2, and the state behind it is part of `state_dict`.
+
+MSAM (`msam`, `fisher-msam`; Becker et al. 2024) takes one pass per step. `momentum_perturbation()`
+perturbs w <- w + e with  e = -rho_t / (||m||_2 + eps) * M * m  before it, where m is the base
+optimizer's first moment as the previous update left it (`shards.first_moments()`, Adam's exp_avg) and
+M the Fisher mask (1 for msam; `renormalize` divides by ||M m|| instead). The pass computes
+g = grad L_mean(w + e); `momentum_gradient()` checks it and, for fisher-msam, rebuilds the mask from g^2
+at steps 0, T, 2T, ... (the only gradient there is), which then shapes e from the next step on; the
+driver restores w exactly and steps the base optimizer with g. A step without m (the first: the
+optimizer keeps none, or DeepSpeed's is still zero), without a mask yet, or that the schedule leaves
+without sharpness, is a plain base step at w.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -177,22 +187,41 @@ class SharpnessAware:
 
         denominator = math.sqrt(active_sq)
         if cfg.renormalize and cfg.uses_fisher_mask:
-            masked_sq = torch.zeros(1, dtype=torch.float64, device=device)
-            for i, mask in enumerate(self._masks()):
-                if is_active(i):
-                    masked_sq += _square_norm(scaled(i) * mask)
-            denominator = math.sqrt(float(comm.all_reduce(masked_sq)))
+            denominator = self._masked_norm(comm, lambda i: scaled(i) if is_active(i) else None, device)
         coefficient = rho / ((cfg.beta if cfg.uses_esam else 1.0) * (denominator + cfg.eps))
 
+        def direction(i: int) -> Tensor | None:  # T^2 g on the perturbed tensors
+            if not is_active(i):
+                return None
+            return grads[i] * weights[i].square() if weights is not None else grads[i]
+
+        if cfg.uses_gsam or cfg.uses_looksam:
+            self._first_grads = [None if g is None else g.clone() for g in grads]
+        e_norm = self._perturb(shards, direction, coefficient, device)
+        return StepStats(True, math.sqrt(grad_sq), rho, e_norm, rebuilt, self.mask_density, perturbed)
+
+    def _masked_norm(self, comm: Comm, values: Callable[[int], Tensor | None], device: torch.device) -> float:
+        """||M v|| over every rank, v given per piece (None: not perturbed)."""
+        masked_sq = torch.zeros(1, dtype=torch.float64, device=device)
+        for i, mask in enumerate(self._masks()):
+            value = values(i)
+            if value is not None:
+                masked_sq += _square_norm(value * mask)
+        return math.sqrt(float(comm.all_reduce(masked_sq)))
+
+    def _perturb(self, shards: ShardAccess, direction: Callable[[int], Tensor | None], coefficient: float,
+                 device: torch.device) -> float:
+        """w <- w + e with e = coefficient * M * direction(i) on each piece (None: unperturbed), M the Fisher
+        mask; returns ||e|| over every rank."""
         delta_sq = torch.zeros(1, dtype=torch.float64, device=device)
 
         def deltas() -> Iterator[tuple[Tensor | None, Tensor | None]]:
             for i, mask in enumerate(self._masks()):
-                if not is_active(i) or (isinstance(mask, float) and mask == 0.0):
+                d = None if isinstance(mask, float) and mask == 0.0 else direction(i)
+                if d is None:
                     yield None, None
                     continue
-                direction = grads[i] * weights[i].square() if weights is not None else grads[i]
-                delta = direction * coefficient
+                delta = d * coefficient
                 support = None
                 if isinstance(mask, Tensor):
                     delta = delta * mask
@@ -200,12 +229,68 @@ class SharpnessAware:
                 delta_sq.add_(_square_norm(delta))
                 yield delta, support
 
-        if cfg.uses_gsam or cfg.uses_looksam:
-            self._first_grads = [None if g is None else g.clone() for g in grads]
         with self.observer.phase("apply_perturbation"):
             shards.apply_perturbation(deltas())
-        e_norm = math.sqrt(float(comm.all_reduce(delta_sq)))
-        return StepStats(True, math.sqrt(grad_sq), rho, e_norm, rebuilt, self.mask_density, perturbed)
+        return math.sqrt(float(shards.comm.all_reduce(delta_sq)))
+
+    # ---------------------------------------------------------------- MSAM
+    def momentum_perturbation(self, shards: ShardAccess, lr: float) -> StepStats:
+        """MSAM, before the step's only pass: w <- w + e along the base optimizer's first moment when there
+        is one (and a mask, for fisher-msam) and the schedule says so. The returned statistics lack the
+        gradient's until `momentum_gradient`."""
+        with self.observer.phase("first_pass"):
+            return self._momentum_perturbation(shards, lr)
+
+    @torch.no_grad()
+    def _momentum_perturbation(self, shards: ShardAccess, lr: float) -> StepStats:
+        cfg, comm = self.config, shards.comm
+        rho = cfg.rho_at(lr, self.initial_lr)
+        moments = shards.first_moments()
+        device = self._device(moments)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # ||m||^2, and whether any rank lacks m
+        for m in moments:
+            if m is None:
+                sums[1] += 1
+            else:
+                sums[0] += _square_norm(m)
+        comm.all_reduce(sums)
+        sharpness_aware = self._scheduled(math.nan)  # drawn on every step, so the draws follow the step count
+        unperturbed = StepStats(True, math.nan, rho, 0.0, False, self.mask_density, 0.0, sharpness_aware=False)
+        # no first moment yet, or DeepSpeed's zero state before its first update: a plain base step at w
+        if float(sums[1]) > 0 or float(sums[0]) == 0.0 or not sharpness_aware:
+            return unperturbed
+        if cfg.uses_fisher_mask and self.fisher_mask is None:  # built from the first step's gradient
+            return unperturbed
+        denominator = math.sqrt(float(sums[0]))
+        if cfg.renormalize and cfg.uses_fisher_mask:
+            denominator = self._masked_norm(comm, lambda i: moments[i], device)
+        e_norm = self._perturb(shards, lambda i: moments[i], -rho / (denominator + cfg.eps), device)
+        return StepStats(True, math.nan, rho, e_norm, False, self.mask_density)
+
+    def momentum_gradient(self, shards: ShardAccess, stats: StepStats) -> StepStats:
+        """MSAM, after the pass: checks g (at w + e) and rebuilds the Fisher mask from g^2 when due. Returns
+        `stats` completed; `finite` False when g is not finite on some rank (the update must be skipped)."""
+        with self.observer.phase("second_pass"):
+            return self._momentum_gradient(shards, stats)
+
+    @torch.no_grad()
+    def _momentum_gradient(self, shards: ShardAccess, stats: StepStats) -> StepStats:
+        grads = shards.grads()
+        grad_sq = torch.zeros(1, dtype=torch.float64, device=self._device(grads))
+        for g in grads:
+            if g is not None:
+                grad_sq += _square_norm(g)
+        grad_sq = float(shards.comm.all_reduce(grad_sq))
+        if not math.isfinite(grad_sq):
+            return replace(stats, finite=False, grad_norm=math.nan)
+        rebuilt = False
+        if self.config.uses_fisher_mask:
+            self._accumulate_fisher(grads)
+            if self.fisher_mask is None or self.step_count % self.config.mask_interval == 0:
+                with self.observer.phase("rebuild_mask"):
+                    self._rebuild_mask(shards.comm, grads)
+                rebuilt = True
+        return replace(stats, grad_norm=math.sqrt(grad_sq), mask_rebuilt=rebuilt, mask_density=self.mask_density)
 
     # ---------------------------------------------------------------- schedule
     def _scheduled(self, grad_sq: float) -> bool:

@@ -13,7 +13,8 @@ The sequence (core.py states the math):
    and the SAM state as they were before it.
 
 A step the schedule leaves without sharpness ends after 2: the base optimizer applies the first
-pass's gradient (`base_step`), with the same skip rules.
+pass's gradient (`base_step`), with the same skip rules. An MSAM step (`momentum_step`) perturbs first
+and has one pass, at w + e, followed by 5.
 
 What differs between plain PyTorch and a DeepSpeed engine (how backward runs, how gradients are
 cleared, how the base step reports an overflow, how weights come back after a refused step) is a
@@ -42,7 +43,8 @@ class StepObserver(Protocol):
 
     Names: "forward" (every call of the loss function), "backward", "first_pass" (containing
     "rebuild_mask" and "apply_perturbation"), "zero_grads", "select_examples" (ESAM's ranking, after
-    its forward), "second_pass", "restore" (putting the weights back) and "step" (the base step)."""
+    its forward), "second_pass", "restore" (putting the weights back) and "step" (the base step). An MSAM
+    step's perturbation is its "first_pass" and the check of its only gradient its "second_pass"."""
 
     def phase(self, name: str) -> contextlib.AbstractContextManager[None]: ...
 
@@ -74,10 +76,10 @@ class StepOutput:
     """What one training step did, the same for every engine."""
 
     loss: float
-    """Mean first-pass loss over this rank's examples (at w)."""
+    """Mean first-pass loss over this rank's examples (at w; MSAM: of its only pass, at w + e)."""
     perturbed_loss: float
     """Mean second-pass loss over the examples this rank kept (at w + e); nan when it kept none or
-    there is no second pass."""
+    there is no second pass (MSAM: its only pass's loss when it perturbed, else nan)."""
     stats: StepStats
     skipped: bool
     """Nothing was updated: a pass had a non-finite gradient or the engine's loss scaler overflowed."""
@@ -161,10 +163,24 @@ def _mean(losses: Sequence[Tensor]) -> float:
 def finish_step(backend: StepBackend, perturbed: bool) -> bool:
     """Step 5 of the sequence, with the second-pass gradient in place; `perturbed`: the first pass was
     finite and perturbed the weights. Returns whether it updated."""
+    finite = perturbed and backend.core.second_pass(backend.shards)
+    return apply_update(backend, finite, perturbed, restore=True)
+
+
+def base_step(backend: StepBackend) -> bool:
+    """A step the schedule left without sharpness: the base optimizer applies the first-pass gradient
+    in place (nothing was perturbed, so there is nothing to restore). Returns whether it updated."""
+    return apply_update(backend, True, perturbed=False, restore=False)
+
+
+def apply_update(backend: StepBackend, finite: bool, perturbed: bool, restore: bool) -> bool:
+    """Takes the perturbation off (`restore`), then the base optimizer applies the gradient in place if
+    `finite`; a refused step puts w back (`perturbed`: from before e) and is forgotten by the core.
+    Returns whether it updated."""
     core, observer = backend.core, backend.core.observer
-    finite = perturbed and core.second_pass(backend.shards)
-    with observer.phase("restore"):
-        backend.shards.remove_perturbation()
+    if restore:
+        with observer.phase("restore"):
+            backend.shards.remove_perturbation()
     with observer.phase("step"):
         applied = backend.step(finite)
     if applied:
@@ -179,19 +195,30 @@ def finish_step(backend: StepBackend, perturbed: bool) -> bool:
     return False
 
 
-def base_step(backend: StepBackend) -> bool:
-    """A step the schedule left without sharpness: the base optimizer applies the first-pass gradient
-    in place (nothing was perturbed, so there is nothing to restore). Returns whether it updated."""
-    core, observer = backend.core, backend.core.observer
-    with observer.phase("step"):
-        applied = backend.step(True)
-    if applied:
-        core.end_step()
-        return True
-    with observer.phase("zero_grads"):
-        backend.zero_grads()
-    core.discard_step()
-    return False
+def _forward_backward(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: PerExampleLoss) -> list[Tensor]:
+    """One pass: per-example losses of every micro-batch, backward of their mean; returns the losses."""
+    observer, count, losses = backend.core.observer, len(micro_batches), []
+    for i, batch in enumerate(micro_batches):
+        with observer.phase("forward"):
+            per_example = check_per_example(loss_fn(batch))
+        losses.append(per_example.detach())
+        with observer.phase("backward"):
+            backend.backward(per_example.mean(), i, count)
+    return losses
+
+
+def momentum_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: PerExampleLoss) -> StepOutput:
+    """One MSAM step (core.py states the math): e along the first moment, one pass at w + e, exact restore,
+    the base step with that gradient; the same skip rules as the two-pass step."""
+    core = backend.core
+    stats = core.momentum_perturbation(backend.shards, backend.lr())
+    perturbed = stats.sharpness_aware
+    losses = _forward_backward(backend, micro_batches, loss_fn)
+    stats = core.momentum_gradient(backend.shards, stats)
+    updated = apply_update(backend, stats.finite, perturbed, restore=perturbed)
+    loss = _mean(losses)
+    return StepOutput(loss, loss if perturbed else float("nan"), stats, not updated,
+                      sum(l.numel() for l in losses) if stats.finite else 0, backend.loss_scale())
 
 
 def two_pass_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: PerExampleLoss) -> StepOutput:
@@ -199,6 +226,8 @@ def two_pass_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: P
     losses. Both passes use the mean of the per-example losses (the paper's code summed the second
     pass: defect B7/B8)."""
     core, observer = backend.core, backend.core.observer
+    if core.config.uses_momentum:
+        return momentum_step(backend, micro_batches, loss_fn)
     count = len(micro_batches)
 
     def losses_of(batch: Any, expected: int | None = None) -> Tensor:
@@ -209,11 +238,7 @@ def two_pass_step(backend: StepBackend, micro_batches: Sequence[Any], loss_fn: P
         with observer.phase("backward"):
             backend.backward(loss, index, count)
 
-    before: list[Tensor] = []
-    for i, batch in enumerate(micro_batches):
-        losses = losses_of(batch)
-        before.append(losses.detach())
-        backward(losses.mean(), i)
+    before = _forward_backward(backend, micro_batches, loss_fn)
     first_loss = _mean(before)
 
     stats = core.first_pass(backend.shards, backend.lr())

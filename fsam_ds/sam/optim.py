@@ -30,7 +30,7 @@ from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
 from fsam_ds.sam.driver import (ObservedThroughCore, PerExampleLoss, StepObserver, StepOutput, check_per_example,
                                 finish_step, index_batch, two_pass_step)
-from fsam_ds.sam.shards import Comm, LocalComm, TensorShards
+from fsam_ds.sam.shards import Comm, LocalComm, TensorShards, require_first_moment
 
 __all__ = ["SAMOptimizer", "StepOutput", "check_per_example", "index_batch"]
 
@@ -116,13 +116,16 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
                              "without names; pass model.named_parameters() or set candidate_exclude=().")
         super().__init__(groups, {})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        if self.config.uses_momentum:
+            require_first_moment(self.config.sam_type, self.base_optimizer)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.names = names
         # Only trainable tensors are perturbed and ranked: a frozen one (no gradient) would count as
         # Fisher candidates with score 0 and enlarge the mask.
         self.shards = TensorShards([n for n, _ in trainable], [p for _, p in trainable],
-                                   fisher_candidates(self.config, [n for n, _ in trainable], module))
+                                   fisher_candidates(self.config, [n for n, _ in trainable], module),
+                                   self.base_optimizer)
         lr = self.param_groups[0].get("initial_lr", self.param_groups[0].get("lr", 0.0))
         self.core = SharpnessAware(self.config, self.shards.pieces, len(trainable), lr, planned_steps)
         self.observer = observer
@@ -139,7 +142,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> StepStats:
         """Perturbs w <- w + e from the gradients in `.grad` (the first pass)."""
-        self._refuse_schedule("first_step() / second_step()")
+        self._refuse_one_pass_steps("first_step() / second_step()")
         stats = self.core.first_pass(self.shards, self._backend.lr())
         self._perturbed = stats.finite
         if zero_grad:
@@ -160,8 +163,12 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
             self.zero_grad()
         return updated
 
-    def _refuse_schedule(self, api: str) -> None:
+    def _refuse_one_pass_steps(self, api: str) -> None:
         # these calls run the second pass whatever the schedule decides; train_step skips it
+        if self.config.uses_momentum:
+            raise ValueError(f"sam_type={self.config.sam_type!r} takes one pass per step, at w + e, which {api} "
+                             "cannot express; call train_step(micro_batches, per_example_loss) or "
+                             "step_batch(batch, per_example_loss) instead.")
         if self.config.schedule_rule[0] != "always":
             raise ValueError(f"schedule={self.config.schedule!r} skips the second pass on some steps, which {api} "
                              "always runs; call train_step(micro_batches, per_example_loss) or step_batch(batch, "
@@ -180,7 +187,7 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         if self.config.uses_esam and self.config.gamma < 1:
             raise ValueError(f"sam_type={self.config.sam_type!r} with gamma={self.config.gamma} selects examples "
                              "by their per-example loss; call step_batch(batch, per_example_loss_fn) instead.")
-        self._refuse_schedule("step(closure)")
+        self._refuse_one_pass_steps("step(closure)")
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()

@@ -9,7 +9,7 @@ every rank holds everything) is one implementation; a DeepSpeed ZeRO rank's part
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,21 @@ class Piece:
     size: int
     candidate: bool
     """Whether the parameter takes part in the Fisher top-k."""
+
+
+FIRST_MOMENT = "exp_avg"
+"""The base optimizer's state entry MSAM perturbs along: the first moment of the Adam family."""
+
+
+def require_first_moment(sam_type: str, optimizer: Any) -> None:
+    """Refuses, at construction, a base optimizer without a first moment for the msam types.
+
+    The Adam family (torch's Adam/AdamW/NAdam/RAdam/Adamax, DeepSpeed's FusedAdam and CPU Adam) keeps
+    `exp_avg` and has `betas` in every param group; the state itself appears only at its first step."""
+    if not all("betas" in group for group in optimizer.param_groups):
+        raise ValueError(f"sam_type={sam_type!r} perturbs along the base optimizer's first moment (Adam's "
+                         f"{FIRST_MOMENT!r}), which {type(optimizer).__name__} does not keep. Use torch.optim.AdamW "
+                         "(or another Adam-family optimizer) as the base optimizer, or a sam_type without msam.")
 
 
 class Comm(Protocol):
@@ -96,6 +111,10 @@ class ShardAccess(Protocol):
     def remove_perturbation(self) -> None:
         """Puts back exactly the weights from before `apply_perturbation`."""
 
+    def first_moments(self) -> list[Tensor | None]:
+        """The base optimizer's first moment (`FIRST_MOMENT`) of each piece, flat, as the previous update
+        left it; None where the optimizer keeps none yet (before its first step). Read-only for the caller."""
+
 
 class UndoablePerturbation:
     """Adds a delta to a flat weight view and takes it off again bit for bit.
@@ -161,8 +180,11 @@ def flat_view(tensor: Tensor, what: str) -> Tensor:
 class TensorShards:
     """Full parameters held by this process (single process, or DDP where grads are already averaged)."""
 
-    def __init__(self, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool]) -> None:
+    def __init__(self, names: Sequence[str], params: Sequence[Tensor], candidates: Sequence[bool],
+                 optimizer: Any = None) -> None:
         self.params = list(params)
+        self.optimizer = optimizer  # its per-parameter state holds the first moment (held, not its state dict,
+        # which load_state_dict replaces)
         self.pieces = [Piece(name, i, p.numel(), 0, p.numel(), cand)
                        for i, (name, p, cand) in enumerate(zip(names, params, candidates))]
         # this process holds the whole gradient, so reductions stay local
@@ -199,6 +221,14 @@ class TensorShards:
             if applied is not None:
                 applied.remove()
         self._applied = []
+
+    def first_moments(self) -> list[Tensor | None]:
+        if self.optimizer is None:
+            raise RuntimeError("these shards were built without the base optimizer, whose state holds the first "
+                               "moment; pass optimizer= to TensorShards")
+        state: Mapping[Tensor, dict] = self.optimizer.state
+        return [None if state.get(p, {}).get(FIRST_MOMENT) is None else flat_view(state[p][FIRST_MOMENT], "exp_avg")
+                for p in self.params]
 
     def perturbation_nbytes(self) -> int:
         return sum(a.nbytes() for a in self._applied if a is not None)

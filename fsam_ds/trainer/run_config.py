@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from fsam_ds.sam.config import SAM_TYPES, ConfigError, SAMConfig, invalid_value
+from fsam_ds.sam.config import MSAM_TYPES, SAM_TYPES, ConfigError, SAMConfig, invalid_value
 from fsam_ds.trainer.run_identity import config_hash, flatten_config
 from fsam_ds.trainer.tasks import OWN_DATA_TASKS
 
@@ -36,7 +36,7 @@ __all__ = [
 
 BASELINE_SAM_TYPE = "none"
 """`sam.sam_type` of the baseline: DeepSpeed's own AdamW step, no perturbation."""
-TRAINER_SAM_TYPES = (BASELINE_SAM_TYPE, *SAM_TYPES)
+TRAINER_SAM_TYPES = (BASELINE_SAM_TYPE, *SAM_TYPES, *MSAM_TYPES)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ What each stage owns and how e reaches the weights of the next forward pass:
 Under ZeRO-Offload (`fsam_ds.zero.offload`) the same reads and writes reach CPU buffers: the fp32
 master and its gradient (optimizer offload), and `ds_tensor` itself (parameter offload).
 
+MSAM reads the base optimizer's first moment where the optimizer keeps it: stage 0, the torch
+optimizer's state of each parameter; stages 1/2, its state of the rank's flat fp32 partition (the
+param group's only tensor), at the fragment's `hp_fragment_address`; stage 3,
+`safe_get_local_optimizer_state`. Before DeepSpeed's first update there is no state at stages 1-3.
+
 When a step is skipped (overflow) the master was not applied, so stages 1-3 restore the weights
 from it explicitly (`restore_from_master`).
 """
@@ -30,11 +35,13 @@ import torch
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.sam.shards import Comm, Piece, ShardAccess, TensorShards
+from fsam_ds.sam.shards import FIRST_MOMENT, Comm, Piece, ShardAccess, TensorShards
 from fsam_ds.zero.offload import optimizer_offloaded, restart_offloaded_accumulation
 
 # Elements per all-reduce when the replicated weights receive e or the master (stages 1/2).
 _BUCKET_ELEMENTS = 1 << 23
+# Why MSAM reads the torch optimizer inside DeepSpeed's.
+_MOMENT = "to read the base optimizer's first moment (msam types)"
 # Why stages 1/2 under offload_optimizer write DeepSpeed's per-parameter gradient norms.
 _CLIP_NORMS = "under offload_optimizer so that gradient clipping measures GSAM's corrected gradient"
 
@@ -264,6 +271,26 @@ class PartitionShards(_EngineShards):
     def weights(self) -> list[Tensor]:
         return [p._hp_mapping.hp_fragment.reshape(-1).float() for p in self._owners]
 
+    def first_moments(self) -> list[Tensor | None]:
+        """Read from the torch optimizer's state of the flat partition, not through `_hp_mapping`'s
+        `get_optim_state_fragment`: DeepSpeed 0.19.8 links those fragments only after its first step and
+        not again after `load_checkpoint` (which replaces the mappings), so they are missing after a resume."""
+        torch_optimizer = _private(self.engine.optimizer, "optimizer", "the ZeRO-1/2 optimizer", _MOMENT)
+        out = []
+        for p, piece in zip(self._owners, self.pieces):
+            mapping = p._hp_mapping
+            flat = torch_optimizer.param_groups[mapping.param_group_index]["params"][0]
+            if flat.untyped_storage().data_ptr() != mapping.hp_fragment.untyped_storage().data_ptr():
+                import deepspeed
+
+                raise RuntimeError(f"DeepSpeed {deepspeed.__version__} keeps {piece.name}'s fp32 fragment outside its "
+                                   f"param group's flat partition; fsam-ds reads it there {_MOMENT} (tested with "
+                                   "DeepSpeed 0.19.x). Install deepspeed>=0.19.8,<0.20.")
+            moment = torch_optimizer.state.get(flat, {}).get(FIRST_MOMENT)
+            address = mapping.hp_fragment_address
+            out.append(None if moment is None else moment.narrow(0, address.start, address.numel))
+        return out
+
     @torch.no_grad()
     def apply_perturbation(self, deltas) -> None:
         pieces_of: dict[int, list[tuple[Piece, Tensor]]] = {}
@@ -319,6 +346,18 @@ class Stage3Shards(_EngineShards):
         return [safe_get_local_fp32_param(p).reshape(-1)[: piece.size].float()
                 for p, piece in zip(self._owners, self.pieces)]
 
+    def first_moments(self) -> list[Tensor | None]:
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        out = []
+        for p, piece in zip(self._owners, self.pieces):
+            try:
+                moment = safe_get_local_optimizer_state(p, FIRST_MOMENT)
+            except KeyError:  # DeepSpeed creates the state at the optimizer's first step
+                moment = None
+            out.append(None if moment is None else moment.reshape(-1)[: piece.size])
+        return out
+
     def _materialised(self) -> list[tuple[Tensor, int, bool]]:
         """Parameters whose full data the next forward uses as it is (not re-gathered from the
         partitions), as `_write_full` targets: the same list on every rank, written where available."""
@@ -363,7 +402,7 @@ def shards_for_engine(engine, names: Sequence[str], params: Sequence[Tensor], ca
     """The shard adapter for the engine's ZeRO stage; `comm` is the data-parallel group's."""
     stage = engine.zero_optimization_stage()
     if stage == 0:
-        return Stage0Shards(names, params, candidates)
+        return Stage0Shards(names, params, candidates, engine.optimizer)
     if stage in (1, 2):
         return PartitionShards(engine, names, params, candidates, comm)
     if stage == 3:

@@ -29,8 +29,8 @@ from fsam_ds.sam.config import SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
 from fsam_ds.sam.driver import (NULL_OBSERVER, ObservedThroughCore, StepObserver, StepOutput, TrainStepper,
                                 check_per_example, two_pass_step)
-from fsam_ds.sam.shards import TorchComm
-from fsam_ds.zero.adapters import EngineShards, shards_for_engine
+from fsam_ds.sam.shards import TorchComm, require_first_moment
+from fsam_ds.zero.adapters import EngineShards, UnsupportedConfiguration, shards_for_engine
 from fsam_ds.zero.distributed import release_shm_buffer
 from fsam_ds.zero.ds_config import check_sam_compatible
 
@@ -146,6 +146,13 @@ class SAMEngine(ObservedThroughCore):
                  planned_steps: int | None = None) -> None:
         self.engine = engine
         self.config = config
+        if config.uses_momentum:
+            require_first_moment(config.sam_type, engine.optimizer)
+            if engine.zero_optimization_stage() == 0 and engine.optimizer is not engine.basic_optimizer:
+                raise UnsupportedConfiguration(
+                    f"sam_type={config.sam_type!r} at ZeRO stage 0 reads the first moment from the torch optimizer's "
+                    f"per-parameter state, which DeepSpeed's {type(engine.optimizer).__name__} (bf16/fp16 at stage 0) "
+                    "keeps on flattened master weights instead. Use ZeRO stage 1, 2 or 3, or fp32 at stage 0.")
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         names = [n for n, _ in named]
         params = [p for _, p in named]
