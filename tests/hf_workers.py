@@ -207,3 +207,66 @@ def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) ->
         run["seconds"] = time.perf_counter() - started
         out.append(run)
     return out
+
+
+# ---------------------------------------------------------------- resuming from the Trainer's checkpoint-N/
+RESUME_EXAMPLES = 20  # 2 ranks x 2 per micro-batch x 2 per step: steps of 2, 2 and 1 micro-batches per epoch
+RESUME_EPOCHS = 2  # 6 steps
+RESUME_AT = 4  # the second step of epoch 2; fisher-sam with mask_interval 3 built its mask at step 3
+
+
+def without_sam_state(base: type) -> type:
+    """The deliberately wrong variant: resumes DeepSpeed's state, the scheduler, the RNG and the data
+    position from checkpoint-N/, but not the SAM state (a fresh Fisher mask, counters and generators)."""
+
+    class WithoutSamState(base):
+        def _sam_engine_for(self, engine):
+            self._sam_resume_state = None
+            return super()._sam_engine_for(engine)
+
+    return WithoutSamState
+
+
+def resume_trainer(stage: int, out_dir: str, trainer_class: type | None = None, sam_type: str = "fisher-sam",
+                   save_steps: int | None = None):
+    from transformers import TrainingArguments
+
+    from fsam_ds.hf.trainer import SAMTrainer
+
+    args = TrainingArguments(
+        output_dir=out_dir, deepspeed=trainer_ds_config(stage, "trainer"), per_device_train_batch_size=PER_DEVICE_BATCH,
+        gradient_accumulation_steps=ACCUMULATION, num_train_epochs=RESUME_EPOCHS, learning_rate=LR,
+        weight_decay=WEIGHT_DECAY, max_grad_norm=0.0, optim="adamw_torch", lr_scheduler_type="linear", report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_steps=1,
+        disable_tqdm=True, dataloader_pin_memory=False)
+    return (trainer_class or SAMTrainer)(model=tiny_bert(), args=args, train_dataset=examples(RESUME_EXAMPLES),
+                                         sam=sam_config(sam_type, mask_interval=3))
+
+
+def run_resume_cases(rank: int, world: int, stages: list[int], out_dir: str) -> list[dict]:
+    """Per ZeRO stage: a run of 6 steps that saves checkpoint-4 on its way; a new Trainer resumed from
+    checkpoint-4 to step 6; the same without the SAM state; a resume with another sam_type (refused)."""
+    from fsam_ds.hf.trainer import SAMTrainer
+    from fsam_ds.sam.config import ConfigError
+
+    run_accelerate_on_gloo()
+    out = []
+    for stage in stages:
+        folder = os.path.join(out_dir, f"stage{stage}")
+        checkpoint = os.path.join(folder, f"checkpoint-{RESUME_AT}")
+        full = resume_trainer(stage, folder, save_steps=RESUME_AT)
+        full.train()
+        run = {"full": full_params(full.model_wrapped), "full_steps": full.sam_engine.core.step_count,
+               "checkpoint_files": sorted(os.listdir(checkpoint))}
+        for name, trainer_class in (("resumed", SAMTrainer), ("without_sam_state", without_sam_state(SAMTrainer))):
+            trainer = resume_trainer(stage, os.path.join(folder, name), trainer_class)
+            trainer.train(resume_from_checkpoint=checkpoint)
+            run[name] = full_params(trainer.model_wrapped)
+            run[f"{name}_steps"] = trainer.sam_engine.core.step_count
+            run[f"{name}_global_step"] = trainer.state.global_step
+        try:  # refused on every rank before any collective
+            resume_trainer(stage, os.path.join(folder, "other"), sam_type="sam").train(resume_from_checkpoint=checkpoint)
+        except ConfigError as err:
+            run["other_sam_type"] = str(err)
+        out.append(run)
+    return out

@@ -4,6 +4,8 @@ steps once per update; what it cannot run exactly is refused at train()."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from transformers import (BertConfig, BertForQuestionAnswering, HfArgumentParser
 
 from dist_harness import run_distributed  # noqa: E402
 from ds_workers import sam_config, tiny_bert  # noqa: E402
-from hf_workers import LR, bert_loss, examples, named_param_groups, run_trainer_cases, trainer_ds_config  # noqa: E402
+from hf_workers import (LR, RESUME_AT, bert_loss, examples, named_param_groups, run_resume_cases,  # noqa: E402
+                        run_trainer_cases, trainer_ds_config)
 from fsam_ds.hf import SAMArguments, SAMTrainer, sam_trainer  # noqa: E402
 from fsam_ds.sam.config import ConfigError, SAMConfig  # noqa: E402
 from fsam_ds.sam.optim import SAMOptimizer  # noqa: E402
@@ -120,6 +123,38 @@ def test_learning_rate_steps_once_per_update(tmp_path):
     assert poisoned["scheduler_steps"] == 3
 
 
+def test_resuming_from_checkpoint_n_continues_the_run_bit_for_bit(tmp_path):
+    """ZeRO-2 and ZeRO-3, fp32, fisher-sam rebuilding its mask every 3 steps: 6 steps in one run equal 4
+    steps, then a new Trainer resumed from checkpoint-4 (mid-epoch) for 2 more, bit for bit; the resumed run
+    reuses the mask of step 3. Resumed without the SAM state (the wrong variant), it builds a new mask at
+    step 4 and ends elsewhere. Then the refusals on the real checkpoints: another sam_type, another world size,
+    a checkpoint without SAM state (as a plain Trainer writes it)."""
+    stages = [2, 3]
+    results = run_distributed(run_resume_cases, 2, tmp_path, stages, str(tmp_path), use_deepspeed=True, timeout=500)
+    for stage, rank0, rank1 in zip(stages, *results):
+        full, resumed, wrong = (torch.cat(rank0[key]) for key in ("full", "resumed", "without_sam_state"))
+        assert torch.equal(full, torch.cat(rank1["full"])), stage
+        assert {"fsam_state_rank0.pt", "fsam_state_rank1.pt"} <= set(rank0["checkpoint_files"]), rank0
+        assert not [name for name in rank0["checkpoint_files"] if name.endswith(".tmp")]
+        assert rank0["resumed_global_step"] == rank0["without_sam_state_global_step"] == 6
+        assert rank0["full_steps"] == rank0["resumed_steps"] == 6 and rank0["without_sam_state_steps"] == 2
+        assert torch.equal(resumed, full), (stage, (resumed - full).abs().max())
+        # the wrong variant: a different mask for steps 4 and 5 (about 1.5e-4 of the whole update; 0 is the tolerance)
+        assert relative_update_error(wrong, full, start_params()) > 1e-5, stage
+        for rank in (rank0, rank1):
+            assert "sam_type='fisher-sam', this run uses sam_type='sam'" in rank["other_sam_type"], rank
+    checkpoint = tmp_path / "stage2" / f"checkpoint-{RESUME_AT}"
+    trainer = SAMTrainer(model=tiny_bert(), args=_args(tmp_path / "one", deepspeed=trainer_ds_config(2, "trainer")),
+                         train_dataset=examples(8), sam=sam_config("fisher-sam"))
+    with pytest.raises(ConfigError, match=r"was written by 2 rank\(s\), this run has 1"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    plain = tmp_path / "plain-checkpoint"
+    shutil.copytree(checkpoint, plain, ignore=shutil.ignore_patterns("fsam_state_rank*"))
+    with pytest.raises(ConfigError, match="holds no SAM state"):
+        trainer.train(resume_from_checkpoint=str(plain))
+    assert trainer.model_wrapped is trainer.model and trainer.sam_engine is None  # refused before any work
+
+
 # ---------------------------------------------------------------- single process: arguments and refusals
 def test_hf_argument_parser_reads_sam_arguments():
     parser = HfArgumentParser((TrainingArguments, SAMArguments))
@@ -164,7 +199,6 @@ def _args(tmp_path, deepspeed: dict | None = None, **kwargs) -> TrainingArgument
 
 REFUSALS = {
     "no-deepspeed": (dict(deepspeed=None), {}, "needs DeepSpeed: pass --deepspeed"),
-    "resume": (dict(), {"resume_from_checkpoint": "checkpoint-3"}, "cannot resume from a checkpoint yet"),
     "round-robin": (dict(deepspeed={**trainer_ds_config(2, "trainer"), "zero_optimization": {
         "stage": 2, "round_robin_gradients": True}}), {}, "round_robin_gradients"),
     "own-compute-loss": (dict(trainer_class=OwnLossTrainer), {}, "overrides compute_loss"),
@@ -193,7 +227,7 @@ def test_a_per_example_loss_function_lifts_the_loss_refusals(tmp_path):
     for trainer_class, model in ((OwnLossTrainer, tiny_bert), (SAMTrainer, question_answering_bert)):
         trainer = trainer_class(model=model(), args=_args(tmp_path, deepspeed=trainer_ds_config(2, "trainer")),
                                 train_dataset=examples(8), sam=sam_config("esam"), sam_loss_fn=bert_loss)
-        trainer._refuse_unsupported(None)
+        trainer._refuse_unsupported()
 
 
 # ---------------------------------------------------------------- per-example losses against the models' own
