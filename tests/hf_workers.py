@@ -270,3 +270,45 @@ def run_resume_cases(rank: int, world: int, stages: list[int], out_dir: str) -> 
             run["other_sam_type"] = str(err)
         out.append(run)
     return out
+
+
+# ---------------------------------------------------------------- your own accelerate loop
+def accelerate_loop(stage: int, sam_type: str, window_size: int) -> tuple[list, list[list[dict]]]:
+    """The recipe of `fsam_ds.hf.accelerator`: prepare model, optimizer, loader and scheduler under the DeepSpeed
+    plugin, then one `train_step` per window of `window_size` micro-batches (ACCUMULATION is right; 1, an update
+    at every micro-batch, is the deliberately wrong variant). Returns the weights and the windows."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    from fsam_ds.hf import accumulation_windows, sam_engine_from_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new Accelerator per loop in this process
+    run_accelerate_on_gloo()
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(
+        stage, micro=PER_DEVICE_BATCH, gas=ACCUMULATION)))
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(param_groups(model), lr=LR)
+    loader = DataLoader(examples(20), batch_size=PER_DEVICE_BATCH)
+    steps = -(-len(loader) // accelerator.num_processes // window_size)
+    # accelerate steps a prepared scheduler once per process: built for steps x processes, as in any accelerate loop
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps * accelerator.num_processes)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    sam_engine = sam_engine_from_accelerator(accelerator, model, sam_config(sam_type))
+    windows = []
+    for window in accumulation_windows(loader, window_size):
+        windows.append([{k: v.detach().clone() for k, v in batch.items()} for batch in window])
+        out = sam_engine.train_step(window, bert_loss)
+        if not out.skipped:
+            scheduler.step()
+    return full_params(model), windows
+
+
+def run_accelerate_cases(rank: int, world: int, stage: int, sam_type: str) -> dict:
+    """The accelerate loop, right and wrong, and fsam-ds's engine path on the right loop's micro-batches."""
+    params, windows = accelerate_loop(stage, sam_type, ACCUMULATION)
+    wrong, _ = accelerate_loop(stage, sam_type, 1)
+    return {"params": params, "wrong": wrong, "windows": [len(w) for w in windows],
+            "engine_params": train_with_engine(stage, sam_type, "trainer", windows, 0)}

@@ -17,8 +17,8 @@ from transformers import (BertConfig, BertForQuestionAnswering, HfArgumentParser
 
 from dist_harness import run_distributed  # noqa: E402
 from ds_workers import sam_config, tiny_bert  # noqa: E402
-from hf_workers import (LR, RESUME_AT, bert_loss, examples, named_param_groups, run_resume_cases,  # noqa: E402
-                        run_trainer_cases, trainer_ds_config)
+from hf_workers import (LR, RESUME_AT, bert_loss, examples, named_param_groups, run_accelerate_cases,  # noqa: E402
+                        run_resume_cases, run_trainer_cases, trainer_ds_config)
 from fsam_ds.hf import SAMArguments, SAMTrainer, sam_trainer  # noqa: E402
 from fsam_ds.sam.config import ConfigError, SAMConfig  # noqa: E402
 from fsam_ds.sam.optim import SAMOptimizer  # noqa: E402
@@ -299,3 +299,17 @@ def test_no_per_example_loss_for_an_unknown_loss_kind():
     from fsam_ds.hf.losses import outputs_loss_for
 
     assert outputs_loss_for(question_answering_bert()) is None
+
+
+def test_own_accelerate_loop_equals_the_engine_path(tmp_path):
+    """ZeRO-2, fp32, fisher-sam on 2 gloo ranks: accelerator.prepare(model, optimizer, loader, scheduler) under
+    the DeepSpeed plugin, then sam_engine_from_accelerator(...).train_step per accumulation window, gives the
+    weights of fsam_ds.initialize + train_step on the same micro-batches, bit for bit; an update at every
+    micro-batch (the wrong variant) does not."""
+    results = run_distributed(run_accelerate_cases, 2, tmp_path, 2, "fisher-sam", use_deepspeed=True, timeout=400)
+    rank0, rank1 = results
+    ours = torch.cat(rank0["params"])
+    assert torch.equal(ours, torch.cat(rank1["params"]))
+    assert rank0["windows"] == [2, 2, 1]  # 20 examples, 2 ranks x 2 per micro-batch: a short last step
+    assert torch.equal(ours, torch.cat(rank0["engine_params"]))
+    assert relative_update_error(torch.cat(rank0["wrong"]), ours, start_params()) > 1e-2
