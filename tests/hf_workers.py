@@ -92,6 +92,18 @@ def trainer_ds_config(stage: int, scheduler: str) -> dict:
     return config
 
 
+def training_args(output_dir: str, stage: int, scheduler: str = "trainer", **overrides: Any):
+    """The tests' TrainingArguments: one epoch, AdamW with weight decay, a linear schedule, no clipping."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**{
+        "output_dir": output_dir, "deepspeed": trainer_ds_config(stage, scheduler),
+        "per_device_train_batch_size": PER_DEVICE_BATCH, "gradient_accumulation_steps": ACCUMULATION,
+        "num_train_epochs": 1, "learning_rate": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": 0.0,
+        "optim": "adamw_torch", "lr_scheduler_type": "linear", "report_to": [], "save_strategy": "no",
+        "logging_steps": 1, "disable_tqdm": True, "dataloader_pin_memory": False, **overrides})
+
+
 def recording(base: type) -> type:
     """`base` (a SAMTrainer class) that records the micro-batches of each of the Trainer's optimizer
     steps, the learning rate each `engine.step()` ran with, and whether each SAM step was skipped."""
@@ -144,17 +156,11 @@ def poisoned_loss(trainer, update: int):
 
 def train_with_trainer(rank: int, stage: int, sam_type: str, variant: str, scheduler: str, count: int,
                        warmup: int, out_dir: str, poison: int | None = None) -> dict:
-    from transformers import TrainingArguments
-
     from fsam_ds.hf.trainer import SAMTrainer
 
     run_accelerate_on_gloo()
-    args = TrainingArguments(
-        output_dir=os.path.join(out_dir, f"{stage}-{sam_type}-{variant}-{scheduler}"), deepspeed=trainer_ds_config(
-            stage, scheduler), per_device_train_batch_size=PER_DEVICE_BATCH, gradient_accumulation_steps=ACCUMULATION,
-        num_train_epochs=1, learning_rate=LR, weight_decay=WEIGHT_DECAY, warmup_steps=warmup, max_grad_norm=0.0,
-        optim="adamw_torch", lr_scheduler_type="linear", report_to=[], save_strategy="no", logging_steps=1,
-        disable_tqdm=True, dataloader_pin_memory=False)
+    args = training_args(os.path.join(out_dir, f"{stage}-{sam_type}-{variant}-{scheduler}"), stage, scheduler,
+                         warmup_steps=warmup)
     trainer_class = recording(SAMTrainer if variant == "right" else every_micro_batch(SAMTrainer))
     trainer = trainer_class(model=tiny_bert(), args=args, train_dataset=examples(count), sam=sam_config(sam_type))
     if poison is not None:
@@ -229,16 +235,10 @@ def without_sam_state(base: type) -> type:
 
 def resume_trainer(stage: int, out_dir: str, trainer_class: type | None = None, sam_type: str = "fisher-sam",
                    save_steps: int | None = None):
-    from transformers import TrainingArguments
-
     from fsam_ds.hf.trainer import SAMTrainer
 
-    args = TrainingArguments(
-        output_dir=out_dir, deepspeed=trainer_ds_config(stage, "trainer"), per_device_train_batch_size=PER_DEVICE_BATCH,
-        gradient_accumulation_steps=ACCUMULATION, num_train_epochs=RESUME_EPOCHS, learning_rate=LR,
-        weight_decay=WEIGHT_DECAY, max_grad_norm=0.0, optim="adamw_torch", lr_scheduler_type="linear", report_to=[],
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_steps=1,
-        disable_tqdm=True, dataloader_pin_memory=False)
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
+    args = training_args(out_dir, stage, num_train_epochs=RESUME_EPOCHS, **saving)
     return (trainer_class or SAMTrainer)(model=tiny_bert(), args=args, train_dataset=examples(RESUME_EXAMPLES),
                                          sam=sam_config(sam_type, mask_interval=3))
 
@@ -264,10 +264,12 @@ def run_resume_cases(rank: int, world: int, stages: list[int], out_dir: str) -> 
             run[name] = full_params(trainer.model_wrapped)
             run[f"{name}_steps"] = trainer.sam_engine.core.step_count
             run[f"{name}_global_step"] = trainer.state.global_step
+        other = resume_trainer(stage, os.path.join(folder, "other"), sam_type="sam")
         try:  # refused on every rank before any collective
-            resume_trainer(stage, os.path.join(folder, "other"), sam_type="sam").train(resume_from_checkpoint=checkpoint)
+            other.train(resume_from_checkpoint=checkpoint)
         except ConfigError as err:
             run["other_sam_type"] = str(err)
+        run["other_prepared_nothing"] = other.model_wrapped is other.model and other.sam_engine is None
         out.append(run)
     return out
 

@@ -22,6 +22,7 @@ from hf_workers import (LR, RESUME_AT, bert_loss, examples, named_param_groups, 
 from fsam_ds.hf import SAMArguments, SAMTrainer, sam_trainer  # noqa: E402
 from fsam_ds.sam.config import ConfigError, SAMConfig  # noqa: E402
 from fsam_ds.sam.optim import SAMOptimizer  # noqa: E402
+from fsam_ds.zero.engine import read_sam_state  # noqa: E402
 from test_zero_equivalence import relative_update_error  # noqa: E402
 
 TOLERANCE = 1e-4  # tiny BERT, as in test_zero_equivalence
@@ -141,18 +142,17 @@ def test_resuming_from_checkpoint_n_continues_the_run_bit_for_bit(tmp_path):
         assert torch.equal(resumed, full), (stage, (resumed - full).abs().max())
         # the wrong variant: a different mask for steps 4 and 5 (about 1.5e-4 of the whole update; 0 is the tolerance)
         assert relative_update_error(wrong, full, start_params()) > 1e-5, stage
-        for rank in (rank0, rank1):
+        for rank in (rank0, rank1):  # refused by train() before the Trainer prepared anything
             assert "sam_type='fisher-sam', this run uses sam_type='sam'" in rank["other_sam_type"], rank
+            assert rank["other_prepared_nothing"], rank
+    # the check SAMTrainer.train runs first, on the real checkpoint (in this process: one rank)
     checkpoint = tmp_path / "stage2" / f"checkpoint-{RESUME_AT}"
-    trainer = SAMTrainer(model=tiny_bert(), args=_args(tmp_path / "one", deepspeed=trainer_ds_config(2, "trainer")),
-                         train_dataset=examples(8), sam=sam_config("fisher-sam"))
     with pytest.raises(ConfigError, match=r"was written by 2 rank\(s\), this run has 1"):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
-    plain = tmp_path / "plain-checkpoint"
+        read_sam_state(checkpoint, 0, 1, "fisher-sam")
+    plain = tmp_path / "plain-checkpoint"  # what a plain Trainer writes: the same, without the SAM state
     shutil.copytree(checkpoint, plain, ignore=shutil.ignore_patterns("fsam_state_rank*"))
     with pytest.raises(ConfigError, match="holds no SAM state"):
-        trainer.train(resume_from_checkpoint=str(plain))
-    assert trainer.model_wrapped is trainer.model and trainer.sam_engine is None  # refused before any work
+        read_sam_state(plain, 0, 2, "fisher-sam")
 
 
 # ---------------------------------------------------------------- single process: arguments and refusals

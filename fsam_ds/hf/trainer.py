@@ -24,6 +24,12 @@ it is, checked against accelerate 1.16 and transformers 5.23:
   the Trainer's next scheduler step is held back so that it too skips that step;
 * `grad_norm` is DeepSpeed's norm of the last `engine.step()`: the gradient at w + e, pre-clipping.
 
+Checkpoints: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint, each rank's SAM
+state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically). `train(resume_from_checkpoint=)`
+reads and checks it before any work (`read_sam_state`: none there, another world size or sam_type are refused)
+and restores it into the SAMEngine before its first step; DeepSpeed's state, the Trainer's scheduler, RNG
+and data position come back as the Trainer restores them.
+
 The loss the Trainer logs is the mean first-pass loss (at w) of this rank's examples, returned at the
 boundary (0 for the micro-batches before it, which the Trainer adds up), then averaged over ranks by
 the Trainer. Per-example losses: `fsam_ds.hf.losses` (where they relate to the Trainer's
