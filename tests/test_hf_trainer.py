@@ -313,3 +313,17 @@ def test_own_accelerate_loop_equals_the_engine_path(tmp_path):
     assert rank0["windows"] == [2, 2, 1]  # 20 examples, 2 ranks x 2 per micro-batch: a short last step
     assert torch.equal(ours, torch.cat(rank0["engine_params"]))
     assert relative_update_error(torch.cat(rank0["wrong"]), ours, start_params()) > 1e-2
+
+
+def test_accelerate_helpers_refuse_what_is_not_a_prepared_deepspeed_engine():
+    from fsam_ds.hf import accumulation_windows, sam_engine_from_accelerator
+
+    assert list(accumulation_windows(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ConfigError, match="needs accelerate's DeepSpeed plugin"):
+        sam_engine_from_accelerator(object(), tiny_bert(), SAMConfig())
+
+    class Prepared:  # what accelerate holds after prepare() under DeepSpeed
+        deepspeed_engine_wrapped = type("Wrapper", (), {"engine": object()})()
+
+    with pytest.raises(ConfigError, match="pass the model that prepare returned"):
+        sam_engine_from_accelerator(Prepared(), tiny_bert(), SAMConfig())

@@ -137,7 +137,9 @@ class SAMTrainerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # every rank, right after DeepSpeed's checkpoint into checkpoint-N/: this rank's SAM state beside it
+        # every rank, right after DeepSpeed's checkpoint into checkpoint-N/: this rank's SAM state beside it.
+        # A private Trainer method (transformers 5.23): were it renamed, checkpoints would lack the SAM state
+        # and resuming from them would be refused by read_sam_state, never continued inexactly.
         super()._save_optimizer_and_scheduler(output_dir)
         if self.sam_engine is not None:
             self.sam_engine.save_sam_state(output_dir)
