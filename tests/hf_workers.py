@@ -92,6 +92,18 @@ def trainer_ds_config(stage: int, scheduler: str) -> dict:
     return config
 
 
+def training_args(output_dir: str, stage: int, scheduler: str = "trainer", **overrides: Any):
+    """The tests' TrainingArguments: one epoch, AdamW with weight decay, a linear schedule, no clipping."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**{
+        "output_dir": output_dir, "deepspeed": trainer_ds_config(stage, scheduler),
+        "per_device_train_batch_size": PER_DEVICE_BATCH, "gradient_accumulation_steps": ACCUMULATION,
+        "num_train_epochs": 1, "learning_rate": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": 0.0,
+        "optim": "adamw_torch", "lr_scheduler_type": "linear", "report_to": [], "save_strategy": "no",
+        "logging_steps": 1, "disable_tqdm": True, "dataloader_pin_memory": False, **overrides})
+
+
 def recording(base: type) -> type:
     """`base` (a SAMTrainer class) that records the micro-batches of each of the Trainer's optimizer
     steps, the learning rate each `engine.step()` ran with, and whether each SAM step was skipped."""
@@ -144,17 +156,11 @@ def poisoned_loss(trainer, update: int):
 
 def train_with_trainer(rank: int, stage: int, sam_type: str, variant: str, scheduler: str, count: int,
                        warmup: int, out_dir: str, poison: int | None = None) -> dict:
-    from transformers import TrainingArguments
-
     from fsam_ds.hf.trainer import SAMTrainer
 
     run_accelerate_on_gloo()
-    args = TrainingArguments(
-        output_dir=os.path.join(out_dir, f"{stage}-{sam_type}-{variant}-{scheduler}"), deepspeed=trainer_ds_config(
-            stage, scheduler), per_device_train_batch_size=PER_DEVICE_BATCH, gradient_accumulation_steps=ACCUMULATION,
-        num_train_epochs=1, learning_rate=LR, weight_decay=WEIGHT_DECAY, warmup_steps=warmup, max_grad_norm=0.0,
-        optim="adamw_torch", lr_scheduler_type="linear", report_to=[], save_strategy="no", logging_steps=1,
-        disable_tqdm=True, dataloader_pin_memory=False)
+    args = training_args(os.path.join(out_dir, f"{stage}-{sam_type}-{variant}-{scheduler}"), stage, scheduler,
+                         warmup_steps=warmup)
     trainer_class = recording(SAMTrainer if variant == "right" else every_micro_batch(SAMTrainer))
     trainer = trainer_class(model=tiny_bert(), args=args, train_dataset=examples(count), sam=sam_config(sam_type))
     if poison is not None:
@@ -207,3 +213,104 @@ def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) ->
         run["seconds"] = time.perf_counter() - started
         out.append(run)
     return out
+
+
+# ---------------------------------------------------------------- resuming from the Trainer's checkpoint-N/
+RESUME_EXAMPLES = 20  # 2 ranks x 2 per micro-batch x 2 per step: steps of 2, 2 and 1 micro-batches per epoch
+RESUME_EPOCHS = 2  # 6 steps
+RESUME_AT = 4  # the second step of epoch 2; fisher-sam with mask_interval 3 built its mask at step 3
+
+
+def without_sam_state(base: type) -> type:
+    """The deliberately wrong variant: resumes DeepSpeed's state, the scheduler, the RNG and the data
+    position from checkpoint-N/, but not the SAM state (a fresh Fisher mask, counters and generators)."""
+
+    class WithoutSamState(base):
+        def _sam_engine_for(self, engine):
+            self._sam_resume_state = None
+            return super()._sam_engine_for(engine)
+
+    return WithoutSamState
+
+
+def resume_trainer(stage: int, out_dir: str, trainer_class: type | None = None, sam_type: str = "fisher-sam",
+                   save_steps: int | None = None):
+    from fsam_ds.hf.trainer import SAMTrainer
+
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
+    args = training_args(out_dir, stage, num_train_epochs=RESUME_EPOCHS, **saving)
+    return (trainer_class or SAMTrainer)(model=tiny_bert(), args=args, train_dataset=examples(RESUME_EXAMPLES),
+                                         sam=sam_config(sam_type, mask_interval=3))
+
+
+def run_resume_cases(rank: int, world: int, stages: list[int], out_dir: str) -> list[dict]:
+    """Per ZeRO stage: a run of 6 steps that saves checkpoint-4 on its way; a new Trainer resumed from
+    checkpoint-4 to step 6; the same without the SAM state; a resume with another sam_type (refused)."""
+    from fsam_ds.hf.trainer import SAMTrainer
+    from fsam_ds.sam.config import ConfigError
+
+    run_accelerate_on_gloo()
+    out = []
+    for stage in stages:
+        folder = os.path.join(out_dir, f"stage{stage}")
+        checkpoint = os.path.join(folder, f"checkpoint-{RESUME_AT}")
+        full = resume_trainer(stage, folder, save_steps=RESUME_AT)
+        full.train()
+        run = {"full": full_params(full.model_wrapped), "full_steps": full.sam_engine.core.step_count,
+               "checkpoint_files": sorted(os.listdir(checkpoint))}
+        for name, trainer_class in (("resumed", SAMTrainer), ("without_sam_state", without_sam_state(SAMTrainer))):
+            trainer = resume_trainer(stage, os.path.join(folder, name), trainer_class)
+            trainer.train(resume_from_checkpoint=checkpoint)
+            run[name] = full_params(trainer.model_wrapped)
+            run[f"{name}_steps"] = trainer.sam_engine.core.step_count
+            run[f"{name}_global_step"] = trainer.state.global_step
+        other = resume_trainer(stage, os.path.join(folder, "other"), sam_type="sam")
+        try:  # refused on every rank before any collective
+            other.train(resume_from_checkpoint=checkpoint)
+        except ConfigError as err:
+            run["other_sam_type"] = str(err)
+        run["other_prepared_nothing"] = other.model_wrapped is other.model and other.sam_engine is None
+        out.append(run)
+    return out
+
+
+# ---------------------------------------------------------------- your own accelerate loop
+def accelerate_loop(stage: int, sam_type: str, window_size: int) -> tuple[list, list[list[dict]]]:
+    """The recipe of `fsam_ds.hf.accelerator`: prepare model, optimizer, loader and scheduler under the DeepSpeed
+    plugin, then one `train_step` per window of `window_size` micro-batches (ACCUMULATION is right; 1, an update
+    at every micro-batch, is the deliberately wrong variant). Returns the weights and the windows."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    from fsam_ds.hf import accumulation_windows, sam_engine_from_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new Accelerator per loop in this process
+    run_accelerate_on_gloo()
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(
+        stage, micro=PER_DEVICE_BATCH, gas=ACCUMULATION)))
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(param_groups(model), lr=LR)
+    loader = DataLoader(examples(20), batch_size=PER_DEVICE_BATCH)
+    steps = -(-len(loader) // accelerator.num_processes // window_size)
+    # accelerate steps a prepared scheduler once per process: built for steps x processes, as in any accelerate loop
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps * accelerator.num_processes)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    sam_engine = sam_engine_from_accelerator(accelerator, model, sam_config(sam_type))
+    windows = []
+    for window in accumulation_windows(loader, window_size):
+        windows.append([{k: v.detach().clone() for k, v in batch.items()} for batch in window])
+        out = sam_engine.train_step(window, bert_loss)
+        if not out.skipped:
+            scheduler.step()
+    return full_params(model), windows
+
+
+def run_accelerate_cases(rank: int, world: int, stage: int, sam_type: str) -> dict:
+    """The accelerate loop, right and wrong, and fsam-ds's engine path on the right loop's micro-batches."""
+    params, windows = accelerate_loop(stage, sam_type, ACCUMULATION)
+    wrong, _ = accelerate_loop(stage, sam_type, 1)
+    return {"params": params, "wrong": wrong, "windows": [len(w) for w in windows],
+            "engine_params": train_with_engine(stage, sam_type, "trainer", windows, 0)}

@@ -4,6 +4,8 @@ steps once per update; what it cannot run exactly is refused at train()."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -15,10 +17,12 @@ from transformers import (BertConfig, BertForQuestionAnswering, HfArgumentParser
 
 from dist_harness import run_distributed  # noqa: E402
 from ds_workers import sam_config, tiny_bert  # noqa: E402
-from hf_workers import LR, bert_loss, examples, named_param_groups, run_trainer_cases, trainer_ds_config  # noqa: E402
+from hf_workers import (LR, RESUME_AT, bert_loss, examples, named_param_groups, run_accelerate_cases,  # noqa: E402
+                        run_resume_cases, run_trainer_cases, trainer_ds_config)
 from fsam_ds.hf import SAMArguments, SAMTrainer, sam_trainer  # noqa: E402
 from fsam_ds.sam.config import ConfigError, SAMConfig  # noqa: E402
 from fsam_ds.sam.optim import SAMOptimizer  # noqa: E402
+from fsam_ds.zero.engine import read_sam_state  # noqa: E402
 from test_zero_equivalence import relative_update_error  # noqa: E402
 
 TOLERANCE = 1e-4  # tiny BERT, as in test_zero_equivalence
@@ -120,6 +124,37 @@ def test_learning_rate_steps_once_per_update(tmp_path):
     assert poisoned["scheduler_steps"] == 3
 
 
+def test_resuming_from_checkpoint_n_continues_the_run_bit_for_bit(tmp_path):
+    """ZeRO-2 and ZeRO-3, fp32, fisher-sam rebuilding its mask every 3 steps: 6 steps in one run equal 4
+    steps, then a new Trainer resumed from checkpoint-4 (mid-epoch) for 2 more, bit for bit; the resumed run
+    reuses the mask of step 3. Resumed without the SAM state (the wrong variant), it builds a new mask at
+    step 4 and ends elsewhere. Then the refusals on the real checkpoints: another sam_type, another world size,
+    a checkpoint without SAM state (as a plain Trainer writes it)."""
+    stages = [2, 3]
+    results = run_distributed(run_resume_cases, 2, tmp_path, stages, str(tmp_path), use_deepspeed=True, timeout=500)
+    for stage, rank0, rank1 in zip(stages, *results):
+        full, resumed, wrong = (torch.cat(rank0[key]) for key in ("full", "resumed", "without_sam_state"))
+        assert torch.equal(full, torch.cat(rank1["full"])), stage
+        assert {"fsam_state_rank0.pt", "fsam_state_rank1.pt"} <= set(rank0["checkpoint_files"]), rank0
+        assert not [name for name in rank0["checkpoint_files"] if name.endswith(".tmp")]
+        assert rank0["resumed_global_step"] == rank0["without_sam_state_global_step"] == 6
+        assert rank0["full_steps"] == rank0["resumed_steps"] == 6 and rank0["without_sam_state_steps"] == 2
+        assert torch.equal(resumed, full), (stage, (resumed - full).abs().max())
+        # the wrong variant: a different mask for steps 4 and 5 (about 1.5e-4 of the whole update; 0 is the tolerance)
+        assert relative_update_error(wrong, full, start_params()) > 1e-5, stage
+        for rank in (rank0, rank1):  # refused by train() before the Trainer prepared anything
+            assert "sam_type='fisher-sam', this run uses sam_type='sam'" in rank["other_sam_type"], rank
+            assert rank["other_prepared_nothing"], rank
+    # the check SAMTrainer.train runs first, on the real checkpoint (in this process: one rank)
+    checkpoint = tmp_path / "stage2" / f"checkpoint-{RESUME_AT}"
+    with pytest.raises(ConfigError, match=r"was written by 2 rank\(s\), this run has 1"):
+        read_sam_state(checkpoint, 0, 1, "fisher-sam")
+    plain = tmp_path / "plain-checkpoint"  # what a plain Trainer writes: the same, without the SAM state
+    shutil.copytree(checkpoint, plain, ignore=shutil.ignore_patterns("fsam_state_rank*"))
+    with pytest.raises(ConfigError, match="holds no SAM state"):
+        read_sam_state(plain, 0, 2, "fisher-sam")
+
+
 # ---------------------------------------------------------------- single process: arguments and refusals
 def test_hf_argument_parser_reads_sam_arguments():
     parser = HfArgumentParser((TrainingArguments, SAMArguments))
@@ -164,7 +199,6 @@ def _args(tmp_path, deepspeed: dict | None = None, **kwargs) -> TrainingArgument
 
 REFUSALS = {
     "no-deepspeed": (dict(deepspeed=None), {}, "needs DeepSpeed: pass --deepspeed"),
-    "resume": (dict(), {"resume_from_checkpoint": "checkpoint-3"}, "cannot resume from a checkpoint yet"),
     "round-robin": (dict(deepspeed={**trainer_ds_config(2, "trainer"), "zero_optimization": {
         "stage": 2, "round_robin_gradients": True}}), {}, "round_robin_gradients"),
     "own-compute-loss": (dict(trainer_class=OwnLossTrainer), {}, "overrides compute_loss"),
@@ -193,7 +227,7 @@ def test_a_per_example_loss_function_lifts_the_loss_refusals(tmp_path):
     for trainer_class, model in ((OwnLossTrainer, tiny_bert), (SAMTrainer, question_answering_bert)):
         trainer = trainer_class(model=model(), args=_args(tmp_path, deepspeed=trainer_ds_config(2, "trainer")),
                                 train_dataset=examples(8), sam=sam_config("esam"), sam_loss_fn=bert_loss)
-        trainer._refuse_unsupported(None)
+        trainer._refuse_unsupported()
 
 
 # ---------------------------------------------------------------- per-example losses against the models' own
@@ -265,3 +299,31 @@ def test_no_per_example_loss_for_an_unknown_loss_kind():
     from fsam_ds.hf.losses import outputs_loss_for
 
     assert outputs_loss_for(question_answering_bert()) is None
+
+
+def test_own_accelerate_loop_equals_the_engine_path(tmp_path):
+    """ZeRO-2, fp32, fisher-sam on 2 gloo ranks: accelerator.prepare(model, optimizer, loader, scheduler) under
+    the DeepSpeed plugin, then sam_engine_from_accelerator(...).train_step per accumulation window, gives the
+    weights of fsam_ds.initialize + train_step on the same micro-batches, bit for bit; an update at every
+    micro-batch (the wrong variant) does not."""
+    results = run_distributed(run_accelerate_cases, 2, tmp_path, 2, "fisher-sam", use_deepspeed=True, timeout=400)
+    rank0, rank1 = results
+    ours = torch.cat(rank0["params"])
+    assert torch.equal(ours, torch.cat(rank1["params"]))
+    assert rank0["windows"] == [2, 2, 1]  # 20 examples, 2 ranks x 2 per micro-batch: a short last step
+    assert torch.equal(ours, torch.cat(rank0["engine_params"]))
+    assert relative_update_error(torch.cat(rank0["wrong"]), ours, start_params()) > 1e-2
+
+
+def test_accelerate_helpers_refuse_what_is_not_a_prepared_deepspeed_engine():
+    from fsam_ds.hf import accumulation_windows, sam_engine_from_accelerator
+
+    assert list(accumulation_windows(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ConfigError, match="needs accelerate's DeepSpeed plugin"):
+        sam_engine_from_accelerator(object(), tiny_bert(), SAMConfig())
+
+    class Prepared:  # what accelerate holds after prepare() under DeepSpeed
+        deepspeed_engine_wrapped = type("Wrapper", (), {"engine": object()})()
+
+    with pytest.raises(ConfigError, match="pass the model that prepare returned"):
+        sam_engine_from_accelerator(Prepared(), tiny_bert(), SAMConfig())

@@ -24,6 +24,12 @@ it is, checked against accelerate 1.16 and transformers 5.23:
   the Trainer's next scheduler step is held back so that it too skips that step;
 * `grad_norm` is DeepSpeed's norm of the last `engine.step()`: the gradient at w + e, pre-clipping.
 
+Checkpoints: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint, each rank's SAM
+state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically). `train(resume_from_checkpoint=)`
+reads and checks it before any work (`read_sam_state`: none there, another world size or sam_type are refused)
+and restores it into the SAMEngine before its first step; DeepSpeed's state, the Trainer's scheduler, RNG
+and data position come back as the Trainer restores them.
+
 The loss the Trainer logs is the mean first-pass loss (at w) of this rank's examples, returned at the
 boundary (0 for the micro-batches before it, which the Trainer adds up), then averaged over ranks by
 the Trainer. Per-example losses: `fsam_ds.hf.losses` (where they relate to the Trainer's
@@ -41,11 +47,12 @@ import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
 from torch import Tensor
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from fsam_ds.hf.losses import OutputsLoss, outputs_loss_for
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.zero.ds_config import check_sam_compatible
-from fsam_ds.zero.engine import SAMEngine
+from fsam_ds.zero.engine import SAMEngine, read_sam_state
 
 __all__ = ["SAMArguments", "SAMTrainer", "SAMTrainerMixin", "sam_trainer"]
 
@@ -112,14 +119,30 @@ class SAMTrainerMixin:
         self.sam_config: SAMConfig = sam.to_config() if isinstance(sam, SAMArguments) else sam or SAMConfig()
         self.sam_loss_fn = sam_loss_fn
         self.sam_engine: SAMEngine | None = None
+        self._sam_resume_state: dict | None = None
         self._sam_window: list[Mapping[str, Any]] = []
         self._outputs_loss: OutputsLoss | None = None
 
     # ---------------------------------------------------------- the Trainer's hooks
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        self._refuse_unsupported(resume_from_checkpoint)
+        if resume_from_checkpoint is True:  # the Trainer's own rule, resolved here to read the SAM state from it
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self._refuse_unsupported()
+        # read (and checked) before any work; restored into each SAMEngine this run builds, before its first step
+        self._sam_resume_state = None if resume_from_checkpoint in (None, False) else read_sam_state(
+            resume_from_checkpoint, self.args.process_index, self.args.world_size, self.sam_config.sam_type)
         self._sam_window = []
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # every rank, right after DeepSpeed's checkpoint into checkpoint-N/: this rank's SAM state beside it.
+        # A private Trainer method (transformers 5.23): were it renamed, checkpoints would lack the SAM state
+        # and resuming from them would be refused by read_sam_state, never continued inexactly.
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.sam_engine is not None:
+            self.sam_engine.save_sam_state(output_dir)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         # called once per optimizer step, before its micro-batches
@@ -153,6 +176,8 @@ class SAMTrainerMixin:
         # a new train() (auto_find_batch_size, hyperparameter search) prepares a new engine
         if self.sam_engine is None or self.sam_engine.engine is not engine:
             self.sam_engine = SAMEngine(engine, self.sam_config)
+            if self._sam_resume_state is not None:
+                self.sam_engine.load_sam_state(self._sam_resume_state)
             self._outputs_loss = outputs_loss_for(self.accelerator.unwrap_model(self.model))
         return self.sam_engine
 
@@ -186,7 +211,7 @@ class SAMTrainerMixin:
         scheduler.step = skip_once
 
     # ---------------------------------------------------------- refusals
-    def _refuse_unsupported(self, resume_from_checkpoint: str | bool | None) -> None:
+    def _refuse_unsupported(self) -> None:
         """Raises ConfigError, before any work, for what this integration does not run exactly."""
         args, name = self.args, type(self).__name__
         if getattr(self, "is_fsdp_enabled", False) or args.fsdp:
@@ -205,10 +230,6 @@ class SAMTrainerMixin:
         if split:
             raise ConfigError(f"{name} does not support {' and '.join(split)} parallelism (the SAM step needs each "
                               "rank's whole examples); use data parallelism with ZeRO (stage 3 to shard the model).")
-        if resume_from_checkpoint not in (None, False):
-            raise ConfigError(f"{name} cannot resume from a checkpoint yet: SAM's own state (Fisher mask, step "
-                              "counter, ESAM's generator) is not written into checkpoint-N/, so the resumed run "
-                              "would differ. Train without resume_from_checkpoint.")
         check_sam_compatible(args.hf_deepspeed_config.config, source="the --deepspeed config", auto_filled_later=True)
         self._refuse_unknown_loss()
 

@@ -42,8 +42,9 @@ import torch
 import torch.distributed as dist
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.metrics_log import decode_nonfinite, encode_nonfinite, replace_file
+from fsam_ds.trainer.metrics_log import decode_nonfinite, encode_nonfinite
 from fsam_ds.trainer.run_identity import SAFE_TO_CHANGE_ON_RESUME, run_differences
+from fsam_ds.zero.files import TMP_SUFFIX, replace_file
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -126,7 +127,7 @@ def write_manifest(folder: Path) -> None:
     folder with a manifest was written completely, and any later change to a file is detected."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
-                       and not p.name.endswith(".tmp")):
+                       and not p.name.endswith(TMP_SUFFIX)):
         files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     _write_json(folder / MANIFEST, {"files": files})
 

@@ -37,10 +37,11 @@ import torch
 from tqdm import tqdm
 
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
+from fsam_ds.zero.files import replace_file
 
 __all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured",
            "MetricsFileError", "METRICS_FILE", "encode_event", "encode_nonfinite", "decode_nonfinite", "read_events",
-           "read_summary", "replace_file", "trim_metrics"]
+           "read_summary", "trim_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 WandbMode = Literal["online", "offline", "disabled"]
@@ -181,13 +182,6 @@ def trim_metrics(path: str | os.PathLike, step: int, keep_eval: bool = True) -> 
 
     kept = [r for r in read_events(path) if r.get("event") != "summary" and not after(r)]
     replace_file(path, "".join(encode_event(r) + "\n" for r in kept))
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write `text` to a temporary file, then move it over `path`: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- the writer

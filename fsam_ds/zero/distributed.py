@@ -53,6 +53,16 @@ def release_shm_buffer() -> None:
     _released.add(path)
 
 
+def default_to_one_process() -> None:
+    """Where no launcher (torchrun, deepspeed, mpirun) set the process group's environment, sets that of
+    one process on a free local port, so that DeepSpeed (or accelerate) starts a group of one instead of
+    looking for MPI."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
 def init_distributed(backend: str | None = None, release_shm: bool = True) -> tuple[int, int]:
     """(rank, world size). torchrun and the deepspeed launcher set RANK/WORLD_SIZE/MASTER_*; a plain
     `python` run gets a one-process group on a free local port. `backend` None lets DeepSpeed pick
@@ -60,10 +70,7 @@ def init_distributed(backend: str | None = None, release_shm: bool = True) -> tu
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    default_to_one_process()
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if backend is None:
         deepspeed.init_distributed()

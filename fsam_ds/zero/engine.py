@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fsam_ds.sam.candidates import fisher_candidates
-from fsam_ds.sam.config import SAMConfig
+from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.sam.core import SharpnessAware, StepStats
 from fsam_ds.sam.driver import (NULL_OBSERVER, ObservedThroughCore, StepObserver, StepOutput, TrainStepper,
                                 check_per_example, two_pass_step)
@@ -33,6 +33,7 @@ from fsam_ds.sam.shards import TorchComm, require_first_moment
 from fsam_ds.zero.adapters import EngineShards, UnsupportedConfiguration, shards_for_engine
 from fsam_ds.zero.distributed import release_shm_buffer
 from fsam_ds.zero.ds_config import check_sam_compatible
+from fsam_ds.zero.files import save_atomically
 
 EngineLoss = Callable[[Any, Any], Tensor]
 
@@ -186,8 +187,7 @@ class SAMEngine(ObservedThroughCore):
         """DeepSpeed's checkpoint plus each rank's SAM state (mask shard, counters, ESAM generator)."""
         tag = tag or f"global_step{self.engine.global_steps}"
         self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {})
-        path = Path(save_dir) / tag / f"fsam_state_rank{self.data_comm.rank}.pt"
-        torch.save({"core": self.core.state_dict(), "skipped_steps": self.skipped_steps}, path)
+        self.save_sam_state(Path(save_dir) / tag)
         torch.distributed.barrier()
         return tag
 
@@ -199,14 +199,57 @@ class SAMEngine(ObservedThroughCore):
                 raise FileNotFoundError(f"no checkpoint tag given and {latest} does not exist")
             tag = latest.read_text().strip()
         _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
-        path = Path(load_dir) / tag / f"fsam_state_rank{self.data_comm.rank}.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by SAMEngine.save_checkpoint "
-                                    "or was written with a different number of ranks")
-        state = torch.load(path, weights_only=False)
+        self.load_sam_state(read_sam_state(Path(load_dir) / tag, self.data_comm.rank, self.data_comm.world_size,
+                                           self.config.sam_type))
+        return client_state or {}
+
+    def sam_state(self) -> dict:
+        """This rank's SAM state: the core's (Fisher mask shard, accumulated Fisher, step counters,
+        generators, schedule and reuse state) and the skipped-step counter, with the world size and
+        sam_type it belongs to."""
+        return {"core": self.core.state_dict(), "skipped_steps": self.skipped_steps,
+                "world_size": self.data_comm.world_size, "sam_type": self.config.sam_type}
+
+    def save_sam_state(self, folder: str | os.PathLike) -> Path:
+        """Writes `sam_state()` to `folder/fsam_state_rank<r>.pt` atomically; every rank writes its own."""
+        path = Path(folder) / sam_state_file(self.data_comm.rank)
+        save_atomically(self.sam_state(), path)
+        return path
+
+    def load_sam_state(self, state: dict) -> None:
+        """Restores what `sam_state()` returned (read it with `read_sam_state`, which checks it fits)."""
         self.core.load_state_dict(state["core"])
         self.skipped_steps = int(state["skipped_steps"])
-        return client_state or {}
+
+
+def sam_state_file(rank: int | str) -> str:
+    """The name of rank `rank`'s SAM state file in a checkpoint folder."""
+    return f"fsam_state_rank{rank}.pt"
+
+
+def read_sam_state(folder: str | os.PathLike, rank: int, world_size: int, sam_type: str) -> dict:
+    """This rank's SAM state from `folder`, after checking that it belongs to a run of `world_size` ranks
+    and `sam_type`; ConfigError with the fix otherwise (a folder without SAM state included)."""
+    folder = Path(folder)
+    written = sorted(folder.glob(sam_state_file("*")))
+    if not written:
+        raise ConfigError(f"{str(folder)!r} holds no SAM state ({sam_state_file('<r>')} per rank): it was not written "
+                          "by fsam-ds (SAMEngine, SAMTrainer), or was saved with the model only. Resuming from it "
+                          "would restart SAM's Fisher mask, step counters and generators, so the run would not "
+                          "continue the same run. Resume from a checkpoint fsam-ds wrote, or start a new run from "
+                          "its weights.")
+    path = folder / sam_state_file(rank)
+    state = torch.load(path, weights_only=False) if path.is_file() else None
+    saved_world = len(written) if state is None else state.get("world_size", len(written))
+    if state is None or saved_world != world_size:
+        raise ConfigError(f"{str(folder)!r} was written by {saved_world} rank(s), this run has {world_size}: each "
+                          "rank's SAM state (its Fisher mask shard) belongs to one rank of that layout. Resume with "
+                          "the checkpoint's number of ranks.")
+    saved_type = state.get("sam_type", state["core"]["config"].get("sam_type"))
+    if saved_type != sam_type:
+        raise ConfigError(f"{str(folder)!r} was written with sam_type={saved_type!r}, this run uses sam_type="
+                          f"{sam_type!r}; resume with sam_type={saved_type!r}, or start a new run.")
+    return state
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
