@@ -4,6 +4,7 @@
     python -m benchmarks zero --stages 1 2 3 --steps 30   # 2 DeepSpeed ZeRO ranks over gloo (CPU)
     python -m benchmarks zero --backend nccl --world-size 1   # the same on GPUs, one rank per GPU
     python -m benchmarks scale [--search]                 # fsam-train at ZeRO-3 on a 355M model: memory, step time
+    python -m benchmarks cheap --stages 2 3 --steps 30    # schedules, LookSAM, MSAM against AdamW and fisher-sam
     python -m benchmarks.gpu_check OUT_DIR                # GPU readiness: CUDA tests + ratios (scripts/gpu_check.sh)
 
 `core` compares against pytorch-optimizer, which the dev extra installs (`pip install -e '.[dev]'`).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import core, scale, zero
+from benchmarks import cheap, core, scale, zero
 from benchmarks.measure import write_json
 
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "ranks (GPUs)"))
     scale.add_arguments(sub.add_parser("scale", help="fsam-train at ZeRO-3 on 2 local ranks: per-rank memory by "
                                                      "phase and step time, AdamW vs fisher-sam, per setting"))
+    cheap.add_arguments(sub.add_parser("cheap", help="schedules that skip the second pass, LookSAM and MSAM "
+                                                     "against AdamW and fisher-sam on ZeRO stages"))
     return parser
 
 
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "zero":
         result = zero.run_zero(args)
         print(zero.format_zero_report(result))
+    elif args.command == "cheap":
+        result = cheap.run_cheap(args)
+        print(cheap.format_cheap_report(result))
     else:
         result = scale.run_scale(args)
         print(scale.format_scale_report(result))

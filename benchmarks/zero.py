@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -101,8 +102,11 @@ class ZeroMethod:
     profiles: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
 
+    sharpness_aware: list[bool] = field(default_factory=list)
+
     def step(self, batch: dict) -> None:
-        self.stepper.train_step([batch], per_example_loss)
+        out = self.stepper.train_step([batch], per_example_loss)
+        self.sharpness_aware.append(bool(out.stats.sharpness_aware))
 
 
 class RankBench:
@@ -133,12 +137,20 @@ class RankBench:
         # a client torch optimizer: DeepSpeed's own AdamW would JIT-compile fused_adam first
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         profile = PhaseProfile(self.heap)
-        sam_type = name.split("@")[0]
+        sam_type, _, variant = name.partition("@")
         if sam_type == "adamw":
             return ZeroMethod(name, initialize_plain(model, config, optimizer=optimizer, observer=profile), profile)
         interval = 1 if name.endswith(REBUILD) else MASK_INTERVAL
-        sam = SAMConfig(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=interval)
-        return ZeroMethod(name, initialize(model, config, sam, optimizer=optimizer, observer=profile), profile)
+        sam = SAMConfig(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=interval, **schedule_of(variant))
+        untimed = self.o["warmup"] + 1
+        planned = untimed + self.o["steps"]  # every step this engine takes
+        kind, fraction = sam.schedule_rule
+        if kind == "late" and fraction > 0:
+            # sized so that the switch falls a fraction f into the timed steps, which then mix both kinds as
+            # the whole run would
+            planned = math.ceil(untimed / fraction + self.o["steps"])
+        return ZeroMethod(name, initialize(model, config, sam, optimizer=optimizer, observer=profile,
+                                           planned_steps=planned), profile)
 
     # ---------------------------------------------------------------- running
     def _run_step(self, method: ZeroMethod, batch: dict) -> tuple[float, dict, dict]:
@@ -196,7 +208,7 @@ class RankBench:
         device = get_accelerator().current_device_name()
         batches = [{k: v.to(device) for k, v in batch.items()}
                    for batch in random_batches(4, o["micro_batch"], o["seq"], o["vocab"], seed=100 + self.rank)]
-        names = list(METHODS) + [f"{m}{REBUILD}" for m in METHODS if m != "adamw"]
+        names = o.get("methods") or list(METHODS) + [f"{m}{REBUILD}" for m in METHODS if m != "adamw"]
         self._prime(stage, batches)
         methods = [self.build_and_warm(name, stage, batches) for name in names]
         for rep in range(1 + o["steps"]):  # one untimed round settles the alternation
@@ -206,7 +218,8 @@ class RankBench:
                     method.times.append(elapsed)
                     method.collectives.append(collectives)
                     method.profiles.append(profile)
-        out = {m.name: {"times": m.times, "collectives": m.collectives, "profiles": m.profiles, "memory": m.memory}
+        out = {m.name: {"times": m.times, "collectives": m.collectives, "profiles": m.profiles, "memory": m.memory,
+                        "sharpness_aware": m.sharpness_aware[-o["steps"]:]}
                for m in methods}
         for m in methods:
             _destroy(m)
@@ -216,6 +229,14 @@ class RankBench:
 
     def run(self) -> dict:
         return {str(stage): self.run_stage(stage) for stage in self.o["stages"]}
+
+
+def schedule_of(variant: str) -> dict[str, Any]:
+    """SAMConfig fields for a method name's part after "@": a schedule ("every:5", "late:0.2"), "looksam:k"
+    (every:k with LookSAM's reuse), or nothing ("" and "rebuild")."""
+    if variant.startswith("looksam:"):
+        return {"schedule": f"every:{variant.split(':')[1]}", "reuse": "looksam"}
+    return {"schedule": variant} if ":" in variant else {}
 
 
 def _destroy(method: ZeroMethod) -> None:

@@ -254,7 +254,7 @@ def test_the_command_starts_without_pytorch_optimizer_and_core_says_what_to_inst
     assert run.returncode == 1 and "pip install -e '.[dev]'" in run.stderr, run.stderr[-2000:]
     help_text = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=300)
-    assert help_text.returncode == 0 and "{core,zero,scale}" in help_text.stdout, help_text.stderr[-2000:]
+    assert help_text.returncode == 0 and "{core,zero,scale,cheap}" in help_text.stdout, help_text.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -279,6 +279,31 @@ def test_zero_command_end_to_end_without_pytorch_optimizer(tmp_path):
     assert set(result["stages"]["1"]["targets"]) == {"fisher-sam collective bytes / AdamW",
                                                      "fisher-esam collective bytes / AdamW"}
     assert "verdict" in run.stdout and "benchmarks zero:" in run.stdout
+
+
+@pytest.mark.slow
+def test_cheap_command_end_to_end(tmp_path):
+    """Two gloo ranks at stage 3: the schedules' share of sharpness-aware steps is the rule's over the timed
+    steps, every:5 moves (4 one-pass steps + 1 fisher-sam step) / 5 of the bytes, and fisher-msam's one pass
+    about AdamW's."""
+    out = tmp_path / "cheap.json"
+    run = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "cheap", "--stages", "3", "--steps", "5",
+                          "--warmup", "1", "--micro-batch", "2", *(f"--{k}={v}" for k, v in TINY.items()),
+                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    methods = json.loads(out.read_text())["stages"]["3"]["methods"]
+    share = {name: m["sharpness_aware_share"] for name, m in methods.items()}
+    assert share["fisher-sam"] == 1.0 and share["fisher-msam"] == 1.0
+    assert share["fisher-sam@every:5"] == 0.2 and share["fisher-sam@looksam:5"] == 0.2  # step counts 2..6
+    assert 0.6 <= share["fisher-sam@late:0.2"] <= 1.0  # the switch falls inside the timed steps
+
+    def ratio(name: str) -> float:
+        return methods[name]["collective_bytes"] / methods["adamw"]["collective_bytes"]
+
+    assert abs(ratio("fisher-sam@every:5") - (4 + ratio("fisher-sam")) / 5) < 0.01
+    # one pass: about AdamW's bytes (plus, here, e's all-reduce into the persistent small parameters)
+    assert ratio("fisher-sam") > 1.9 and 1.0 <= ratio("fisher-msam") < 0.6 * ratio("fisher-sam")
+    assert "benchmarks cheap:" in run.stdout
 
 
 # ---------------------------------------------------------------- profile and ordering
