@@ -387,8 +387,8 @@ def clear_earlier_run(output_dir: str | os.PathLike) -> None:
     out = Path(output_dir)
     for name in (CHECKPOINT_DIR, *EXPORTS):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)  # the new run is a new wandb run
+    for name in RUN_FILES:  # wandb-run-id among them: the new run is a new wandb run
+        (out / name).unlink(missing_ok=True)
 
 
 def set_aside_earlier_run(output_dir: str | os.PathLike) -> Path | None:
@@ -465,7 +465,8 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            _write_model_folder(tmp, engine, state_dict, tokenizer, info and (f"{folder.name}.json", info), run_config)
+            _write_model_folder(tmp, engine, state_dict, tokenizer,
+                                None if info is None else (f"{folder.name}.json", info), run_config)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         except (OSError, RuntimeError) as err:  # torch and safetensors report a short write as a RuntimeError
@@ -486,7 +487,7 @@ def _write_model_folder(tmp: Path, engine: Any, state_dict: dict, tokenizer: Any
         config["dtype"] = "float32"
         _write_json(tmp / "config.json", config)
     tokenizer.save_pretrained(tmp)
-    if info:
+    if info is not None:
         _write_json(tmp / info[0], info[1])
     if run_config is not None:
         _write_json(tmp / RUN_CONFIG_FILE, run_config)

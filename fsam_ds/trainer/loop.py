@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
 from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_positions, hub_error, load_model,
                                    load_tokenizer, resolve_config)
-from fsam_ds.trainer.checkpoint import (CheckpointWriteFailed, ResumePoint, TrainerState, check_same_run,
-                                        clear_earlier_run, discard_after, drop_replaced_runs, earlier_run,
+from fsam_ds.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointWriteFailed, ResumePoint, TrainerState,
+                                        check_same_run, clear_earlier_run, discard_after, drop_replaced_runs, earlier_run,
                                         export_model, find_checkpoint, load_checkpoint, put_back, replaced_runs,
                                         save_checkpoint, set_aside, set_aside_earlier_run, set_rng_state)
 from fsam_ds.trainer.metrics_log import open_run_logger, trim_metrics
@@ -214,7 +214,7 @@ def _resumable(run: Run, what: str) -> Iterator[None]:
             traceback.print_exc()
         raise TrainingFailed(
             f"{what} at step {run.state.step} failed ({type(err).__name__}: {err}). The training up to this step "
-            f"is saved in {Path(run.cfg.output_dir) / 'checkpoints' / f'step{run.state.step}'}: fix the cause (the "
+            f"is saved in {Path(run.cfg.output_dir) / CHECKPOINT_DIR / f'step{run.state.step}'}: fix the cause (the "
             "traceback above), then continue with the same command and --resume=true; the resumed run evaluates "
             "this step again and goes on.") from err
 
