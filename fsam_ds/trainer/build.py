@@ -93,7 +93,8 @@ def check_positions(cfg: TrainConfig, model_config: Any) -> None:
         fix = f"Keep data.max_length <= {positions} and eval.max_new_tokens <= {positions - 1}"
     if longest <= positions:
         return
-    rotary = any(getattr(model_config, key, None) is not None for key in ("rope_theta", "rope_parameters", "rope_scaling"))
+    rotary = any(getattr(model_config, key, None) is not None
+                 for key in ("rope_theta", "rope_parameters", "rope_scaling"))
     message = f"{what} = {longest} tokens, more than the {positions} positions of the model {cfg.model!r}"
     if rotary:
         print(f"warning: {message}; its rotary positions run past that, but it was not trained on such lengths.",
