@@ -391,8 +391,15 @@ def test_two_launches_at_once_into_one_folder_one_runs_and_the_other_stops_at_on
     folder to it: one start event, every metrics.jsonl line whole, one run's checkpoints and exports."""
     import socket
 
+    import signal
+
     launches = [_popen_train(assets, None, tmp_path) for _ in range(2)]
-    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in launches]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in launches]
+    finally:  # a launch that hangs is killed with its children, never left behind
+        for p in launches:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     codes = [p.returncode for p in launches]
     assert sorted(codes) == [0, 2], outputs
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
