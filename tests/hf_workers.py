@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ds_workers import ds_config, full_params, sam_config, tiny_bert
+from ds_workers import ds_config, full_params, module_full_params, sam_config, tiny_bert
 
 LR = 1e-2
 WEIGHT_DECAY = 0.01
@@ -81,10 +81,18 @@ def ds_scheduler_section(warmup: int, total: int) -> dict:
                                                 "warmup_num_steps": warmup, "total_num_steps": total}}
 
 
-def trainer_ds_config(stage: int, scheduler: str) -> dict:
+FP16_SCALER = {"loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 100, "hysteresis": 1,
+               "min_loss_scale": 1}  # as ds_workers.ds_config's fp16 section
+
+
+def trainer_ds_config(stage: int, scheduler: str, offload: bool = False) -> dict:
+    """What a user's ds_config.json holds under the Trainer: "auto" where the Trainer fills it in."""
+    zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
     config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-              "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
+              "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", **FP16_SCALER},
+              "zero_force_ds_cpu_optimizer": False,  # the Trainer's torch AdamW, also under offload
+              "zero_optimization": zero, "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
     if scheduler == "deepspeed":  # the engine's scheduler; the Trainer fills its "auto" values
         config["scheduler"] = {"type": "WarmupDecayLR", "params": {
             "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_type": "linear",
@@ -92,12 +100,20 @@ def trainer_ds_config(stage: int, scheduler: str) -> dict:
     return config
 
 
-def training_args(output_dir: str, stage: int, scheduler: str = "trainer", **overrides: Any):
-    """The tests' TrainingArguments: one epoch, AdamW with weight decay, a linear schedule, no clipping."""
+def training_args(output_dir: str, stage: int, scheduler: str = "trainer", precision: str = "fp32",
+                  offload: bool = False, **overrides: Any):
+    """The tests' TrainingArguments: one epoch, AdamW with weight decay, a linear schedule, no clipping.
+    bf16 on a CPU needs `use_cpu` (transformers refuses bf16 without a bf16 GPU otherwise); fp16 needs
+    DeepSpeed's test switch (`allow_fp16_on_cpu`)."""
     from transformers import TrainingArguments
 
+    if precision == "fp16":
+        from fsam_ds.zero.engine import allow_fp16_on_cpu
+
+        allow_fp16_on_cpu()
+    mixed = {"bf16": {"bf16": True, "use_cpu": True}, "fp16": {"fp16": True}}.get(precision, {})
     return TrainingArguments(**{
-        "output_dir": output_dir, "deepspeed": trainer_ds_config(stage, scheduler),
+        "output_dir": output_dir, "deepspeed": trainer_ds_config(stage, scheduler, offload), **mixed,
         "per_device_train_batch_size": PER_DEVICE_BATCH, "gradient_accumulation_steps": ACCUMULATION,
         "num_train_epochs": 1, "learning_rate": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": 0.0,
         "optim": "adamw_torch", "lr_scheduler_type": "linear", "report_to": [], "save_strategy": "no",
@@ -114,6 +130,9 @@ def recording(base: type) -> type:
             self.windows: list[list[dict]] = []
             self.step_lrs: list[float] = []
             self.skipped: list[bool] = []
+            self.watch: int | None = None  # the update around which the engine's whole state is recorded
+            self.around_watch: list[dict] = []
+            self.loss_scales: list[float] = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if len(self.windows) == self.state.global_step:
@@ -128,9 +147,15 @@ def recording(base: type) -> type:
 
                 model.step = step
             skipped_before = self.sam_engine.skipped_steps if self.sam_engine is not None else 0
+            watched = self.watch == self.state.global_step and self._window_closes()
+            if watched:
+                self.around_watch.append(engine_state(model))
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not self._sam_window:  # the window closed: a SAM step ran
                 self.skipped.append(self.sam_engine.skipped_steps > skipped_before)
+                self.loss_scales.append(self.sam_engine.shards.loss_scale())
+            if watched:
+                self.around_watch.append(engine_state(model))
             return loss
 
     return Recording
@@ -146,28 +171,54 @@ def every_micro_batch(base: type) -> type:
     return EveryMicroBatch
 
 
-def poisoned_loss(trainer, update: int):
-    """`bert_loss`, infinite in every call during the Trainer's optimizer step `update`."""
+def poisoned_loss(trainer, update: int, in_pass: int = 1):
+    """`bert_loss`, infinite in pass `in_pass` (1 at w, 2 at w + e) of the Trainer's optimizer step `update`:
+    each pass calls the loss once per micro-batch of the step's window."""
+    calls = {"step": None, "n": 0}
+
     def loss(module, batch):
         value = bert_loss(module, batch)
-        return value * float("inf") if trainer.state.global_step == update else value
+        if calls["step"] != trainer.state.global_step:
+            calls["step"], calls["n"] = trainer.state.global_step, 0
+        calls["n"] += 1
+        window = len(trainer.windows[update]) if len(trainer.windows) > update else 0
+        this_pass = 1 + (calls["n"] - 1) // max(window, 1)
+        return value * float("inf") if trainer.state.global_step == update and this_pass == in_pass else value
     return loss
 
 
-def train_with_trainer(rank: int, stage: int, sam_type: str, variant: str, scheduler: str, count: int,
-                       warmup: int, out_dir: str, poison: int | None = None) -> dict:
+def engine_state(engine) -> dict:
+    """Full fp32 weights (master), the forward pass's weights, and this rank's part of the base optimizer's
+    state (the torch AdamW under DeepSpeed's wrapper: moments and step of its flat partitions); test-only."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return {"master": full_params(engine), "module": module_full_params(engine),
+            "optimizer": [value.detach().clone().reshape(-1) for state in base.state.values()
+                          for value in state.values() if torch.is_tensor(value)]}
+
+
+def train_with_trainer(case: dict, out_dir: str) -> dict:
     from fsam_ds.hf.trainer import SAMTrainer
 
     run_accelerate_on_gloo()
-    args = training_args(os.path.join(out_dir, f"{stage}-{sam_type}-{variant}-{scheduler}"), stage, scheduler,
-                         warmup_steps=warmup)
-    trainer_class = recording(SAMTrainer if variant == "right" else every_micro_batch(SAMTrainer))
-    trainer = trainer_class(model=tiny_bert(), args=args, train_dataset=examples(count), sam=sam_config(sam_type))
-    if poison is not None:
-        trainer.sam_loss_fn = poisoned_loss(trainer, poison)
+    name = "-".join(str(case[key]) for key in ("stage", "sam_type", "variant", "scheduler", "precision"))
+    args = training_args(os.path.join(out_dir, name), case["stage"], case["scheduler"], case["precision"],
+                         case["offload"], warmup_steps=case["warmup"], gradient_checkpointing=case["checkpointing"])
+    trainer_class = recording(SAMTrainer if case["variant"] == "right" else every_micro_batch(SAMTrainer))
+    trainer = trainer_class(model=tiny_bert(), args=args, train_dataset=examples(case["count"]),
+                            sam=sam_config(case["sam_type"]))
+    if case["poison"] is not None:
+        trainer.sam_loss_fn = poisoned_loss(trainer, case["poison"], case["poison_pass"])
+        trainer.watch = case["poison"]
     trainer.train()
     engine = trainer.model_wrapped
-    return {"params": full_params(engine), "windows": trainer.windows, "step_lrs": trainer.step_lrs,
+    unchanged = None
+    if trainer.around_watch:
+        before, after = trainer.around_watch
+        unchanged = {key: all(torch.equal(a, b) for a, b in zip(before[key], after[key])) for key in before}
+    settings = {"dtype": str(next(engine.module.parameters()).dtype), "offload": bool(engine.zero_cpu_offload()),
+                "checkpointing": engine.module.is_gradient_checkpointing}
+    return {"settings": settings, "unchanged_by_watched_update": unchanged, "loss_scales": trainer.loss_scales,
+            "ds_skipped": engine.skipped_steps, "params": full_params(engine), "windows": trainer.windows, "step_lrs": trainer.step_lrs,
             "global_step": trainer.state.global_step, "engine_steps": engine.global_steps,
             "logged_lrs": [e["learning_rate"] for e in trainer.state.log_history if "loss" in e],
             "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
@@ -175,41 +226,48 @@ def train_with_trainer(rank: int, stage: int, sam_type: str, variant: str, sched
             "skipped": trainer.skipped, "scheduler_steps": getattr(trainer.lr_scheduler, "last_epoch", None)}
 
 
-def train_with_engine(stage: int, sam_type: str, scheduler: str, windows: list[list[dict]], warmup: int) -> list:
-    """fsam-ds's own path over the Trainer's micro-batches: same init, optimizer groups and schedule."""
+def train_with_engine(case: dict, windows: list[list[dict]]) -> list:
+    """fsam-ds's own path over the Trainer's micro-batches: same init, optimizer groups, schedule, precision,
+    offload and activation checkpointing (transformers' own, which `gradient_checkpointing=True` turns on)."""
     from transformers import get_linear_schedule_with_warmup
 
     import fsam_ds.zero.engine as fe
 
     model = tiny_bert()
+    if case["checkpointing"]:
+        model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(param_groups(model), lr=LR)
-    config = ds_config(stage, micro=PER_DEVICE_BATCH, gas=ACCUMULATION)
+    config = ds_config(case["stage"], case["precision"], micro=PER_DEVICE_BATCH, gas=ACCUMULATION,
+                       **({"offload_optimizer": {"device": "cpu"}} if case["offload"] else {}))
     schedule = None
-    if scheduler == "deepspeed":
-        config["scheduler"] = ds_scheduler_section(warmup, len(windows))
+    if case["scheduler"] == "deepspeed":
+        config["scheduler"] = ds_scheduler_section(case["warmup"], len(windows))
     else:
-        schedule = get_linear_schedule_with_warmup(optimizer, warmup, len(windows))
-    sam_engine = fe.initialize(model=model, config=config, sam=sam_config(sam_type), optimizer=optimizer,
+        schedule = get_linear_schedule_with_warmup(optimizer, case["warmup"], len(windows))
+    sam_engine = fe.initialize(model=model, config=config, sam=sam_config(case["sam_type"]), optimizer=optimizer,
                                lr_scheduler=schedule)
     for window in windows:
         assert not sam_engine.train_step(window, bert_loss).skipped
     return full_params(sam_engine.engine)
 
 
+CASE_DEFAULTS = {"variant": "right", "scheduler": "trainer", "precision": "fp32", "offload": False,
+                 "checkpointing": False, "count": 20, "warmup": 0, "poison": None, "poison_pass": 1,
+                 "reference": True}
+
+
 def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) -> list[dict]:
     """Per case (stage, sam_type, variant "right"/"every-micro-batch", scheduler "trainer"/"deepspeed",
-    count examples, warmup steps, poison: an update whose losses are infinite, reference: whether to run
-    the engine path): the Trainer's run, and the engine path's parameters on its batches."""
+    precision, offload, checkpointing, count examples, warmup steps, poison: an update whose losses are
+    infinite in pass poison_pass, reference: whether to run the engine path): the Trainer's run, and the engine path's
+    parameters on its batches."""
     out = []
     for case in cases:
         started = time.perf_counter()
-        case = {"variant": "right", "scheduler": "trainer", "count": 20, "warmup": 0, "poison": None,
-                "reference": True, **case}
-        run = train_with_trainer(rank, case["stage"], case["sam_type"], case["variant"], case["scheduler"],
-                                 case["count"], case["warmup"], out_dir, case["poison"])
+        case = {**CASE_DEFAULTS, **case}
+        run = train_with_trainer(case, out_dir)
         if case["reference"]:
-            run["engine_params"] = train_with_engine(case["stage"], case["sam_type"], case["scheduler"],
-                                                     run["windows"], case["warmup"])
+            run["engine_params"] = train_with_engine(case, run["windows"])
         run["seconds"] = time.perf_counter() - started
         out.append(run)
     return out
@@ -313,4 +371,4 @@ def run_accelerate_cases(rank: int, world: int, stage: int, sam_type: str) -> di
     params, windows = accelerate_loop(stage, sam_type, ACCUMULATION)
     wrong, _ = accelerate_loop(stage, sam_type, 1)
     return {"params": params, "wrong": wrong, "windows": [len(w) for w in windows],
-            "engine_params": train_with_engine(stage, sam_type, "trainer", windows, 0)}
+            "engine_params": train_with_engine({**CASE_DEFAULTS, "stage": stage, "sam_type": sam_type}, windows)}
