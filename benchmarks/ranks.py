@@ -116,3 +116,25 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             state = f"timed out after {timeout:.0f} s" if r in killed else f"exited with code {procs[r].exitcode}"
             raise RuntimeError(f"rank {r} wrote no result ({state})")
     return [report[1] for report in reports]
+
+
+def accelerate_on_gloo() -> None:
+    """accelerate 1.16 finds no distributed backend on a machine without an accelerator and then runs
+    DeepSpeed on one process, whatever the launcher set up; this makes it take the gloo ranks started
+    here. For CPU ranks only: on GPUs accelerate finds NCCL itself."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    found = PartialState._prepare_backend
+    if getattr(found, "gloo_for_local_ranks", False):
+        return
+
+    def prepare_backend(self: Any, cpu: bool = False, sagemaker_dp: bool = False, backend: Any = None) -> Any:
+        chosen, kind = found(self, cpu, sagemaker_dp, backend)
+        if chosen is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return chosen, kind
+
+    prepare_backend.gloo_for_local_ranks = True
+    PartialState._prepare_backend = prepare_backend
+

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.ranks import accelerate_on_gloo
 from ds_workers import ds_config, full_params, module_full_params, sam_config, tiny_bert
 
 LR = 1e-2
@@ -21,27 +22,6 @@ WEIGHT_DECAY = 0.01
 PER_DEVICE_BATCH = 2
 ACCUMULATION = 2
 SEQ_LEN = 12
-
-
-def run_accelerate_on_gloo() -> None:
-    """accelerate 1.16 finds no distributed backend on a machine without an accelerator and then runs
-    DeepSpeed on one process, whatever the launcher set up; here it takes the gloo ranks the harness
-    started. Test-only: on GPUs accelerate finds NCCL itself."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    found = PartialState._prepare_backend
-    if getattr(found, "gloo_for_tests", False):
-        return
-
-    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-        chosen, kind = found(self, cpu, sagemaker_dp, backend)
-        if chosen is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            return "gloo", DistributedType.MULTI_CPU
-        return chosen, kind
-
-    prepare_backend.gloo_for_tests = True
-    PartialState._prepare_backend = prepare_backend
 
 
 def examples(count: int) -> list[dict[str, torch.Tensor]]:
@@ -199,7 +179,7 @@ def engine_state(engine) -> dict:
 def train_with_trainer(case: dict, out_dir: str) -> dict:
     from fsam_ds.hf.trainer import SAMTrainer
 
-    run_accelerate_on_gloo()
+    accelerate_on_gloo()
     name = "-".join(str(case[key]) for key in ("stage", "sam_type", "variant", "scheduler", "precision"))
     args = training_args(os.path.join(out_dir, name), case["stage"], case["scheduler"], case["precision"],
                          case["offload"], warmup_steps=case["warmup"], gradient_checkpointing=case["checkpointing"])
@@ -307,7 +287,7 @@ def run_resume_cases(rank: int, world: int, stages: list[int], out_dir: str) -> 
     from fsam_ds.hf.trainer import SAMTrainer
     from fsam_ds.sam.config import ConfigError
 
-    run_accelerate_on_gloo()
+    accelerate_on_gloo()
     out = []
     for stage in stages:
         folder = os.path.join(out_dir, f"stage{stage}")
@@ -346,7 +326,7 @@ def accelerate_loop(stage: int, sam_type: str, window_size: int) -> tuple[list, 
     from fsam_ds.hf import accumulation_windows, sam_engine_from_accelerator
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a new Accelerator per loop in this process
-    run_accelerate_on_gloo()
+    accelerate_on_gloo()
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(
         stage, micro=PER_DEVICE_BATCH, gas=ACCUMULATION)))
     model = tiny_bert()
