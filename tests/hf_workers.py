@@ -80,7 +80,7 @@ def trainer_ds_config(stage: int, scheduler: str, offload: bool = False) -> dict
     return config
 
 
-def training_args(output_dir: str, stage: int, scheduler: str = "trainer", precision: str = "fp32",
+def training_args(output_dir: str, stage: int | None, scheduler: str = "trainer", precision: str = "fp32",
                   offload: bool = False, **overrides: Any):
     """The tests' TrainingArguments: one epoch, AdamW with weight decay, a linear schedule, no clipping.
     bf16 on a CPU needs `use_cpu` (transformers refuses bf16 without a bf16 GPU otherwise); fp16 needs
@@ -92,8 +92,9 @@ def training_args(output_dir: str, stage: int, scheduler: str = "trainer", preci
 
         allow_fp16_on_cpu()
     mixed = {"bf16": {"bf16": True, "use_cpu": True}, "fp16": {"fp16": True}}.get(precision, {})
+    deepspeed = None if stage is None else trainer_ds_config(stage, scheduler, offload)  # None: without DeepSpeed
     return TrainingArguments(**{
-        "output_dir": output_dir, "deepspeed": trainer_ds_config(stage, scheduler, offload), **mixed,
+        "output_dir": output_dir, "deepspeed": deepspeed, **mixed,
         "per_device_train_batch_size": PER_DEVICE_BATCH, "gradient_accumulation_steps": ACCUMULATION,
         "num_train_epochs": 1, "learning_rate": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": 0.0,
         "optim": "adamw_torch", "lr_scheduler_type": "linear", "report_to": [], "save_strategy": "no",
@@ -115,10 +116,12 @@ def recording(base: type) -> type:
             self.loss_scales: list[float] = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if len(self.windows) == self.state.global_step:
+            if not self.windows:
+                self.first_step = self.state.global_step  # after a resume, the checkpoint's
+            if len(self.windows) == self.state.global_step - self.first_step:
                 self.windows.append([])
-            self.windows[self.state.global_step].append({k: v.detach().clone() for k, v in inputs.items()})
-            if "step" not in vars(model):
+            self.windows[-1].append({k: v.detach().clone() for k, v in inputs.items()})
+            if hasattr(model, "step") and "step" not in vars(model):  # the DeepSpeed engine
                 real_step = model.step
 
                 def step(*args, **kwargs):
@@ -126,17 +129,23 @@ def recording(base: type) -> type:
                     return real_step(*args, **kwargs)
 
                 model.step = step
-            skipped_before = self.sam_engine.skipped_steps if self.sam_engine is not None else 0
+            skipped_before = self.sam_skipped_steps()
             watched = self.watch == self.state.global_step and self._window_closes()
             if watched:
                 self.around_watch.append(engine_state(model))
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not self._sam_window:  # the window closed: a SAM step ran
-                self.skipped.append(self.sam_engine.skipped_steps > skipped_before)
-                self.loss_scales.append(self.sam_engine.shards.loss_scale())
+                self.skipped.append(self.sam_skipped_steps() > skipped_before)
+                if self.sam_engine is not None:
+                    self.loss_scales.append(self.sam_engine.shards.loss_scale())
             if watched:
                 self.around_watch.append(engine_state(model))
             return loss
+
+        def sam_skipped_steps(self) -> int:
+            if self.is_deepspeed_enabled:
+                return self.sam_engine.skipped_steps if self.sam_engine is not None else 0
+            return self._sam_optimizer().skipped_steps
 
     return Recording
 
@@ -352,3 +361,27 @@ def run_accelerate_cases(rank: int, world: int, stage: int, sam_type: str) -> di
     wrong, _ = accelerate_loop(stage, sam_type, 1)
     return {"params": params, "wrong": wrong, "windows": [len(w) for w in windows],
             "engine_params": train_with_engine({**CASE_DEFAULTS, "stage": stage, "sam_type": sam_type}, windows)}
+
+
+# ---------------------------------------------------------------- without DeepSpeed: one process or DDP
+def train_without_deepspeed(out_dir: str, sam_type: str, resume: str | None = None, mask_interval: int = 2,
+                            **overrides: Any) -> dict:
+    """SAMTrainer without --deepspeed (the Trainer's AdamW as SAMOptimizer's base; DDP on several ranks)."""
+    from fsam_ds.hf.trainer import SAMTrainer
+
+    accelerate_on_gloo()
+    trainer = recording(SAMTrainer)(model=tiny_bert(), args=training_args(os.path.join(out_dir, sam_type), None,
+                                                                         **overrides),
+                                    train_dataset=examples(20), sam=sam_config(sam_type, mask_interval=mask_interval))
+    trainer.train(resume_from_checkpoint=resume)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {"params": [p.detach().clone().reshape(-1) for p in model.parameters()], "windows": trainer.windows,
+            "global_step": trainer.state.global_step,
+            "wrapped": type(trainer.model_wrapped).__name__, "sam_steps": trainer._sam_optimizer().step_count,
+            "logged_grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
+            "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+
+
+def run_ddp_cases(rank: int, world: int, sam_types: list[str], out_dir: str) -> list[dict]:
+    return [train_without_deepspeed(out_dir, sam_type) for sam_type in sam_types]
+

@@ -17,8 +17,9 @@ from transformers import (BertConfig, BertForQuestionAnswering, HfArgumentParser
 
 from dist_harness import run_distributed  # noqa: E402
 from ds_workers import sam_config, tiny_bert  # noqa: E402
-from hf_workers import (LR, RESUME_AT, bert_loss, examples, named_param_groups, run_accelerate_cases,  # noqa: E402
-                        run_resume_cases, run_trainer_cases, trainer_ds_config)
+from hf_workers import (LR, RESUME_AT, WEIGHT_DECAY, bert_loss, examples, named_param_groups,  # noqa: E402
+                        param_groups, run_accelerate_cases, run_ddp_cases, run_resume_cases, run_trainer_cases,
+                        train_without_deepspeed, trainer_ds_config)
 from fsam_ds.hf import SAMArguments, SAMTrainer, sam_trainer  # noqa: E402
 from fsam_ds.sam.config import ConfigError, SAMConfig  # noqa: E402
 from fsam_ds.sam.optim import SAMOptimizer  # noqa: E402
@@ -213,6 +214,91 @@ def test_resuming_from_checkpoint_n_continues_the_run_bit_for_bit(tmp_path):
         read_sam_state(plain, 0, 2, "fisher-sam")
 
 
+# ---------------------------------------------------------------- without DeepSpeed: SAMOptimizer under the Trainer
+def test_without_deepspeed_one_process_equals_the_single_process_reference(tmp_path):
+    """No --deepspeed, one process: the Trainer's AdamW becomes SAMOptimizer's base and each accumulation window
+    (2 micro-batches of 2) one SAM step; equal to SAMOptimizer on the windows' global batches."""
+    for sam_type in ("fisher-sam", "gsam", "esam"):
+        run = train_without_deepspeed(str(tmp_path), sam_type)
+        assert [len(w) for w in run["windows"]] == [2] * 5 and run["global_step"] == 5, run["windows"]
+        error = relative_update_error(torch.cat(run["params"]), plain_reference(sam_type, [run]), start_params())
+        assert error <= TOLERANCE, (sam_type, error)
+
+
+def test_without_deepspeed_resuming_from_checkpoint_n_continues_bit_for_bit(tmp_path):
+    """fisher-sam rebuilding its mask every 3 steps, 10 steps over 2 epochs: the SAM state travels in the
+    optimizer's state_dict (optimizer.pt), so 10 steps in one run equal a resume from checkpoint-4."""
+    epochs = {"num_train_epochs": 2}
+    full = train_without_deepspeed(str(tmp_path / "full"), "fisher-sam", mask_interval=3, save_strategy="steps",
+                                   save_steps=4, **epochs)
+    checkpoint = tmp_path / "full" / "fisher-sam" / "checkpoint-4"
+    resumed = train_without_deepspeed(str(tmp_path / "resumed"), "fisher-sam", resume=str(checkpoint),
+                                      mask_interval=3, **epochs)
+    assert full["sam_steps"] == resumed["sam_steps"] == 10 and resumed["global_step"] == 10
+    assert torch.equal(torch.cat(full["params"]), torch.cat(resumed["params"]))
+    # the same resume with a fresh SAM state (the mask of step 3 forgotten) ends elsewhere
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    state["sam"] = {**state["sam"], "step_count": 0}
+    torch.save(state, checkpoint / "optimizer.pt")
+    wrong = train_without_deepspeed(str(tmp_path / "wrong"), "fisher-sam", resume=str(checkpoint), mask_interval=3,
+                                    **epochs)
+    assert not torch.equal(torch.cat(full["params"]), torch.cat(wrong["params"]))
+
+
+def sam_with_clipping_by_hand(windows: list[list[dict]], max_norm: float, clip: bool = True) -> torch.Tensor:
+    """SAM (rho 0.05) written out: g at w, e = rho g / |g|, g' at w + e, back to w, g' clipped to `max_norm`
+    (global norm), AdamW with the Trainer's groups and linear schedule; each window as one global batch."""
+    model = start_model()
+    optimizer = torch.optim.AdamW(param_groups(model), lr=LR)
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, len(windows))
+    params = list(model.parameters())
+    for window in windows:
+        batch = {key: torch.cat([b[key] for b in window]) for key in window[0]}
+        grads = torch.autograd.grad(bert_loss(model, batch).mean(), params)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        offsets = [0.05 * g / norm for g in grads]
+        with torch.no_grad():
+            for p, e in zip(params, offsets):
+                p.add_(e)
+        perturbed = torch.autograd.grad(bert_loss(model, batch).mean(), params)
+        with torch.no_grad():
+            for p, e in zip(params, offsets):
+                p.sub_(e)
+        total = torch.sqrt(sum((g ** 2).sum() for g in perturbed))
+        factor = min(1.0, max_norm / (float(total) + 1e-6)) if clip else 1.0
+        for p, g in zip(params, perturbed):
+            p.grad = g * factor
+        optimizer.step()
+        schedule.step()
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def test_without_deepspeed_max_grad_norm_clips_the_gradient_of_the_update(tmp_path):
+    """max_grad_norm 0.05 (below every step's norm): the second-pass gradient is clipped before AdamW, as
+    DeepSpeed clips; the logged grad_norm is its norm before clipping. Unclipped, the hand reference differs."""
+    run = train_without_deepspeed(str(tmp_path), "sam", max_grad_norm=0.05)
+    ours = torch.cat(run["params"])
+    error = relative_update_error(ours, sam_with_clipping_by_hand(run["windows"], 0.05), start_params())
+    assert error <= TOLERANCE, error
+    unclipped = sam_with_clipping_by_hand(run["windows"], 0.05, clip=False)
+    assert relative_update_error(ours, unclipped, start_params()) > 1e-2
+    assert len(run["logged_grad_norms"]) == 5 and min(run["logged_grad_norms"]) > 0.05, run["logged_grad_norms"]
+
+
+def test_without_deepspeed_ddp_on_two_ranks_equals_the_single_process_reference(tmp_path):
+    """DDP over 2 gloo ranks without DeepSpeed: each rank's window of 2 micro-batches, the gradients averaged
+    by DDP, ESAM ranking the examples of both ranks; equal to SAMOptimizer on the global batches."""
+    sam_types = ["fisher-sam", "esam"]
+    rank0, rank1 = run_distributed(run_ddp_cases, 2, tmp_path, sam_types, str(tmp_path), timeout=400)
+    for sam_type, run0, run1 in zip(sam_types, rank0, rank1):
+        assert run0["wrapped"] == "DistributedDataParallel", run0["wrapped"]
+        ours = torch.cat(run0["params"])
+        assert torch.equal(ours, torch.cat(run1["params"])), sam_type
+        assert [len(w) for w in run0["windows"]] == [2, 2, 1], run0["windows"]
+        error = relative_update_error(ours, plain_reference(sam_type, [run0, run1]), start_params())
+        assert error <= TOLERANCE, (sam_type, error)
+
+
 # ---------------------------------------------------------------- single process: arguments and refusals
 def test_hf_argument_parser_reads_sam_arguments():
     parser = HfArgumentParser((TrainingArguments, SAMArguments))
@@ -256,7 +342,7 @@ def _args(tmp_path, deepspeed: dict | None = None, **kwargs) -> TrainingArgument
 
 
 REFUSALS = {
-    "no-deepspeed": (dict(deepspeed=None), {}, "needs DeepSpeed: pass --deepspeed"),
+    "fp16-without-deepspeed": (dict(deepspeed=None, fp16=True), {}, "without DeepSpeed does not support --fp16"),
     "round-robin": (dict(deepspeed={**trainer_ds_config(2, "trainer"), "zero_optimization": {
         "stage": 2, "round_robin_gradients": True}}), {}, "round_robin_gradients"),
     "own-compute-loss": (dict(trainer_class=OwnLossTrainer), {}, "overrides compute_loss"),

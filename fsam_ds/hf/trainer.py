@@ -1,4 +1,5 @@
-"""The SAM family inside Hugging Face's `Trainer`, under `--deepspeed`: keep the script, change the class.
+"""The SAM family inside Hugging Face's `Trainer` (under `--deepspeed`, or without it): keep the script,
+change the class.
 
     trainer = SAMTrainer(model=model, args=TrainingArguments(..., deepspeed="ds_config.json"),
                          train_dataset=train, sam=SAMConfig(sam_type="fisher-sam", rho=0.05))
@@ -24,7 +25,13 @@ it is, checked against accelerate 1.16 and transformers 5.23:
   the Trainer's next scheduler step is held back so that it too skips that step;
 * `grad_norm` is DeepSpeed's norm of the last `engine.step()`: the gradient at w + e, pre-clipping.
 
-Checkpoints: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint, each rank's SAM
+Without DeepSpeed (one process, or DDP): `create_optimizer` makes the Trainer's own optimizer the base of
+a `SAMOptimizer` (`max_grad_norm` clips inside its step, before the base steps), the boundary runs its
+`train_step` over the window, and the Trainer's `optimizer.step()`, clipping and norm that follow read what
+that step did (`_clip_grad_norm`, `_get_grad_norm`, both private Trainer methods in transformers 5.23).
+The SAM state is then part of the optimizer's `state_dict`, saved and loaded by the Trainer.
+
+Checkpoints under DeepSpeed: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint, each rank's SAM
 state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically). `train(resume_from_checkpoint=)`
 reads and checks it before any work (`read_sam_state`: none there, another world size or sam_type are refused)
 and restores it into the SAMEngine before its first step; DeepSpeed's state, the Trainer's scheduler, RNG
@@ -51,6 +58,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fsam_ds.hf.losses import OutputsLoss, outputs_loss_for
 from fsam_ds.sam.config import ConfigError, SAMConfig
+from fsam_ds.sam.optim import SAMOptimizer
+from fsam_ds.sam.shards import TorchComm
 from fsam_ds.zero.ds_config import check_sam_compatible
 from fsam_ds.zero.engine import SAMEngine, read_sam_state
 
@@ -109,8 +118,8 @@ class SAMTrainerMixin:
             (`fsam_ds.hf.losses`), or, for non-ESAM types on a model whose loss kind is not known there,
             the model's own `loss` per micro-batch.
 
-    Needs `--deepspeed` (any ZeRO stage); refuses at `train()`, before any work, what it does not run
-    exactly. `sam_engine` is the `SAMEngine` of the current training run (None before its first step).
+    Under `--deepspeed` (any ZeRO stage) or without it (one process, DDP); refuses at `train()`, before any
+    work, what it does not run exactly. `sam_engine` is the `SAMEngine` of the current training run (None before its first step).
     """
 
     def __init__(self, *args: Any, sam: SAMConfig | Any = None, sam_loss_fn: SAMLoss | None = None,
@@ -122,6 +131,7 @@ class SAMTrainerMixin:
         self._sam_resume_state: dict | None = None
         self._sam_window: list[Mapping[str, Any]] = []
         self._outputs_loss: OutputsLoss | None = None
+        self._planned_steps: int | None = None
 
     # ---------------------------------------------------------- the Trainer's hooks
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -131,9 +141,12 @@ class SAMTrainerMixin:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         self._refuse_unsupported()
         # read (and checked) before any work; restored into each SAMEngine this run builds, before its first step
-        self._sam_resume_state = None if resume_from_checkpoint in (None, False) else read_sam_state(
+        # without DeepSpeed the SAM state is in the optimizer's state_dict, which the Trainer saves and loads
+        resuming = resume_from_checkpoint not in (None, False) and self.is_deepspeed_enabled
+        self._sam_resume_state = None if not resuming else read_sam_state(
             resume_from_checkpoint, self.args.process_index, self.args.world_size, self.sam_config.sam_type)
         self._sam_window = []
+        self._outputs_loss = outputs_loss_for(self.accelerator.unwrap_model(self.model))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -143,6 +156,40 @@ class SAMTrainerMixin:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.sam_engine is not None:
             self.sam_engine.save_sam_state(output_dir)
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self._planned_steps = num_training_steps  # the schedule late:f needs the run's planned updates
+        super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """Without DeepSpeed: the Trainer's own optimizer (class, groups, settings) as the base of a
+        `SAMOptimizer`, which the step in `training_step` drives; under DeepSpeed, the Trainer's as it is."""
+        optimizer = super().create_optimizer(model)
+        if self.is_deepspeed_enabled or isinstance(optimizer, SAMOptimizer):
+            return optimizer
+        module = model or self.model
+        # the base keeps its groups; SAMOptimizer sees each tensor under its name in the model's order, the order
+        # the DeepSpeed path sees them in (ESAM draws its random subset of tensors by position)
+        settings = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        groups = [{**settings[id(p)], "params": [(name, p)]} for name, p in module.named_parameters()
+                  if id(p) in settings]
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+        self.optimizer = _StepInTrainingStep(
+            groups, lambda _groups: optimizer, self.sam_config, module=module, max_grad_norm=max_norm,
+            comm=TorchComm() if self.args.world_size > 1 else None,  # ESAM ranks the examples of every rank
+            planned_steps=self._planned_steps)
+        return self.optimizer
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        # without DeepSpeed the step already clipped (SAMOptimizer's max_grad_norm) and zeroed the gradients
+        if self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        return self._sam_optimizer().grad_norm
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        if self.is_deepspeed_enabled or grad_norm is not None:
+            return super()._get_grad_norm(model, grad_norm)
+        return self._sam_optimizer().grad_norm
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         # called once per optimizer step, before its micro-batches
@@ -161,9 +208,13 @@ class SAMTrainerMixin:
         if not self._window_closes():
             return torch.zeros((), device=self.args.device)
         window, self._sam_window = self._sam_window, []
-        sam_engine = self._sam_engine_for(model)
-        out = sam_engine.train_step(window, self._per_example_loss)
-        if out.skipped and not model.fp16_enabled():
+        if self.is_deepspeed_enabled:
+            out = self._sam_engine_for(model).train_step(window, self._per_example_loss)
+            held_by_deepspeed = model.fp16_enabled()  # its loss scaler reports the skip to the Trainer
+        else:
+            out = self._sam_optimizer().train_step(window, functools.partial(self._per_example_loss, model))
+            held_by_deepspeed = False
+        if out.skipped and not held_by_deepspeed:
             self._hold_scheduler_once()
         return torch.tensor(out.loss, device=self.args.device)
 
@@ -172,13 +223,16 @@ class SAMTrainerMixin:
         """Whether this micro-batch is the last of the Trainer's accumulation window."""
         return self.accelerator.sync_gradients
 
+    def _sam_optimizer(self) -> SAMOptimizer:
+        """Without DeepSpeed: the SAMOptimizer under accelerate's wrapper."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     def _sam_engine_for(self, engine: Any) -> SAMEngine:
         # a new train() (auto_find_batch_size, hyperparameter search) prepares a new engine
         if self.sam_engine is None or self.sam_engine.engine is not engine:
-            self.sam_engine = SAMEngine(engine, self.sam_config)
+            self.sam_engine = SAMEngine(engine, self.sam_config, planned_steps=self.state.max_steps)
             if self._sam_resume_state is not None:
                 self.sam_engine.load_sam_state(self._sam_resume_state)
-            self._outputs_loss = outputs_loss_for(self.accelerator.unwrap_model(self.model))
         return self.sam_engine
 
     def _per_example_loss(self, engine: Any, inputs: Mapping[str, Any]) -> Tensor:
@@ -217,11 +271,10 @@ class SAMTrainerMixin:
         if getattr(self, "is_fsdp_enabled", False) or args.fsdp:
             raise ConfigError(f"{name} does not run under FSDP: the SAM step drives a DeepSpeed engine. Replace "
                               "--fsdp with --deepspeed and a ZeRO stage 3 config, which shards the model likewise.")
-        if not self.is_deepspeed_enabled:
-            raise ConfigError(f"{name} needs DeepSpeed: pass --deepspeed ds_config.json (TrainingArguments("
-                              "deepspeed=...)). Any ZeRO stage works, stage 0 on one process too (start it with "
-                              "torchrun --nproc_per_node 1 or deepspeed --num_gpus 1). Without DeepSpeed, use "
-                              "fsam_ds.SAMOptimizer in your own loop.")
+        if not self.is_deepspeed_enabled and args.fp16:
+            raise ConfigError(f"{name} without DeepSpeed does not support --fp16 (torch's GradScaler would unscale "
+                              "and step outside the SAM step); use --bf16, or --deepspeed ds_config.json with an "
+                              "fp16 section, whose loss scaler the SAM step drives.")
         if args.torch_compile:
             raise ConfigError(f"{name} does not support --torch_compile (the SAM step runs the model's forward "
                               "and backward twice per step outside the compiled region); remove --torch_compile.")
@@ -230,7 +283,9 @@ class SAMTrainerMixin:
         if split:
             raise ConfigError(f"{name} does not support {' and '.join(split)} parallelism (the SAM step needs each "
                               "rank's whole examples); use data parallelism with ZeRO (stage 3 to shard the model).")
-        check_sam_compatible(args.hf_deepspeed_config.config, source="the --deepspeed config", auto_filled_later=True)
+        if self.is_deepspeed_enabled:
+            check_sam_compatible(args.hf_deepspeed_config.config, source="the --deepspeed config",
+                                 auto_filled_later=True)
         self._refuse_unknown_loss()
 
     def _refuse_unknown_loss(self) -> None:
@@ -260,8 +315,17 @@ class SAMTrainerMixin:
                               "(sam, fisher-sam, gsam, fisher-gsam), which then uses the model's own loss.")
 
 
+class _StepInTrainingStep(SAMOptimizer):
+    """The Trainer's optimizer without DeepSpeed: `training_step` runs the whole SAM step (`train_step`) at the
+    accumulation boundary, so the Trainer's own `optimizer.step()` right after it does nothing, as under
+    DeepSpeed. A closure still gets the two-pass torch-style step."""
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        return None if closure is None else super().step(closure)
+
+
 class SAMTrainer(SAMTrainerMixin, Trainer):
-    """`transformers.Trainer` whose optimizer step is a SAM-family step (`sam=SAMConfig(...)`); needs --deepspeed."""
+    """`transformers.Trainer` whose optimizer step is a SAM-family step (`sam=SAMConfig(...)`)."""
 
 
 @functools.cache

@@ -70,6 +70,9 @@ class _TorchBackend:
 
     def step(self, finite: bool) -> bool:
         if finite:
+            max_norm = self.optimizer.max_grad_norm
+            if max_norm is not None:  # the gradient the base steps with (GSAM's already corrected), as DeepSpeed clips
+                self.optimizer.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.shards.params, max_norm))
             self.optimizer.base_optimizer.step()
         return finite
 
@@ -95,14 +98,22 @@ class SAMOptimizer(ObservedThroughCore, Optimizer):
         module: the model the named parameters come from; with it the Fisher candidates also leave out
             embedding weights and parameters tied to them (`SAMConfig.exclude_embeddings`).
         planned_steps: the run's planned optimizer steps; the schedule `late:f` needs them.
+        max_grad_norm: clip the gradient each base step takes to this global norm (`inf`: measure it only);
+            its norm before clipping is then `grad_norm` after each applied step.
         **base_kwargs: passed to the base optimizer (lr, weight_decay, ...).
     """
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer],
                  config: SAMConfig | None = None, comm: Comm | None = None,
                  observer: StepObserver | None = None, module: torch.nn.Module | None = None,
-                 planned_steps: int | None = None, **base_kwargs: Any) -> None:
+                 planned_steps: int | None = None, max_grad_norm: float | None = None,
+                 **base_kwargs: Any) -> None:
         self.config = config or SAMConfig()
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: give a positive norm (inf to measure without "
+                             "clipping), or None not to clip.")
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm: float | None = None
         groups, names = _named_groups(params)
         tensors = [p for g in groups for p in g["params"]]
         trainable = [(n, p) for n, p in zip(names, tensors) if isinstance(p, Tensor) and p.requires_grad]
