@@ -82,5 +82,7 @@ def test_trl_sft_sam_fine_tunes_smollm2_on_the_spelling_chats(tmp_path):
                       "--per_device_train_batch_size", "2", "--max_length", "64", "--disable_tqdm", "true")
     assert "eval_loss" in out and "mean_token_accuracy" in out, out[-3000:]
     start, trained = weights(smollm2_path()), weights(tmp_path)
-    moved = [name for name in trained if not torch.equal(trained[name], start[name])]
-    assert len(moved) == len(trained), sorted(set(trained) - set(moved))[:5]
+    common = sorted(trained.keys() & start.keys())  # the tied LM head is saved on one side only
+    assert "model.embed_tokens.weight" in common and len(common) >= len(trained) - 1, sorted(trained)[:5]
+    still = [name for name in common if torch.equal(trained[name], start[name])]
+    assert still == [], still[:5]
