@@ -69,3 +69,20 @@ def test_accelerate_loop_sam_trains_and_saves_the_sam_state(tmp_path):
     assert "epoch 0: train loss" in out and "dev accuracy" in out
     assert (tmp_path / "checkpoint" / "fsam_state_rank0.pt").is_file()
     assert (tmp_path / "checkpoint" / "latest").is_file()
+
+
+@pytest.mark.slow
+def test_trl_sft_sam_fine_tunes_smollm2_on_the_spelling_chats(tmp_path):
+    """SmolLM2-135M-Instruct, fisher-sam at ZeRO-2, 3 steps, offline: the training logs TRL's metrics, the
+    evaluation runs, and every saved weight moved from the pretrained one."""
+    pytest.importorskip("trl")
+    from fsam_ds.cli.generation_assets import smollm2_path
+
+    out = run_example("trl_sft_sam.py", "--output_dir", str(tmp_path), "--max_steps", "3",
+                      "--per_device_train_batch_size", "2", "--max_length", "64", "--disable_tqdm", "true")
+    assert "eval_loss" in out and "mean_token_accuracy" in out, out[-3000:]
+    start, trained = weights(smollm2_path()), weights(tmp_path)
+    common = sorted(trained.keys() & start.keys())  # the tied LM head is saved on one side only
+    assert "model.embed_tokens.weight" in common and len(common) >= len(trained) - 1, sorted(trained)[:5]
+    still = [name for name in common if torch.equal(trained[name], start[name])]
+    assert still == [], still[:5]

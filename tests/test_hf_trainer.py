@@ -336,6 +336,11 @@ class OwnLossTrainer(SAMTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+class OwnStepTrainer(Trainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 def _args(tmp_path, deepspeed: dict | None = None, **kwargs) -> TrainingArguments:
     return TrainingArguments(output_dir=str(tmp_path), deepspeed=deepspeed, report_to=[], save_strategy="no",
                              disable_tqdm=True, per_device_train_batch_size=2, **kwargs)
@@ -345,8 +350,10 @@ REFUSALS = {
     "fp16-without-deepspeed": (dict(deepspeed=None, fp16=True), {}, "without DeepSpeed does not support --fp16"),
     "round-robin": (dict(deepspeed={**trainer_ds_config(2, "trainer"), "zero_optimization": {
         "stage": 2, "round_robin_gradients": True}}), {}, "round_robin_gradients"),
-    "own-compute-loss": (dict(trainer_class=OwnLossTrainer), {}, "overrides compute_loss"),
-    "label-smoothing": (dict(label_smoothing_factor=0.1), {}, "label_smoothing_factor"),
+    "esam-own-compute-loss": (dict(trainer_class=OwnLossTrainer, sam="esam"), {}, "overrides compute_loss"),
+    "esam-label-smoothing": (dict(label_smoothing_factor=0.1, sam="fisher-esam"), {}, "label_smoothing_factor"),
+    "bypassed-training-step": (dict(trainer_class=sam_trainer(OwnStepTrainer)), {},
+                               "OwnStepTrainer overrides training_step"),
     "esam-without-per-example-loss": (dict(model=question_answering_bert, sam="esam"), {},
                                       "ranks examples by their loss"),
 }
@@ -366,12 +373,25 @@ def test_train_refuses_what_it_cannot_run_exactly_before_any_work(case, tmp_path
 
 
 def test_a_per_example_loss_function_lifts_the_loss_refusals(tmp_path):
-    """With sam_loss_fn, an own compute_loss and a model whose loss kind is unknown are accepted (checked
-    up to the refusals; training itself runs in the 2-rank tests)."""
+    """With sam_loss_fn, an own compute_loss and a model whose loss kind is unknown are accepted under ESAM
+    (checked up to the refusals; training itself runs in the 2-rank tests)."""
     for trainer_class, model in ((OwnLossTrainer, tiny_bert), (SAMTrainer, question_answering_bert)):
         trainer = trainer_class(model=model(), args=_args(tmp_path, deepspeed=trainer_ds_config(2, "trainer")),
                                 train_dataset=examples(8), sam=sam_config("esam"), sam_loss_fn=bert_loss)
         trainer._refuse_unsupported()
+        assert trainer._sam_step_loss == trainer._given_loss
+
+
+def test_non_esam_types_run_with_the_trainers_own_loss(tmp_path):
+    """An own compute_loss, or label smoothing, is used as it is, one value per micro-batch, for the types that
+    need no per-example loss; without either, the per-example losses come off the outputs."""
+    cases = ((OwnLossTrainer, {}, "_trainer_loss"), (SAMTrainer, {"label_smoothing_factor": 0.1}, "_trainer_loss"),
+             (SAMTrainer, {}, "_outputs_loss_of"))
+    for trainer_class, extra, chosen in cases:
+        trainer = trainer_class(model=tiny_bert(), train_dataset=examples(8), sam=sam_config("fisher-sam"),
+                                args=_args(tmp_path, deepspeed=trainer_ds_config(2, "trainer"), **extra))
+        trainer._refuse_unsupported()
+        assert trainer._sam_step_loss == getattr(trainer, chosen), (trainer_class, extra)
 
 
 # ---------------------------------------------------------------- per-example losses against the models' own

@@ -37,14 +37,19 @@ reads and checks it before any work (`read_sam_state`: none there, another world
 and restores it into the SAMEngine before its first step; DeepSpeed's state, the Trainer's scheduler, RNG
 and data position come back as the Trainer restores them.
 
-The loss the Trainer logs is the mean first-pass loss (at w) of this rank's examples, returned at the
-boundary (0 for the micro-batches before it, which the Trainer adds up), then averaged over ranks by
-the Trainer. Per-example losses: `fsam_ds.hf.losses` (where they relate to the Trainer's
-`num_items_in_batch` normalisation), or `sam_loss_fn`.
+The loss: `sam_loss_fn` where given; else, for a trainer with its own loss (a `compute_loss` override,
+`compute_loss_func`, label smoothing: TRL's trainers), its `compute_loss` per micro-batch on the Trainer's
+scale for the non-ESAM types, and for ESAM one loss per example where the trainer's loss has them
+(`fsam_ds.hf.trl_support`: TRL's SFT), else refused; else per-example losses off the outputs
+(`fsam_ds.hf.losses`, which says how they relate to the Trainer's `num_items_in_batch` normalisation).
+The loss the Trainer logs is this rank's first-pass loss (at w) on the Trainer's scale, returned at the
+boundary (0 for the micro-batches before it, which the Trainer adds up), then averaged over ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import warnings
@@ -56,6 +61,7 @@ from torch import Tensor
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from fsam_ds.hf import trl_support
 from fsam_ds.hf.losses import OutputsLoss, outputs_loss_for
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.sam.optim import SAMOptimizer
@@ -67,6 +73,9 @@ __all__ = ["SAMArguments", "SAMTrainer", "SAMTrainerMixin", "sam_trainer"]
 
 SAMLoss = Callable[[torch.nn.Module, Mapping[str, Any]], Tensor]
 """(model, inputs) -> per-example losses, a 1-D tensor [batch]; `model` is the DeepSpeed engine."""
+
+StepLoss = Callable[[Any, Mapping[str, Any], Any, int], Tensor]
+"""(engine, inputs, num_items_in_batch, micro-batches in the window) -> the losses the SAM step averages."""
 
 TrainerT = TypeVar("TrainerT", bound=type)
 
@@ -114,13 +123,20 @@ class SAMTrainerMixin:
     Args (keywords, the rest goes to the Trainer):
         sam: a `SAMConfig` or `SAMArguments` (default: `SAMConfig()`, fisher-sam).
         sam_loss_fn: `(model, inputs) -> per-example losses`, called on a shallow copy of each
-            micro-batch's prepared inputs; by default the losses come from the logits and `labels`
-            (`fsam_ds.hf.losses`), or, for non-ESAM types on a model whose loss kind is not known there,
-            the model's own `loss` per micro-batch.
+            micro-batch's prepared inputs; by default, the trainer's own `compute_loss` where it has one
+            (non-ESAM types), else the losses come from the logits and `labels` (`fsam_ds.hf.losses`), or,
+            for non-ESAM types on a model whose loss kind is not known there, the model's own `loss` per
+            micro-batch.
 
     Under `--deepspeed` (any ZeRO stage) or without it (one process, DDP); refuses at `train()`, before any
     work, what it does not run exactly. `sam_engine` is the `SAMEngine` of the current training run (None before its first step).
     """
+
+    sam_logging_state: tuple[str, ...] = ("_metrics", "_total_train_tokens")
+    """Attributes that a trainer's `compute_loss` updates for its logs: TRL's trainers append their metrics
+    (entropy, token accuracy, rewards) to `_metrics` and count `_total_train_tokens`. The SAM step calls
+    `compute_loss` once per pass and keeps these as they were after the first pass (each micro-batch once,
+    at w), as the trainer alone would log them. A subclass names its own here."""
 
     def __init__(self, *args: Any, sam: SAMConfig | Any = None, sam_loss_fn: SAMLoss | None = None,
                  **kwargs: Any) -> None:
@@ -132,6 +148,7 @@ class SAMTrainerMixin:
         self._sam_window: list[Mapping[str, Any]] = []
         self._outputs_loss: OutputsLoss | None = None
         self._planned_steps: int | None = None
+        self._sam_step_loss: StepLoss = self._outputs_loss_of
 
     # ---------------------------------------------------------- the Trainer's hooks
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -203,18 +220,26 @@ class SAMTrainerMixin:
                       num_items_in_batch: Any = None) -> Tensor:
         """Collects the micro-batch; at the accumulation boundary runs the SAM step over the window.
         Returns what the Trainer sums into its logged loss: 0 before the boundary, then the step's
-        mean first-pass loss of this rank. `num_items_in_batch` is not used (see `fsam_ds.hf.losses`)."""
+        first-pass loss of this rank on the Trainer's scale (the sum of the window's `compute_loss`
+        values where the trainer's loss is used, else the mean of the per-example losses)."""
         self._sam_window.append(self._prepare_inputs(inputs))
         if not self._window_closes():
             return torch.zeros((), device=self.args.device)
         window, self._sam_window = self._sam_window, []
-        if self.is_deepspeed_enabled:
-            out = self._sam_engine_for(model).train_step(window, self._per_example_loss)
-            held_by_deepspeed = model.fp16_enabled()  # its loss scaler reports the skip to the Trainer
-        else:
-            out = self._sam_optimizer().train_step(window, functools.partial(self._per_example_loss, model))
-            held_by_deepspeed = False
-        if out.skipped and not held_by_deepspeed:
+        count, step_loss = len(window), self._sam_step_loss
+        loss_fn, restore_logs = self._first_pass_logs_only(
+            lambda engine, batch: step_loss(engine, batch, num_items_in_batch, count), count)
+        try:
+            # the context TRL's trainers enter in their own training_step, which the SAM step replaces
+            with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():
+                if self.is_deepspeed_enabled:
+                    out = self._sam_engine_for(model).train_step(window, loss_fn)
+                else:
+                    out = self._sam_optimizer().train_step(window, functools.partial(loss_fn, model))
+        finally:
+            restore_logs()
+        # DeepSpeed's fp16 loss scaler reports its skipped steps to the Trainer itself
+        if out.skipped and not (self.is_deepspeed_enabled and model.fp16_enabled()):
             self._hold_scheduler_once()
         return torch.tensor(out.loss, device=self.args.device)
 
@@ -235,10 +260,12 @@ class SAMTrainerMixin:
                 self.sam_engine.load_sam_state(self._sam_resume_state)
         return self.sam_engine
 
-    def _per_example_loss(self, engine: Any, inputs: Mapping[str, Any]) -> Tensor:
-        inputs = dict(inputs)  # the loss may pop keys (as compute_loss does); every pass needs them all
-        if self.sam_loss_fn is not None:
-            return self.sam_loss_fn(engine, inputs)
+    def _given_loss(self, engine: Any, inputs: Mapping[str, Any], num_items_in_batch: Any, count: int) -> Tensor:
+        return self.sam_loss_fn(engine, dict(inputs))  # a copy: the loss may pop keys, every pass needs them all
+
+    def _outputs_loss_of(self, engine: Any, inputs: Mapping[str, Any], num_items_in_batch: Any,
+                         count: int) -> Tensor:
+        inputs = dict(inputs)
         outputs = engine(**inputs)
         if self._outputs_loss is not None:
             return self._outputs_loss(outputs, inputs)
@@ -247,6 +274,49 @@ class SAMTrainerMixin:
             raise ValueError(f"the model returned no loss for inputs {sorted(inputs)}; pass its labels, or "
                              "sam_loss_fn=(model, inputs) -> per-example losses.")
         return loss.reshape(1)  # the micro-batch's mean loss as one value: non-ESAM types only average it
+
+    def _trainer_loss(self, engine: Any, inputs: Mapping[str, Any], num_items_in_batch: Any, count: int) -> Tensor:
+        """The trainer's own `compute_loss` of one micro-batch, as one value on the SAM step's scale.
+
+        The SAM step divides each micro-batch's loss by the window's length (and DeepSpeed averages over
+        ranks). The Trainer does the same unless the loss is already normalised over the whole window and
+        all ranks (`num_items_in_batch`, `loss_is_scaled_for_ga`), in which case it adds the micro-batches'
+        losses up: then the value is multiplied by the window's length, so both passes minimise exactly the
+        Trainer's loss and the step's first-pass loss is the Trainer's logged loss."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(engine, dict(inputs), num_items_in_batch=num_items_in_batch)
+        return (loss * count if self._loss_is_scaled_for_ga(num_items_in_batch) else loss).reshape(1)
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """The Trainer's rule (transformers 5.23, `Trainer.training_step`)."""
+        declared = getattr(self, "loss_is_scaled_for_ga", None)
+        if declared is not None:
+            return bool(declared)
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+            self.compute_loss_func is not None
+
+    def _first_pass_logs_only(self, loss_fn: Callable[[Any, Any], Tensor],
+                              count: int) -> tuple[Callable[[Any, Any], Tensor], Callable[[], None]]:
+        """`loss_fn` that records the trainer's logging state (`sam_logging_state`) after the first pass
+        (the first `count` calls: each micro-batch once, at w), and the call that puts it back after the
+        step, so that the later passes (at w + e, ESAM's selection) leave no trace in the logs."""
+        names = [name for name in self.sam_logging_state if hasattr(self, name)]
+        kept: dict[str, Any] = {}
+        calls = 0
+
+        def counted(engine: Any, batch: Any) -> Tensor:
+            nonlocal calls
+            loss = loss_fn(engine, batch)
+            calls += 1
+            if calls == count:
+                kept.update((name, copy.deepcopy(getattr(self, name))) for name in names)
+            return loss
+
+        def restore() -> None:
+            for name, value in kept.items():
+                setattr(self, name, value)
+
+        return counted, restore
 
     def _hold_scheduler_once(self) -> None:
         """The Trainer steps its own scheduler after every step it counts unless DeepSpeed reports an fp16
@@ -286,11 +356,27 @@ class SAMTrainerMixin:
         if self.is_deepspeed_enabled:
             check_sam_compatible(args.hf_deepspeed_config.config, source="the --deepspeed config",
                                  auto_filled_later=True)
-        self._refuse_unknown_loss()
+        self._refuse_bypassed_training_step()
+        self._sam_step_loss = self._choose_loss()
 
-    def _refuse_unknown_loss(self) -> None:
+    def _refuse_bypassed_training_step(self) -> None:
+        """The mixin's training_step replaces those of the classes after it; refuses the ones that do more
+        than TRL's activation-offload context (which the SAM step enters itself)."""
+        mro = type(self).__mro__
+        for cls in mro[mro.index(SAMTrainerMixin) + 1:mro.index(Trainer)]:
+            if "training_step" not in vars(cls) or trl_support.only_enters_offload_context(cls):
+                continue
+            why = trl_support.why_not_supported(cls) or (
+                f"Override training_step in a subclass of sam_trainer({cls.__name__}) instead (it then runs "
+                "around the mixin's, once per micro-batch, and calls super().training_step).")
+            raise ConfigError(f"{cls.__name__} overrides training_step, which {type(self).__name__} replaces "
+                              f"with the SAM step (collect the micro-batches, run both passes at the "
+                              f"accumulation boundary), so it would never run. {why}")
+
+    def _choose_loss(self) -> StepLoss:
+        """The loss the SAM step runs with, or ConfigError where it cannot be exact."""
         if self.sam_loss_fn is not None:
-            return
+            return self._given_loss
         name = type(self).__name__
         fix = ("Pass sam_loss_fn=(model, inputs) -> per-example losses (a 1-D tensor, one per example), computed "
                "with reduction='none'.")
@@ -301,9 +387,17 @@ class SAMTrainerMixin:
             own_loss.append("has compute_loss_func")
         if self.label_smoother is not None:
             own_loss.append("has label_smoothing_factor > 0")
+        if own_loss and not self.sam_config.uses_esam:
+            return self._trainer_loss
         if own_loss:
-            raise ConfigError(f"{name} {' and '.join(own_loss)}, but the SAM step computes per-example losses "
-                              f"itself and would ignore that. {fix}")
+            trl_loss = trl_support.per_example_loss(self)  # TRL's SFT loss, one value per sequence
+            if trl_loss is not None:
+                return trl_loss
+            reason = trl_support.why_no_per_example_loss(self) or (
+                f"{name} {' and '.join(own_loss)}, whose loss is one value per micro-batch")
+            raise ConfigError(f"sam_type={self.sam_config.sam_type!r} ranks examples by their loss, which needs one "
+                              f"loss per example, but {reason}. {fix} Or use a non-ESAM type (sam, fisher-sam, "
+                              f"gsam, fisher-gsam), which runs with {name}'s own loss.")
         model = self.accelerator.unwrap_model(self.model)
         if outputs_loss_for(model) is not None and self.label_names not in (None, ["labels"]):
             raise ConfigError(f"{name} reads per-example losses off `labels`, but the model's labels are "
@@ -313,6 +407,7 @@ class SAMTrainerMixin:
                               f"loss per example, and fsam-ds cannot read it off the outputs of {type(model).__name__} "
                               f"(loss_type {getattr(model, 'loss_type', None)!r}). {fix} Or use a non-ESAM type "
                               "(sam, fisher-sam, gsam, fisher-gsam), which then uses the model's own loss.")
+        return self._outputs_loss_of
 
 
 class _StepInTrainingStep(SAMOptimizer):
