@@ -193,13 +193,20 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
     args = training_args(os.path.join(out_dir, name), case["stage"], case["scheduler"], case["precision"],
                          case["offload"], warmup_steps=case["warmup"], gradient_checkpointing=case["checkpointing"])
     trainer_class = recording(SAMTrainer if case["variant"] == "right" else every_micro_batch(SAMTrainer))
-    trainer = trainer_class(model=tiny_bert(), args=args, train_dataset=examples(case["count"]),
+    model, loaded_partitioned = tiny_bert(), None
+    if case["from_pretrained"]:  # after TrainingArguments: at ZeRO-3 from_pretrained loads partitioned
+        from transformers import BertForSequenceClassification
+
+        model = BertForSequenceClassification.from_pretrained(case["from_pretrained"])
+        loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+    trainer = trainer_class(model=model, args=args, train_dataset=examples(case["count"]),
                             sam=sam_config(case["sam_type"]))
     if case["poison"] is not None:
         trainer.sam_loss_fn = poisoned_loss(trainer, case["poison"], case["poison_pass"])
         trainer.watch = case["poison"]
     trainer.train()
     engine = trainer.model_wrapped
+    evaluated = trainer.evaluate(examples(8))["eval_loss"] if case["evaluate"] else None
     unchanged = None
     if trainer.around_watch:
         before, after = trainer.around_watch
@@ -207,6 +214,7 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
     settings = {"dtype": str(next(engine.module.parameters()).dtype), "offload": bool(engine.zero_cpu_offload()),
                 "checkpointing": engine.module.is_gradient_checkpointing}
     return {"settings": settings, "unchanged_by_watched_update": unchanged, "loss_scales": trainer.loss_scales,
+            "loaded_partitioned": loaded_partitioned, "eval_loss": evaluated,
             "ds_skipped": engine.skipped_steps, "params": full_params(engine), "windows": trainer.windows, "step_lrs": trainer.step_lrs,
             "global_step": trainer.state.global_step, "engine_steps": engine.global_steps,
             "logged_lrs": [e["learning_rate"] for e in trainer.state.log_history if "loss" in e],
@@ -241,13 +249,15 @@ def train_with_engine(case: dict, windows: list[list[dict]]) -> list:
 
 
 CASE_DEFAULTS = {"variant": "right", "scheduler": "trainer", "precision": "fp32", "offload": False,
-                 "checkpointing": False, "count": 20, "warmup": 0, "poison": None, "poison_pass": 1,
+                 "checkpointing": False, "from_pretrained": False, "evaluate": False, "count": 20, "warmup": 0, "poison": None, "poison_pass": 1,
                  "reference": True}
 
 
 def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) -> list[dict]:
     """Per case (stage, sam_type, variant "right"/"every-micro-batch", scheduler "trainer"/"deepspeed",
-    precision, offload, checkpointing, count examples, warmup steps, poison: an update whose losses are
+    precision, offload, checkpointing, from_pretrained: a folder with tiny_bert's weights, loaded after the
+    TrainingArguments,
+    evaluate: the Trainer's eval_loss on 8 examples after training, count examples, warmup steps, poison: an update whose losses are
     infinite in pass poison_pass, reference: whether to run the engine path): the Trainer's run, and the engine path's
     parameters on its batches."""
     out = []

@@ -77,6 +77,14 @@ def check_against_references(cases: list[dict], results: list[list[dict]]) -> No
         assert [len(w) for w in rank0["windows"]] == [2, 2, 1] and rank0["global_step"] == 3
         engine_error = relative_update_error(ours, torch.cat(rank0["engine_params"]), start)
         plain_error = relative_update_error(ours, plain_reference(case["sam_type"], [rank0, rank1], precision), start)
+        if case.get("from_pretrained"):
+            assert rank0["loaded_partitioned"] and rank1["loaded_partitioned"], case
+        if case.get("evaluate"):  # the Trainer's evaluation at ZeRO-3 against the gathered weights' own loss
+            model = start_model()
+            torch.nn.utils.vector_to_parameters(ours, model.parameters())
+            batch = {key: torch.stack([row[key] for row in examples(8)]) for key in examples(8)[0]}
+            with torch.no_grad():
+                assert rank0["eval_loss"] == pytest.approx(bert_loss(model, batch).mean().item(), rel=1e-5), case
         if case.get("variant", "right") == "right":
             assert engine_error <= TOLERANCE, (case, engine_error)
             assert plain_error <= (BF16_TOLERANCE if precision == "bf16" else TOLERANCE), (case, plain_error)
@@ -90,7 +98,9 @@ STAGE_CASES = {
     "stage0-1": [{"stage": 0, "sam_type": t} for t in ("sam", "fisher-sam", "gsam")]
     + [{"stage": 1, "sam_type": "fisher-sam"}, {"stage": 2, "sam_type": "fisher-sam", "variant": "every-micro-batch"}],
     "stage2": [{"stage": 2, "sam_type": t} for t in ("sam", "fisher-sam", "gsam", "fisher-esam")],
-    "stage3": [{"stage": 3, "sam_type": t} for t in ("sam", "fisher-sam", "gsam", "esam")],
+    "stage3": [{"stage": 3, "sam_type": t} for t in ("sam", "gsam", "esam")]
+    # from_pretrained after the TrainingArguments (HfDeepSpeedConfig: loaded partitioned), then evaluated
+    + [{"stage": 3, "sam_type": "fisher-sam", "from_pretrained": True, "evaluate": True}],
     # bf16 (TrainingArguments(bf16=True), the config's "auto"), optimizer offload, activation checkpointing
     # (TrainingArguments(gradient_checkpointing=True)): against the engine path with the same settings, and
     # bf16 against the fp32 reference within bf16's error
@@ -109,7 +119,9 @@ STAGE_CASES = {
 def test_trainer_steps_equal_the_engine_path_and_the_single_process_reference(group, tmp_path):
     """Gradient accumulation 2 with a short last step; fp32 unless the case says bf16; the deliberately wrong
     variant (an update at every micro-batch) is far from both references."""
-    cases = STAGE_CASES[group]
+    tiny_bert().save_pretrained(tmp_path / "pretrained")
+    cases = [{**case, "from_pretrained": str(tmp_path / "pretrained")} if case.get("from_pretrained") else case
+             for case in STAGE_CASES[group]]
     results = run_distributed(run_trainer_cases, 2, tmp_path, cases, str(tmp_path), use_deepspeed=True, timeout=400)
     check_against_references(cases, results)
 

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.ranks import accelerate_on_gloo
 from ds_workers import full_params, sam_config
-from hf_workers import run_accelerate_on_gloo, trainer_ds_config
+from hf_workers import trainer_ds_config
 
 LR = 1e-2
 BATCH = 2
@@ -175,7 +176,7 @@ def sft_trainer(out_dir: str, stage: int, sam_type: str | None, packing: bool, c
 def run_sft_cases(rank: int, world: int, cases: list[dict], out_dir: str) -> list[dict]:
     """Per case (stage, sam_type, packing): TRL's SFTTrainer with AdamW, then through the mixin; the losses and
     metrics each logged, the step-0 references, and the engine path's weights on the mixin's micro-batches."""
-    run_accelerate_on_gloo()
+    accelerate_on_gloo()
     out = []
     for case in cases:
         started = time.perf_counter()
@@ -238,7 +239,7 @@ def dpo_engine_loss(reference):
 def run_dpo_cases(rank: int, world: int, stage: int, sam_type: str, out_dir: str) -> dict:
     from fsam_ds.sam.config import ConfigError
 
-    run_accelerate_on_gloo()
+    accelerate_on_gloo()
     adamw = dpo_trainer(os.path.join(out_dir, "dpo-adamw"), stage, None)
     adamw.train()
     sam = dpo_trainer(os.path.join(out_dir, "dpo-sam"), stage, sam_type)
