@@ -206,7 +206,7 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
         trainer.watch = case["poison"]
     trainer.train()
     engine = trainer.model_wrapped
-    evaluated = trainer.evaluate(examples(8))["eval_loss"] if case["evaluate"] else None
+    predicted = torch.as_tensor(trainer.predict(examples(8)).predictions) if case["evaluate"] else None
     unchanged = None
     if trainer.around_watch:
         before, after = trainer.around_watch
@@ -214,7 +214,7 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
     settings = {"dtype": str(next(engine.module.parameters()).dtype), "offload": bool(engine.zero_cpu_offload()),
                 "checkpointing": engine.module.is_gradient_checkpointing}
     return {"settings": settings, "unchanged_by_watched_update": unchanged, "loss_scales": trainer.loss_scales,
-            "loaded_partitioned": loaded_partitioned, "eval_loss": evaluated,
+            "loaded_partitioned": loaded_partitioned, "predicted": predicted,
             "ds_skipped": engine.skipped_steps, "params": full_params(engine), "windows": trainer.windows, "step_lrs": trainer.step_lrs,
             "global_step": trainer.state.global_step, "engine_steps": engine.global_steps,
             "logged_lrs": [e["learning_rate"] for e in trainer.state.log_history if "loss" in e],
@@ -257,7 +257,7 @@ def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) ->
     """Per case (stage, sam_type, variant "right"/"every-micro-batch", scheduler "trainer"/"deepspeed",
     precision, offload, checkpointing, from_pretrained: a folder with tiny_bert's weights, loaded after the
     TrainingArguments,
-    evaluate: the Trainer's eval_loss on 8 examples after training, count examples, warmup steps, poison: an update whose losses are
+    evaluate: the Trainer's predictions (logits) on 8 examples after training, count examples, warmup steps, poison: an update whose losses are
     infinite in pass poison_pass, reference: whether to run the engine path): the Trainer's run, and the engine path's
     parameters on its batches."""
     out = []
