@@ -22,7 +22,9 @@ it is, checked against accelerate 1.16 and transformers 5.23:
   (the common case), stepped once after the boundary unless DeepSpeed reports an fp16 overflow;
   after a SAM step that applied nothing for a non-finite gradient in bf16/fp32 (no `engine.step()`),
   the Trainer's next scheduler step is held back so that it too skips that step;
-* `grad_norm` is DeepSpeed's norm of the last `engine.step()`: the gradient at w + e, pre-clipping.
+* `grad_norm` is DeepSpeed's norm of the last `engine.step()`: the gradient at w + e, pre-clipping;
+* `sharpness_aware_share` is the share of the optimizer steps since the previous log line that were
+  sharpness-aware (below 1 under a `schedule`, 0 for MSAM's first step).
 
 Checkpoints: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint, each rank's SAM
 state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically). `train(resume_from_checkpoint=)`
@@ -122,6 +124,7 @@ class SAMTrainerMixin:
         self._sam_resume_state: dict | None = None
         self._sam_window: list[Mapping[str, Any]] = []
         self._outputs_loss: OutputsLoss | None = None
+        self._sam_since_log = [0, 0]  # sharpness-aware updates, optimizer steps
 
     # ---------------------------------------------------------- the Trainer's hooks
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -133,7 +136,7 @@ class SAMTrainerMixin:
         # read (and checked) before any work; restored into each SAMEngine this run builds, before its first step
         self._sam_resume_state = None if resume_from_checkpoint in (None, False) else read_sam_state(
             resume_from_checkpoint, self.args.process_index, self.args.world_size, self.sam_config.sam_type)
-        self._sam_window = []
+        self._sam_window, self._sam_since_log = [], [0, 0]
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -163,9 +166,18 @@ class SAMTrainerMixin:
         window, self._sam_window = self._sam_window, []
         sam_engine = self._sam_engine_for(model)
         out = sam_engine.train_step(window, self._per_example_loss)
+        self._sam_since_log[0] += int(not out.skipped and out.stats.sharpness_aware)
+        self._sam_since_log[1] += 1
         if out.skipped and not model.fp16_enabled():
             self._hold_scheduler_once()
         return torch.tensor(out.loss, device=self.args.device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # over the steps since the previous log line, as the Trainer's `loss` beside it
+        if "loss" in logs and self._sam_since_log[1]:
+            logs = {**logs, "sharpness_aware_share": self._sam_since_log[0] / self._sam_since_log[1]}
+            self._sam_since_log = [0, 0]
+        super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------- the step
     def _window_closes(self) -> bool:
@@ -175,7 +187,8 @@ class SAMTrainerMixin:
     def _sam_engine_for(self, engine: Any) -> SAMEngine:
         # a new train() (auto_find_batch_size, hyperparameter search) prepares a new engine
         if self.sam_engine is None or self.sam_engine.engine is not engine:
-            self.sam_engine = SAMEngine(engine, self.sam_config)
+            # planned_steps: the schedule late:f starts at a fraction of the Trainer's max_steps
+            self.sam_engine = SAMEngine(engine, self.sam_config, planned_steps=self.state.max_steps)
             if self._sam_resume_state is not None:
                 self.sam_engine.load_sam_state(self._sam_resume_state)
             self._outputs_loss = outputs_loss_for(self.accelerator.unwrap_model(self.model))
