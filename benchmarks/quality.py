@@ -169,9 +169,10 @@ def summarise(runs: Sequence[PlannedRun], root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for run in runs:
         variants = out.setdefault(run.task, {})
-        entry = variants.setdefault(run.variant, {"planned": 0, "done": 0, "metrics": {}, "cpu_s": [],
+        entry = variants.setdefault(run.variant, {"planned": 0, "done": 0, "seeds": [], "metrics": {}, "cpu_s": [],
                                                   "sam_share": []})
         entry["planned"] += 1
+        entry["seeds"].append(run.seed)
         result = read_run(run, root)
         if result is None:
             continue
@@ -209,7 +210,7 @@ def format_table(summary: dict[str, Any]) -> str:
     for task, variants in summary.items():
         metrics = TASK_METRICS[task]
         done, planned = (sum(e[k] for e in variants.values()) for k in ("done", "planned"))
-        seeds = max(e["planned"] for e in variants.values())
+        seeds = max((e["seeds"] for e in variants.values()), key=len)
         status = "complete" if done == planned else f"PARTIAL: {done} of {planned} runs done"
         baseline = variants.get(BASELINE)
         header = ["variant", "seeds done", "SAM share", *(f"{m} (mean ± std)" for m in metrics), "CPU s per run",
@@ -220,7 +221,7 @@ def format_table(summary: dict[str, Any]) -> str:
             rows.append([name, f"{e['done']} of {e['planned']}", fmt(e["sam_share"]),
                          *(_mean_pm_std(e["metrics"].get(m, (None, None))) for m in metrics),
                          fmt(e["cpu_s"], ".0f"), fmt(cpu_ratio)])
-        lines = [f"{TASK_TITLES[task]}; {seeds} seed(s) per variant; {status}", "",
+        lines = [f"{TASK_TITLES[task]}; seeds {', '.join(map(str, seeds))}; {status}", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                  *("| " + " | ".join(row) + " |" for row in rows), ""]
         lines += verdicts(variants, metrics[0]) if baseline else [f"no {BASELINE} runs: nothing to compare with"]

@@ -69,7 +69,7 @@ def test_means_stds_and_cpu_ratios_of_the_finished_runs(polarity_root):
     assert f"| fisher-sam@every:5 | 2 of 3 | 0.20 | {every5[0]:.4f} ± {every5[1]:.4f} | 132 | " \
            f"{132 / adamw_cpu:.2f} |" in table
     assert f"| fisher-sam | 3 of 3 | 1.00 | 0.8400 ± 0.0100 | 220 | {220 / adamw_cpu:.2f} |" in table
-    assert "PARTIAL: 8 of 9 runs done" in table
+    assert "seeds 42, 1, 2; PARTIAL: 8 of 9 runs done" in table
     # fisher-sam: 0.84 - 0.01 > 0.81 + 0.01; every:5 (0.81 ± 0.028) overlaps AdamW's spread
     assert "above AdamW's accuracy beyond the seed spread: fisher-sam" in table
 
@@ -95,7 +95,7 @@ def test_spelling_reads_exact_match_and_chrf_after_training(tmp_path):
     assert [r.seed for r in runs] == [42, 42]
     table = quality.format_table(quality.summarise(runs, tmp_path))
     assert "| fisher-sam | 1 of 1 | 1.00 | 0.4583 | 0.9455 | 280 | 1.75 |" in table
-    assert "complete" in table and "PARTIAL" not in table
+    assert "seeds 42; complete" in table and "PARTIAL" not in table
 
 
 def test_runs_go_seed_by_seed_polarity_first():
