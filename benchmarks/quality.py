@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--keep_models", action="store_true",
                         help="keep each finished run's checkpoints and exported models (about 0.7 GB per "
-                             "polarity run, 3 GB per spelling run); by default only its logs stay")
+                             "polarity run, 2 GB per spelling run); by default only its logs stay")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     parser.add_argument("--table-only", "--table_only", dest="table_only", action="store_true",
                         help="run nothing: print the table of the runs finished so far")
