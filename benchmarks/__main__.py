@@ -1,4 +1,4 @@
-"""`python -m benchmarks core|zero|scale ...`, from the repository root.
+"""`python -m benchmarks core|zero|scale|cheap|quality ...`, from the repository root.
 
     python -m benchmarks core --threads 1                 # one process: ours vs pytorch-optimizer's SAM
     python -m benchmarks zero --stages 1 2 3 --steps 30   # 2 DeepSpeed ZeRO ranks over gloo (CPU)
@@ -6,6 +6,7 @@
     python -m benchmarks scale [--search]                 # fsam-train at ZeRO-3 on a 355M model: memory, step time
     python -m benchmarks cheap --stages 2 3 --steps 30    # schedules, LookSAM, MSAM against AdamW and fisher-sam
     python -m benchmarks trainer --stages 2 3 --steps 20  # fisher-sam in Hugging Face's Trainer against its AdamW
+    python -m benchmarks quality --output_dir runs/quality   # dev quality and CPU time per run on the demos
     python -m benchmarks.gpu_check OUT_DIR                # GPU readiness: CUDA tests + ratios (scripts/gpu_check.sh)
 
 `core` compares against pytorch-optimizer, which the dev extra installs (`pip install -e '.[dev]'`).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import cheap, core, scale, trainer, zero
+from benchmarks import cheap, core, quality, scale, trainer, zero
 from benchmarks.measure import write_json
 
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "against AdamW and fisher-sam on ZeRO stages"))
     trainer.add_arguments(sub.add_parser("trainer", help="fisher-sam through Hugging Face's Trainer against the "
                                                          "same Trainer with AdamW, beside fsam-train's engine path"))
+    quality.add_arguments(sub.add_parser("quality", help="the demos' dev metric (mean ± std over seeds) and CPU "
+                                                         "time per run: AdamW, fisher-sam and the cheaper variants"))
     return parser
 
 
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "cheap":
         result = cheap.run_cheap(args)
         print(cheap.format_cheap_report(result))
+    elif args.command == "quality":
+        result = quality.run_quality(args)
+        print(quality.format_quality_report(result))
     else:
         result = scale.run_scale(args)
         print(scale.format_scale_report(result))

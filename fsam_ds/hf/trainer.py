@@ -23,7 +23,9 @@ it is, checked against accelerate 1.16 and transformers 5.23:
   (the common case), stepped once after the boundary unless DeepSpeed reports an fp16 overflow;
   after a SAM step that applied nothing for a non-finite gradient in bf16/fp32 (no `engine.step()`),
   the Trainer's next scheduler step is held back so that it too skips that step;
-* `grad_norm` is DeepSpeed's norm of the last `engine.step()`: the gradient at w + e, pre-clipping.
+* `grad_norm` is DeepSpeed's norm of the last `engine.step()`: the gradient at w + e, pre-clipping;
+* `sharpness_aware_share` is the share of the optimizer steps since the previous log line that were
+  sharpness-aware (below 1 under a `schedule`, 0 for MSAM's first step).
 
 Without DeepSpeed (one process, or DDP): `create_optimizer` makes the Trainer's own optimizer the base of
 a `SAMOptimizer` (`max_grad_norm` clips inside its step, before the base steps), the boundary runs its
@@ -149,6 +151,7 @@ class SAMTrainerMixin:
         self._outputs_loss: OutputsLoss | None = None
         self._planned_steps: int | None = None
         self._sam_step_loss: StepLoss = self._outputs_loss_of
+        self._sam_since_log = [0, 0]  # sharpness-aware updates, optimizer steps
 
     # ---------------------------------------------------------- the Trainer's hooks
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -162,7 +165,7 @@ class SAMTrainerMixin:
         resuming = resume_from_checkpoint not in (None, False) and self.is_deepspeed_enabled
         self._sam_resume_state = None if not resuming else read_sam_state(
             resume_from_checkpoint, self.args.process_index, self.args.world_size, self.sam_config.sam_type)
-        self._sam_window = []
+        self._sam_window, self._sam_since_log = [], [0, 0]
         self._outputs_loss = outputs_loss_for(self.accelerator.unwrap_model(self.model))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -238,10 +241,19 @@ class SAMTrainerMixin:
                     out = self._sam_optimizer().train_step(window, functools.partial(loss_fn, model))
         finally:
             restore_logs()
+        self._sam_since_log[0] += int(not out.skipped and out.stats.sharpness_aware)
+        self._sam_since_log[1] += 1
         # DeepSpeed's fp16 loss scaler reports its skipped steps to the Trainer itself
         if out.skipped and not (self.is_deepspeed_enabled and model.fp16_enabled()):
             self._hold_scheduler_once()
         return torch.tensor(out.loss, device=self.args.device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # over the steps since the previous log line, as the Trainer's `loss` beside it
+        if "loss" in logs and self._sam_since_log[1]:
+            logs = {**logs, "sharpness_aware_share": self._sam_since_log[0] / self._sam_since_log[1]}
+            self._sam_since_log = [0, 0]
+        super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------- the step
     def _window_closes(self) -> bool:
@@ -255,6 +267,7 @@ class SAMTrainerMixin:
     def _sam_engine_for(self, engine: Any) -> SAMEngine:
         # a new train() (auto_find_batch_size, hyperparameter search) prepares a new engine
         if self.sam_engine is None or self.sam_engine.engine is not engine:
+            # planned_steps: the schedule late:f starts at a fraction of the Trainer's max_steps
             self.sam_engine = SAMEngine(engine, self.sam_config, planned_steps=self.state.max_steps)
             if self._sam_resume_state is not None:
                 self.sam_engine.load_sam_state(self._sam_resume_state)
