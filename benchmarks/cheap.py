@@ -21,7 +21,7 @@ import statistics
 import time
 from typing import Any
 
-from benchmarks.measure import MiB, count_parameters, fmt, ratio, table, tiny_bert
+from benchmarks.measure import MiB, count_parameters, fmt, ranks_heading, ratio, table, tiny_bert
 from benchmarks.zero import MODEL_SHAPE, _slowest_rank_times, add_arguments as add_zero_arguments, spawn_ranks
 
 METHODS = ("adamw", "fisher-sam", "fisher-sam@every:5", "fisher-sam@late:0.2", "fisher-sam@looksam:5",
@@ -82,10 +82,7 @@ def run_cheap(args: argparse.Namespace) -> dict:
 
 
 def format_cheap_report(result: dict) -> str:
-    c = result["config"]
-    head = (f"benchmarks cheap: {c['world_size']} {c['backend']} ranks, tiny BERT hidden {c['hidden']}, "
-            f"{c['layers']} layers ({c['parameters'] / 1e6:.2f} M parameters), micro-batch {c['micro_batch']} per "
-            f"rank, {c['dtype']}; mean of {c['steps']} interleaved steps")
+    head = ranks_heading("cheap", result["config"], f"mean of {result['config']['steps']} interleaved steps")
     header = ["stage", "method", "SAM share", "step ms", "x AdamW", "coll MiB", "x AdamW", "mem MiB", "x AdamW"]
     rows = []
     for stage, s in result["stages"].items():

@@ -522,6 +522,14 @@ def per_example_loss(model: Callable, batch: dict[str, Tensor]) -> Tensor:
     return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
 
+def ranks_heading(command: str, config: dict, timing: str) -> str:
+    """The first line of a multi-rank report: ranks, the tiny BERT's shape, the batch, the dtype, `timing`."""
+    c = config
+    return (f"benchmarks {command}: {c['world_size']} {c['backend']} ranks, tiny BERT hidden {c['hidden']}, "
+            f"{c['layers']} layers ({c['parameters'] / 1e6:.2f} M parameters), micro-batch {c['micro_batch']} per "
+            f"rank, {c['dtype']}; {timing}")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

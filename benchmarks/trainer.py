@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from benchmarks.measure import (LR, MASK_INTERVAL, WEIGHT_DECAY, MiB, PhaseProfile, count_parameters, fmt,
-                                heap_in_use, median, random_batches, ratio, table, tiny_bert)
+                                heap_in_use, median, random_batches, ranks_heading, ratio, table, tiny_bert)
 from benchmarks.ranks import accelerate_on_gloo
 from benchmarks.zero import MODEL_SHAPE, RankBench, _quiet, _slowest_rank_times, add_arguments as add_zero_arguments
 from benchmarks.zero import summarise_method
@@ -202,10 +202,7 @@ def verdicts(stage: int, paths: dict[str, dict]) -> list[str]:
 
 
 def format_trainer_report(result: dict) -> str:
-    c = result["config"]
-    head = (f"benchmarks trainer: {c['world_size']} {c['backend']} ranks, tiny BERT hidden {c['hidden']}, "
-            f"{c['layers']} layers ({c['parameters'] / 1e6:.2f} M parameters), micro-batch {c['micro_batch']} per "
-            f"rank, {c['dtype']}; median of {c['steps']} steps per run")
+    head = ranks_heading("trainer", result["config"], f"median of {result['config']['steps']} steps per run")
     header = ["stage", "path", "method", "step ms", "x AdamW", "coll MiB", "x AdamW", "mem MiB", "x AdamW"]
     rows = []
     for stage, s in result["stages"].items():
