@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.ranks import accelerate_on_gloo
 from ds_workers import ds_config, full_params, tiny_bert
 from hf_workers import (ACCUMULATION, LR, PER_DEVICE_BATCH, bert_loss, examples, param_groups, recording,
-                        run_accelerate_on_gloo, training_args)
+                        training_args)
 from fsam_ds.sam.config import SAMConfig
 
 COUNT = 28  # 2 ranks x 2 per micro-batch x 2 per step: 4 optimizer steps of 2, 2, 2 and 1 micro-batches
@@ -41,7 +42,7 @@ def run_cheap_cases(rank: int, world: int, cases: list[dict[str, Any]], out_dir:
     sharpness-aware shares, and the engine path's weights for the config and for the contrast."""
     from fsam_ds.hf.trainer import SAMTrainer
 
-    run_accelerate_on_gloo()
+    accelerate_on_gloo()
     out = []
     for index, case in enumerate(cases):
         config = SAMConfig(**case["config"])
