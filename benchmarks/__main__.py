@@ -5,7 +5,7 @@
     python -m benchmarks zero --backend nccl --world-size 1   # the same on GPUs, one rank per GPU
     python -m benchmarks scale [--search]                 # fsam-train at ZeRO-3 on a 355M model: memory, step time
     python -m benchmarks cheap --stages 2 3 --steps 30    # schedules, LookSAM, MSAM against AdamW and fisher-sam
-    python -m benchmarks trainer --stages 2 3 --steps 20  # fisher-sam in Hugging Face's Trainer against its AdamW
+    python -m benchmarks trainer --stages 2 3 --steps 40  # fisher-sam in Hugging Face's Trainer against its AdamW
     python -m benchmarks quality --output_dir runs/quality   # dev quality and CPU time per run on the demos
     python -m benchmarks.gpu_check OUT_DIR                # GPU readiness: CUDA tests + ratios (scripts/gpu_check.sh)
 
