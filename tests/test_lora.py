@@ -3,7 +3,10 @@ an independent plain-PyTorch computation, the frozen base never touched, checkpo
 
 from __future__ import annotations
 
+import csv
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +155,73 @@ def test_target_modules_the_model_lacks_stop_the_run_before_training_naming_thos
     for layer in ("query", "key", "value", "dense", "classifier"):  # the tiny BERT's linear layers
         assert re.search(rf"\b{layer}\b", line.split("can adapt are named:")[1]), line
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+LORA_RUN = {"peft.method": "lora", "peft.r": 4, "peft.dropout": 0.1, "peft.export_merged": "true", "zero_stage": 3}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory) -> dict[str, Path]:
+    """fsam-train with LoRA at ZeRO-3 (tiny BERT, dropout on), uninterrupted, and killed before step 12
+    and resumed from its step-10 checkpoint (a mask rebuilt at step 9 in use, mid-epoch)."""
+    from test_train_e2e import _kill_and_resume, _single
+
+    root = tmp_path_factory.mktemp("lora")
+    assets = {"model": fx.write_tiny_model(root / "model", initializer_range=0.2)}
+    assets["train"], assets["dev"] = fx.write_sst2_files(root / "data")
+    straight, resumed = _kill_and_resume(assets, root, _single, kill_at=11, **LORA_RUN)
+    return {**assets, "straight": straight, "resumed": resumed}
+
+
+def _adapter_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resumed_lora_run_equals_the_uninterrupted_one_and_checkpoints_hold_the_adapters_only(lora_runs):
+    a, b = _adapter_weights(lora_runs["straight"]), _adapter_weights(lora_runs["resumed"])
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a) and any("classifier" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fx.summary(lora_runs["straight"])["best_metric"] == fx.summary(lora_runs["resumed"])["best_metric"]
+    # the checkpoint: no frozen weight; optimizer state for the trainable entries alone
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(lora_runs["model"])
+    checkpoint = max((lora_runs["straight"] / "checkpoints").glob("step*"), key=lambda p: int(p.name[4:]))
+    module = torch.load(next(checkpoint.glob("*model_states.pt")), weights_only=False)["module"]
+    assert not [k for k in module if "base_layer" in k or k.endswith("original_module.weight")], list(module)
+    assert all("lora_" in k or "modules_to_save" in k or "position_ids" in k or "token_type_ids" in k
+               for k in module), list(module)
+    optim = torch.load(next(checkpoint.glob("*optim_states.pt")), weights_only=False)
+    adam = optim["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+    trained = sum(t.numel() for t in a.values())
+    assert sum(s["exp_avg"].numel() for s in adam.values()) == trained < sum(p.numel() for p in base.parameters()) / 4
+
+
+@pytest.mark.slow
+def test_exported_adapter_loaded_by_peft_predicts_as_fsam_predict_on_the_adapter_and_the_merged_model(lora_runs,
+                                                                                                     tmp_path):
+    """The adapter folder loaded with peft and transformers alone (no fsam-ds) on the base model gives the
+    probabilities fsam-predict writes for the adapter folder and for its merged/ model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fsam_ds.cli.predict import predict_file
+
+    final, dev = lora_runs["straight"] / "final", lora_runs["dev"]
+    base = AutoModelForSequenceClassification.from_pretrained(lora_runs["model"], num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    sentences = [row["sentence"] for row in csv.DictReader(dev.open())]
+    inputs = tokenizer(sentences, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        untrained = torch.softmax(base.eval()(**inputs).logits, dim=-1)[:, 1]
+        outside = torch.softmax(PeftModel.from_pretrained(base, final).eval()(**inputs).logits, dim=-1)[:, 1]
+    assert (outside - untrained).abs().max() > 1e-2  # the base alone would fail the comparisons below
+    for folder, tolerance in ((final, 1e-6), (final / "merged", 1e-5)):
+        out = tmp_path / f"{folder.name}.jsonl"
+        assert predict_file(folder, dev, out, progress=False) == len(sentences)
+        probabilities = [json.loads(line)["prediction"]["probabilities"]["positive"]
+                         for line in out.read_text().splitlines()]
+        assert torch.allclose(torch.tensor(probabilities), outside, atol=tolerance, rtol=0), folder
