@@ -39,7 +39,7 @@ from fsam_ds.sam.driver import StepOutput
 from fsam_ds.trainer.data import DataError, set_epoch
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.objectives import Objective, objective_for
-from fsam_ds.trainer.peft_model import merged_model, wrap_with_peft
+from fsam_ds.trainer.peft_model import WRAPPED_PREFIX, merged_model, wrap_with_peft
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 from fsam_ds.trainer.run_claim import claim_output_dir
 from fsam_ds.trainer.run_identity import run_differences
@@ -349,7 +349,8 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> None:
     if cfg.precision == "fp32" and cfg.dtype != "float32":
         print(f"warning: dtype {cfg.dtype} with precision fp32 trains the {cfg.dtype} weights directly, "
               "without an fp32 master copy.", file=sys.stderr, flush=True)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    # the model's own names (mask density by layer), without the prefix a peft wrapper adds
+    names = [n.removeprefix(WRAPPED_PREFIX) for n, p in model.named_parameters() if p.requires_grad]
     sam_engine = build_engine(cfg, model, ds_config, total)
 
     order = {"world_size": world, "micro_batch_size": cfg.data.micro_batch_size,

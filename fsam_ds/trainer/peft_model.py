@@ -24,6 +24,8 @@ from fsam_ds.trainer.objectives import Objective
 from fsam_ds.trainer.run_config import TrainConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
+WRAPPED_PREFIX = "base_model.model."
+"""What peft puts before the wrapped model's own parameter names."""
 MERGED_DIR = "merged"
 
 # peft's task type for each head the objectives build (`Objective.model_class`); a sequence classifier's
