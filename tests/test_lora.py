@@ -151,7 +151,7 @@ def test_target_modules_the_model_lacks_stop_the_run_before_training_naming_thos
     assets["train"], assets["dev"] = fx.write_sst2_files(tmp_path / "data")
     out = tmp_path / "run"
     line = error_line(train_here(assets, out, tmp_path, "--peft.method=lora", "--peft.target_modules=q_proj,value"))
-    assert "peft.target_modules = ['q_proj', 'value']: q_proj name(s) no module" in line
+    assert "peft.target_modules = ['q_proj', 'value']: q_proj names no module" in line
     for layer in ("query", "key", "value", "dense", "classifier"):  # the tiny BERT's linear layers
         assert re.search(rf"\b{layer}\b", line.split("can adapt are named:")[1]), line
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

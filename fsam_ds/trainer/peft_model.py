@@ -35,11 +35,15 @@ TASK_TYPES = {"AutoModelForSequenceClassification": "SEQ_CLS", "AutoModelForCaus
 
 
 def adaptable_modules(model: torch.nn.Module) -> list[str]:
-    """The distinct short names (the last part: q_proj, query) of the layers LoRA can adapt."""
+    """The distinct short names (the last part: q_proj, query) of the layers LoRA can adapt, the most
+    repeated first (those in every block, which make the best examples), then by name."""
+    from collections import Counter
+
     from transformers.pytorch_utils import Conv1D
 
     kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kinds)})
+    counts = Counter(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kinds))
+    return sorted(counts, key=lambda name: (-counts[name], name))
 
 
 def _missing(model: torch.nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -53,7 +57,8 @@ def _refuse_unknown(model: torch.nn.Module, key: str, names: tuple[str, ...], mo
     missing = _missing(model, names)
     if missing:
         layers = adaptable_modules(model)
-        raise TrainError(f"{key} = {list(names)}: {', '.join(missing)} name(s) no module of the model {model_name!r} "
+        verb = "names" if len(missing) == 1 else "name"
+        raise TrainError(f"{key} = {list(names)}: {', '.join(missing)} {verb} no module of the model {model_name!r} "
                          f"({type(model).__name__}). The layers LoRA can adapt are named: {', '.join(layers)}. "
                          f"Give some of those, e.g. --{key}={','.join(layers[:2])}, or leave peft.target_modules "
                          "empty for peft's default for this architecture.")
