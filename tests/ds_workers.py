@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -678,3 +679,16 @@ def run_lora_equivalence(rank: int, world: int, model_dir: str, cases: list[tupl
             assert not sam_engine.train_step(split(b, rank, world, parts), loss).skipped
         out.append(named_full_params(sam_engine.engine))
     return out
+
+
+def run_lora_checkpoint_keys(rank: int, world: int, folder: str, stage: int) -> list[str]:
+    """The module entries of a checkpoint that `SAMEngine.save_checkpoint(exclude_frozen_parameters=True)`
+    writes for `tiny_gpt2` (embedding tied to its LM head) under LoRA, after one step."""
+    import peft
+
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    sam_engine = build_engine(model, stage, sam=sam_config("fisher-sam"))
+    sam_engine.train_step(split(global_batches("gpt2", 1)[0], rank, world), per_example_loss("gpt2"))
+    sam_engine.save_checkpoint(folder, tag="t", exclude_frozen_parameters=True)
+    states = torch.load(next((Path(folder) / "t").glob("*model_states.pt")), weights_only=False)
+    return sorted(states["module"])

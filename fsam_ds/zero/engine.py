@@ -189,8 +189,7 @@ class SAMEngine(ObservedThroughCore):
         `exclude_frozen_parameters` leaves the frozen weights out (LoRA's base: the model rebuilt on
         resume holds them), and `load_checkpoint` then needs `load_module_strict=False`."""
         tag = tag or f"global_step{self.engine.global_steps}"
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {},
-                                    exclude_frozen_parameters=exclude_frozen_parameters)
+        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters)
         self.save_sam_state(Path(save_dir) / tag)
         torch.distributed.barrier()
         return tag
@@ -225,6 +224,29 @@ class SAMEngine(ObservedThroughCore):
         """Restores what `sam_state()` returned (read it with `read_sam_state`, which checks it fits)."""
         self.core.load_state_dict(state["core"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+def save_deepspeed_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None, client_state: dict | None,
+                              exclude_frozen_parameters: bool) -> None:
+    """`engine.save_checkpoint`; with `exclude_frozen_parameters`, no frozen parameter under any of its names.
+    DeepSpeed drops the frozen entries by the names `named_parameters()` gives, which names a tied weight
+    once: a frozen embedding tied to the LM head (SmolLM2, GPT-2) stayed in as `lm_head.weight`, the whole
+    table. A state-dict hook drops every name, for the length of the save."""
+    hook = None
+    if exclude_frozen_parameters:
+        frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+        def drop_frozen(module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+            for name in frozen:
+                state_dict.pop(prefix + name, None)
+
+        hook = engine.module.register_state_dict_post_hook(drop_frozen)
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {},
+                               exclude_frozen_parameters=exclude_frozen_parameters)
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def sam_state_file(rank: int | str) -> str:
@@ -299,8 +321,7 @@ class PlainEngine:
 
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
                         client_state: dict | None = None, exclude_frozen_parameters: bool = False) -> str:
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {},
-                                    exclude_frozen_parameters=exclude_frozen_parameters)
+        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters)
         torch.distributed.barrier()
         return tag or ""
 
