@@ -681,14 +681,18 @@ def run_lora_equivalence(rank: int, world: int, model_dir: str, cases: list[tupl
     return out
 
 
-def run_lora_checkpoint_keys(rank: int, world: int, folder: str, stage: int) -> list[str]:
-    """The module entries of a checkpoint that `SAMEngine.save_checkpoint(exclude_frozen_parameters=True)`
-    writes for `tiny_gpt2` (embedding tied to its LM head) under LoRA, after one step."""
+def run_lora_checkpoint_keys(rank: int, world: int, folder: str, stages: list[int]) -> dict[int, list[str]]:
+    """Per stage, the module entries of the checkpoint that `SAMEngine.save_checkpoint(exclude_frozen_parameters=
+    True)` writes for `tiny_gpt2` (embedding tied to its LM head) under LoRA, after one step."""
     import peft
 
-    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
-    sam_engine = build_engine(model, stage, sam=sam_config("fisher-sam"))
-    sam_engine.train_step(split(global_batches("gpt2", 1)[0], rank, world), per_example_loss("gpt2"))
-    sam_engine.save_checkpoint(folder, tag="t", exclude_frozen_parameters=True)
-    states = torch.load(next((Path(folder) / "t").glob("*model_states.pt")), weights_only=False)
-    return sorted(states["module"])
+    out = {}
+    for stage in stages:
+        model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+        sam_engine = build_engine(model, stage, sam=sam_config("fisher-sam"))
+        sam_engine.train_step(split(global_batches("gpt2", 1)[0], rank, world), per_example_loss("gpt2"))
+        sam_engine.save_checkpoint(folder, tag=f"stage{stage}", exclude_frozen_parameters=True)
+        states = torch.load(next((Path(folder) / f"stage{stage}").glob("*model_states.pt")), weights_only=False)
+        out[stage] = sorted(states["module"])
+        sam_engine.engine.destroy()
+    return out
