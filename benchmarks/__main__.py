@@ -1,4 +1,4 @@
-"""`python -m benchmarks core|zero|scale|cheap|quality ...`, from the repository root.
+"""`python -m benchmarks core|zero|scale|cheap|lora|quality|trainer ...`, from the repository root.
 
     python -m benchmarks core --threads 1                 # one process: ours vs pytorch-optimizer's SAM
     python -m benchmarks zero --stages 1 2 3 --steps 30   # 2 DeepSpeed ZeRO ranks over gloo (CPU)
@@ -7,6 +7,7 @@
     python -m benchmarks cheap --stages 2 3 --steps 30    # schedules, LookSAM, MSAM against AdamW and fisher-sam
     python -m benchmarks trainer --stages 2 3 --steps 40  # fisher-sam in Hugging Face's Trainer against its AdamW
     python -m benchmarks quality --output_dir runs/quality   # dev quality and CPU time per run on the demos
+    python -m benchmarks lora --stages 2 3 --steps 5      # LoRA vs full fine-tuning, AdamW vs fisher-sam, a Llama
     python -m benchmarks.gpu_check OUT_DIR                # GPU readiness: CUDA tests + ratios (scripts/gpu_check.sh)
 
 `core` compares against pytorch-optimizer, which the dev extra installs (`pip install -e '.[dev]'`).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import cheap, core, quality, scale, trainer, zero
+from benchmarks import cheap, core, lora, quality, scale, trainer, zero
 from benchmarks.measure import write_json
 
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "same Trainer with AdamW, beside fsam-train's engine path"))
     quality.add_arguments(sub.add_parser("quality", help="the demos' dev metric (mean ± std over seeds) and CPU "
                                                          "time per run: AdamW, fisher-sam and the cheaper variants"))
+    lora.add_arguments(sub.add_parser("lora", help="LoRA vs full fine-tuning, AdamW vs fisher-sam, on a Llama-class "
+                                                   "decoder on ZeRO stages"))
     return parser
 
 
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "trainer":
         result = trainer.run_trainer(args)
         print(trainer.format_trainer_report(result))
+    elif args.command == "lora":
+        result = lora.run_lora(args)
+        print(lora.format_lora_report(result))
     elif args.command == "cheap":
         result = cheap.run_cheap(args)
         print(cheap.format_cheap_report(result))

@@ -530,6 +530,25 @@ def ranks_heading(command: str, config: dict, timing: str) -> str:
             f"rank, {c['dtype']}; {timing}")
 
 
+def llama_decoder(hidden: int, layers: int, heads: int, vocab: int, seq: int, seed: int = 0) -> nn.Module:
+    """A `LlamaForCausalLM` built from a config (no download): feed-forward 8/3 x hidden rounded to 64,
+    as Llama's; untied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, intermediate_size=64 * round(8 * hidden / 3 / 64),
+                         max_position_embeddings=seq, tie_word_embeddings=False, use_cache=False)
+    return LlamaForCausalLM(config)
+
+
+def causal_lm_loss(model: Callable, batch: dict[str, Tensor]) -> Tensor:
+    """Each example's mean next-token loss over its tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tokens = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return tokens.mean(dim=1)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -37,13 +37,17 @@ import torch
 from benchmarks import targets
 from benchmarks.measure import (LR, MASK_INTERVAL, REBUILD, WEIGHT_DECAY, MiB, CollectiveCounter, HeapPeak,
                                 PhaseProfile, add_model_arguments, count_parameters, fmt, heap_in_use, median,
-                                median_profile, per_example_loss, profile_rows, random_batches, ratio, rotated, table,
-                                tiny_bert)
+                                causal_lm_loss, llama_decoder, median_profile, per_example_loss, profile_rows,
+                                random_batches, ratio, rotated, table, tiny_bert)
 from benchmarks.ranks import run_local_ranks
 from fsam_ds.zero.distributed import init_distributed
 
 METHODS = ("adamw", "fisher-sam", "fisher-esam")
 MODEL_SHAPE = ("hidden", "layers", "heads", "vocab", "seq")
+MODELS = {"bert": (tiny_bert, per_example_loss), "llama": (llama_decoder, causal_lm_loss)}
+"""options["model"] -> (builder from MODEL_SHAPE, per-example loss); bert unless told."""
+LORA = "lora/"
+"""Prefix of a method name that trains LoRA adapters (peft's default targets) on the frozen model."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +101,7 @@ class ZeroMethod:
     name: str
     stepper: Any  # fsam_ds.zero.engine.SAMEngine, or PlainEngine for DeepSpeed's own AdamW step
     profile: PhaseProfile
+    loss: Any = per_example_loss
     times: list[float] = field(default_factory=list)
     collectives: list[dict] = field(default_factory=list)
     profiles: list[dict] = field(default_factory=list)
@@ -105,7 +110,7 @@ class ZeroMethod:
     sharpness_aware: list[bool] = field(default_factory=list)
 
     def step(self, batch: dict) -> None:
-        out = self.stepper.train_step([batch], per_example_loss)
+        out = self.stepper.train_step([batch], self.loss)
         self.sharpness_aware.append(bool(out.stats.sharpness_aware))
 
 
@@ -132,14 +137,22 @@ class RankBench:
         from fsam_ds.zero.engine import initialize, initialize_plain
 
         o = self.o
-        model = tiny_bert(*(o[k] for k in MODEL_SHAPE))
+        builder, loss = MODELS[o.get("model", "bert")]
+        model = builder(*(o[k] for k in MODEL_SHAPE))
+        if name.startswith(LORA):
+            import peft
+
+            task = "CAUSAL_LM" if o.get("model") == "llama" else "SEQ_CLS"
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type=task, r=o.get("lora_r", 16), lora_alpha=32))
         config = ds_config(stage, o["dtype"], o["micro_batch"], self.world, o["hidden"], o["persistence_threshold"])
         # a client torch optimizer: DeepSpeed's own AdamW would JIT-compile fused_adam first
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
+                                      weight_decay=WEIGHT_DECAY)
         profile = PhaseProfile(self.heap)
-        sam_type, _, variant = name.partition("@")
+        sam_type, _, variant = name.removeprefix(LORA).partition("@")
         if sam_type == "adamw":
-            return ZeroMethod(name, initialize_plain(model, config, optimizer=optimizer, observer=profile), profile)
+            return ZeroMethod(name, initialize_plain(model, config, optimizer=optimizer, observer=profile), profile,
+                              loss)
         interval = 1 if name.endswith(REBUILD) else MASK_INTERVAL
         sam = SAMConfig(sam_type=sam_type, rho=0.05, keep_ratio=0.1, mask_interval=interval, **schedule_of(variant))
         untimed = self.o["warmup"] + 1
@@ -150,7 +163,7 @@ class RankBench:
             # the whole run would
             planned = math.ceil(untimed / fraction + self.o["steps"])
         return ZeroMethod(name, initialize(model, config, sam, optimizer=optimizer, observer=profile,
-                                           planned_steps=planned), profile)
+                                           planned_steps=planned), profile, loss)
 
     # ---------------------------------------------------------------- running
     def _run_step(self, method: ZeroMethod, batch: dict) -> tuple[float, dict, dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -616,4 +617,82 @@ def run_master_shared_with_weights(rank: int, world: int) -> dict:
         out["shared"] = trained(engine(share=True))
     finally:
         adapters._EngineShards._require_master_apart = check
+    return out
+
+
+def lora_bert() -> nn.Module:
+    """tiny_bert under LoRA as peft builds it for a classifier: its default targets for BERT (query,
+    value), the classifier trained whole."""
+    import peft
+
+    model = tiny_bert()
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8))
+
+
+def trainer_lora_bert(model_dir: str, config: dict, checkpointing: str | bool = False) -> nn.Module:
+    """`lora_bert` built as fsam-train builds it: tiny_bert loaded from `model_dir` (partitioned at ZeRO-3),
+    activation checkpointing, then the trainer's peft wrapping."""
+    from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
+    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.objectives import objective_for
+    from fsam_ds.trainer.peft_model import wrap_with_peft
+    from fsam_ds.trainer.run_config import PeftSection, TrainConfig
+
+    cfg = TrainConfig(task="mnli", model=model_dir, peft=PeftSection(method="lora", r=4, alpha=8))  # 3 labels
+    objective = objective_for(cfg)
+    model = load_model(cfg, objective, config)
+    enable_activation_checkpointing(model, checkpointing, config)
+    torch.manual_seed(1)
+    return wrap_with_peft(cfg, model, objective)
+
+
+def named_full_params(engine) -> dict[str, torch.Tensor]:
+    """Every parameter in fp32 by name, frozen ones included (gathered at ZeRO-3); collective, test-only."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    stage, out = engine.zero_optimization_stage(), {}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p) if stage > 0 and p.requires_grad else None
+        if master is None:
+            with deepspeed.zero.GatheredParameters([p]) if stage == 3 else contextlib.nullcontext():
+                master = p.detach().clone()
+        out[name] = master.float().cpu().clone()
+    return out
+
+
+def run_lora_equivalence(rank: int, world: int, model_dir: str, cases: list[tuple[int, str, dict, int, str | bool]],
+                         steps: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Per (stage, sam_type, zero_optimization extras, micro-batches, activation checkpointing): every
+    parameter of `trainer_lora_bert` after `steps` steps on this rank's share of `global_batches`."""
+    import fsam_ds.zero.engine as fe
+
+    loss = per_example_loss("bert")
+    out = []
+    for stage, sam_type, zero, parts, checkpointing in cases:
+        config = ds_config(stage, micro=4 // parts, gas=parts, **zero)
+        model = trainer_lora_bert(model_dir, config, checkpointing)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        sam_engine = fe.initialize(model=model, config=config, sam=sam_config(sam_type), optimizer=optimizer)
+        for b in global_batches("bert", steps):
+            assert not sam_engine.train_step(split(b, rank, world, parts), loss).skipped
+        out.append(named_full_params(sam_engine.engine))
+    return out
+
+
+def run_lora_checkpoint_keys(rank: int, world: int, folder: str, stages: list[int]) -> dict[int, list[str]]:
+    """Per stage, the module entries of the checkpoint that `SAMEngine.save_checkpoint(exclude_frozen_parameters=
+    True)` writes for `tiny_gpt2` (embedding tied to its LM head) under LoRA, after one step."""
+    import peft
+
+    out = {}
+    for stage in stages:
+        model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+        sam_engine = build_engine(model, stage, sam=sam_config("fisher-sam"))
+        sam_engine.train_step(split(global_batches("gpt2", 1)[0], rank, world), per_example_loss("gpt2"))
+        sam_engine.save_checkpoint(folder, tag=f"stage{stage}", exclude_frozen_parameters=True)
+        states = torch.load(next((Path(folder) / f"stage{stage}").glob("*model_states.pt")), weights_only=False)
+        out[stage] = sorted(states["module"])
+        sam_engine.engine.destroy()
     return out

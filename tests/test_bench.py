@@ -254,7 +254,7 @@ def test_the_command_starts_without_pytorch_optimizer_and_core_says_what_to_inst
     assert run.returncode == 1 and "pip install -e '.[dev]'" in run.stderr, run.stderr[-2000:]
     help_text = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=300)
-    assert help_text.returncode == 0 and "{core,zero,scale,cheap}" in help_text.stdout, help_text.stderr[-2000:]
+    assert help_text.returncode == 0 and "{core,zero,scale,cheap,lora}" in help_text.stdout, help_text.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -304,6 +304,30 @@ def test_cheap_command_end_to_end(tmp_path):
     # one pass: about AdamW's bytes (plus, here, e's all-reduce into the persistent small parameters)
     assert ratio("fisher-sam") > 1.9 and 1.0 <= ratio("fisher-msam") < 0.6 * ratio("fisher-sam")
     assert "benchmarks cheap:" in run.stdout
+
+
+@pytest.mark.slow
+def test_lora_command_end_to_end(tmp_path):
+    """Two gloo ranks at stage 1: full fine-tuning reduces every parameter's gradient in each backward, LoRA
+    only the adapters' (a benchmark that trained the whole model under the LoRA label would move them all)."""
+    import peft
+
+    from benchmarks.measure import llama_decoder
+
+    out = tmp_path / "lora.json"
+    run = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "lora", "--stages", "1", "--steps", "1",
+                          "--warmup", "1", "--micro-batch", "2", "--lora-r", "2",
+                          *(f"--{k}={v}" for k, v in TINY.items()), "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    lora = peft.get_peft_model(llama_decoder(*TINY.values()), peft.LoraConfig(task_type="CAUSAL_LM", r=2))
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    for name, method in result["stages"]["1"]["methods"].items():
+        passes = 1 if name.endswith("adamw") else 2
+        gradient = 4 * (adapters if name.startswith("lora/") else result["config"]["parameters"])
+        assert method["profile_rank0"]["backward"]["bytes"] == passes * gradient, name
+    assert "LoRA fisher-sam / LoRA AdamW memory" in run.stdout
 
 
 # ---------------------------------------------------------------- profile and ordering

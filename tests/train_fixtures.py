@@ -21,8 +21,9 @@ NEGATIVE = ["bad", "awful", "poor", "sad", "terrible", "boring", "dull", "weak"]
 FILLER = ["the", "a", "movie", "film", "was", "is", "very", "quite", "plot", "acting", "and", "but"]
 
 
-def write_tiny_model(folder: Path, num_labels: int = 2, dropout: float = 0.1) -> Path:
-    """A 2-layer, hidden-32 BERT classifier and its WordPiece tokenizer, saved with save_pretrained."""
+def write_tiny_model(folder: Path, num_labels: int = 2, dropout: float = 0.1, initializer_range: float = 0.02) -> Path:
+    """A 2-layer, hidden-32 BERT classifier and its WordPiece tokenizer, saved with save_pretrained.
+    BERT's initializer_range 0.02 makes its outputs nearly the same for every input; a wider one does not."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
@@ -31,7 +32,8 @@ def write_tiny_model(folder: Path, num_labels: int = 2, dropout: float = 0.1) ->
     tokenizer = BertTokenizer(vocab=vocab)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=48, max_position_embeddings=64, num_labels=num_labels,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        initializer_range=initializer_range)
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     BertForSequenceClassification(config).save_pretrained(folder)

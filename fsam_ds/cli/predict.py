@@ -3,6 +3,7 @@
     fsam-predict runs/my-run/best reviews.csv                          # writes reviews.predictions.jsonl
     fsam-predict runs/my-run/final test.jsonl --output preds.jsonl --batch_size 128 --device cuda
     fsam-predict runs/my-sft/best prompts.jsonl --max_new_tokens 256    # causal-lm / seq2seq
+    fsam-predict runs/my-lora/final test.csv     # a LoRA adapter on its base; final/merged: merged into it
 
 The task is rebuilt from the run's configuration saved in the export (run_config.json), so the file
 is read, tokenized and its classes named exactly as in training: the same text columns, max_length
@@ -40,11 +41,12 @@ class PredictError(ValueError):
 def _run_config(folder: Path) -> dict[str, Any]:
     """The exported run's configuration, with the settings that only training reads neutralised."""
     from fsam_ds.trainer.checkpoint import MANIFEST, RUN_CONFIG_FILE, verify_folder
+    from fsam_ds.trainer.peft_model import is_adapter_folder
 
     if not folder.is_dir():
         raise PredictError(f"{str(folder)!r} is not a folder. Give a model folder that fsam-train exported: "
                            "<output_dir>/best or <output_dir>/final of a finished run.")
-    if not (folder / "config.json").is_file() or not (folder / MANIFEST).is_file():
+    if not ((folder / "config.json").is_file() or is_adapter_folder(folder)) or not (folder / MANIFEST).is_file():
         hint = (" It holds best/ or final/: pass one of those." if any((folder / n).is_dir() for n in ("best", "final"))
                 else "")
         raise PredictError(f"{str(folder)!r} is not a model exported by fsam-train (it lacks config.json or "
@@ -64,10 +66,11 @@ def _run_config(folder: Path) -> dict[str, Any]:
 
 def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, output: str | os.PathLike, *,
                  batch_size: int | None = None, device: str | None = None, progress: bool = True,
-                 max_new_tokens: int | None = None) -> int:
+                 max_new_tokens: int | None = None, base_model: str | None = None) -> int:
     """Writes one JSON line per row of `input_file` to `output`; returns the number of rows.
     `max_new_tokens` (causal-lm and seq2seq only): the longest generation, instead of the run's
-    eval.max_new_tokens."""
+    eval.max_new_tokens. `base_model` (a LoRA adapter export): the base to put the adapter on, instead
+    of the one its adapter_config.json records."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -75,6 +78,7 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
 
     from fsam_ds.trainer.data import read_table, table_rows
     from fsam_ds.trainer.objectives import objective_for
+    from fsam_ds.trainer.peft_model import load_exported
     from fsam_ds.trainer.run_config import config_from_dict
     from fsam_ds.trainer.tasks import GENERATION_TASKS
 
@@ -102,7 +106,7 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
         raise PredictError(f"{str(input_file)!r} has a column {PREDICTION!r}, the name fsam-predict writes each "
                            "row's prediction under. Rename that column.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = objective.model_class().from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    model = load_exported(folder, objective, base_model).to(device).eval()
     loader = DataLoader(inputs, batch_size=batch_size or cfg.data.eval_batch_size, shuffle=False,
                         collate_fn=objective.collator(tokenizer))
     tmp = output.with_name(output.name + ".tmp")
@@ -137,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="causal-lm / seq2seq: the longest generation, in tokens (default: the run's "
                              "eval.max_new_tokens); a generation cut there is marked \"truncated\": true")
+    parser.add_argument("--base_model", default=None,
+                        help="a LoRA adapter export: the base model folder or hub id (default: the one its "
+                             "adapter_config.json records)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar on stderr")
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.jsonl")
     try:
         n = predict_file(args.model_dir, source, output, batch_size=args.batch_size, device=args.device,
-                         progress=args.progress, max_new_tokens=args.max_new_tokens)
+                         progress=args.progress, max_new_tokens=args.max_new_tokens, base_model=args.base_model)
     except (PredictError, *KNOWN_ERRORS) as err:
         print(f"fsam-predict: error: {err}", file=sys.stderr, flush=True)
         return 2

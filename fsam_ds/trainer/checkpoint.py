@@ -35,7 +35,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -260,9 +260,10 @@ def _write_failed(what: Path, error: BaseException | None, kept: str) -> Checkpo
 
 
 def save_checkpoint(sam_engine: Any, output_dir: str | os.PathLike, state: TrainerState, keep: int,
-                    run_config: dict[str, Any]) -> Path:
+                    run_config: dict[str, Any], frozen_base: bool = False) -> Path:
     """Collective: every rank writes its shard and RNG state; rank 0 writes the trainer state, the run's
-    configuration and, last, the manifest that marks the checkpoint complete, then prunes.
+    configuration and, last, the manifest that marks the checkpoint complete, then prunes. `frozen_base`
+    (LoRA): the frozen weights are left out, since the resumed run loads them from its model again.
 
     A write that fails on any rank (a full disk, a file-size limit) stops every rank with
     CheckpointWriteFailed: the folder, which has no manifest and would never be resumed from, is removed,
@@ -280,7 +281,8 @@ def save_checkpoint(sam_engine: Any, output_dir: str | os.PathLike, state: Train
     error: BaseException | None = None
     try:
         torch.save(rng_state(), folder / f"rng_state_rank{rank}.pt")
-        sam_engine.save_checkpoint(root, tag=tag, client_state={"trainer": asdict(state)})
+        sam_engine.save_checkpoint(root, tag=tag, client_state={"trainer": asdict(state)},
+                                   exclude_frozen_parameters=frozen_base)
     except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
         error = err
     failed = _failed_anywhere(error)  # also: every rank's files are on disk before the folder is marked complete
@@ -324,10 +326,11 @@ def check_same_run(folder: Path, run_config: dict[str, Any]) -> None:
                           f"on resume: {', '.join(SAFE_TO_CHANGE_ON_RESUME)} (a trailing dot: the whole section).")
 
 
-def load_checkpoint(sam_engine: Any, folder: Path, expected: dict[str, int],
-                    total_steps: int) -> tuple[TrainerState, dict[str, Any]]:
+def load_checkpoint(sam_engine: Any, folder: Path, expected: dict[str, int], total_steps: int,
+                    frozen_base: bool = False) -> tuple[TrainerState, dict[str, Any]]:
     """Restores engine and SAM state; returns the trainer state and this rank's RNG state (to be set
-    right before training continues). Every check runs before the first collective, on every rank."""
+    right before training continues). Every check runs before the first collective, on every rank.
+    `frozen_base`: the checkpoint lacks the frozen weights (`save_checkpoint`), which the model has."""
     state = TrainerState.from_dict(_read_json(folder / STATE_FILE))
     changed = [f"{key} {state.data.get(key)} -> {expected[key]}" for key in DATA_ORDER_KEYS
                if state.data.get(key) != expected[key]]
@@ -340,7 +343,7 @@ def load_checkpoint(sam_engine: Any, folder: Path, expected: dict[str, int],
     if not rng_file.is_file():
         raise ConfigError(f"Checkpoint {str(folder)!r} has no {rng_file.name}; it was written by another number "
                           "of ranks. Resume with the checkpoint's world size.")
-    sam_engine.load_checkpoint(folder.parent, tag=folder.name)
+    sam_engine.load_checkpoint(folder.parent, tag=folder.name, load_module_strict=not frozen_base)
     if state.total_steps != total_steps:
         if dist.get_rank() == 0:
             print(f"warning: the checkpoint was written by a run of {state.total_steps} steps, this one has "
@@ -425,18 +428,21 @@ def drop_replaced_runs(output_dir: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------------------------- model export
 
-def full_state_dict(engine: Any, keep: bool = True) -> dict[str, torch.Tensor]:
+def full_state_dict(engine: Any, keep: bool = True, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The model's weights in fp32 on the CPU: from DeepSpeed's fp32 master where there is one
     (ZeRO 1-3; in bf16 runs that is more precise than the module), else from the module.
     Collective under ZeRO 1-3: every rank must call it. Under ZeRO-3 the weights are consolidated
     from the partitions one parameter at a time (each rank holds one full parameter transiently);
     a rank that passes keep=False takes part in the gathers and keeps nothing, so only the ranks
-    that keep hold the whole fp32 model."""
+    that keep hold the whole fp32 model. `trainable_only`: the trainable parameters alone (LoRA's
+    adapters and head), without a gather of the frozen base."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     stage = engine.zero_optimization_stage()
     out: dict[str, torch.Tensor] = {}
     for name, p in engine.module.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         master = safe_get_full_fp32_param(p) if stage > 0 and p.requires_grad else None
         if master is None and stage == 3:
             import deepspeed
@@ -446,7 +452,7 @@ def full_state_dict(engine: Any, keep: bool = True) -> dict[str, torch.Tensor]:
         value = master if master is not None else p.detach()
         if keep:
             out[name] = value.float().cpu().clone()
-    if not keep:
+    if not keep or trainable_only:
         return out
     for name, buffer in engine.module.state_dict().items():
         if name not in out and buffer.numel() > 0:  # persistent buffers (e.g. position ids)
@@ -455,18 +461,20 @@ def full_state_dict(engine: Any, keep: bool = True) -> dict[str, torch.Tensor]:
 
 
 def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: dict | None = None,
-                 run_config: dict[str, Any] | None = None) -> Path:
+                 run_config: dict[str, Any] | None = None, adapters: bool = False,
+                 merged: Callable[[Path], Any] | None = None) -> Path:
     """Writes a Hugging Face model folder (loadable with from_pretrained), with the run's configuration
-    as run_config.json when given; collective."""
+    as run_config.json when given; collective. `adapters` (a peft model): peft's adapter folder, the
+    trainable weights only; `merged(folder)` then gives the model written into its merged/ subfolder."""
     folder = Path(folder)
-    state_dict = full_state_dict(engine, keep=dist.get_rank() == 0)  # only rank 0 writes
+    state_dict = full_state_dict(engine, keep=dist.get_rank() == 0, trainable_only=adapters)  # only rank 0 writes
     error: BaseException | None = None
     if dist.get_rank() == 0:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            _write_model_folder(tmp, engine, state_dict, tokenizer,
-                                None if info is None else (f"{folder.name}.json", info), run_config)
+            _write_model_folder(tmp, engine.module, state_dict, tokenizer,
+                                None if info is None else (f"{folder.name}.json", info), run_config, merged)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         except (OSError, RuntimeError) as err:  # torch and safetensors report a short write as a RuntimeError
@@ -478,14 +486,17 @@ def export_model(engine: Any, tokenizer: Any, folder: str | os.PathLike, info: d
     return folder
 
 
-def _write_model_folder(tmp: Path, engine: Any, state_dict: dict, tokenizer: Any, info: tuple[str, dict] | None,
-                        run_config: dict[str, Any] | None) -> None:
-    engine.module.save_pretrained(tmp, state_dict=state_dict)
+def _write_model_folder(tmp: Path, module: Any, state_dict: dict, tokenizer: Any, info: tuple[str, dict] | None,
+                        run_config: dict[str, Any] | None, merged: Callable[[Path], Any] | None = None) -> None:
+    module.save_pretrained(tmp, state_dict=state_dict)  # a peft model keeps the adapters' entries
     # save_pretrained records the module's (bf16/fp16) dtype; the weights written are fp32
-    config = _read_json(tmp / "config.json")
+    config = _read_json(tmp / "config.json") if (tmp / "config.json").is_file() else {}
     if "dtype" in config:
         config["dtype"] = "float32"
         _write_json(tmp / "config.json", config)
+    if merged is not None:
+        model = merged(tmp)
+        _write_model_folder(tmp / "merged", model, model.state_dict(), tokenizer, None, run_config)
     tokenizer.save_pretrained(tmp)
     if info is not None:
         _write_json(tmp / info[0], info[1])

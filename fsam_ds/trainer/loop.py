@@ -17,6 +17,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,6 +39,7 @@ from fsam_ds.sam.driver import StepOutput
 from fsam_ds.trainer.data import DataError, set_epoch
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.objectives import Objective, objective_for
+from fsam_ds.trainer.peft_model import WRAPPED_PREFIX, merged_model, wrap_with_peft
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 from fsam_ds.trainer.run_claim import claim_output_dir
 from fsam_ds.trainer.run_identity import run_differences
@@ -179,7 +181,16 @@ def run_eval(run: Run, epoch: float) -> None:
         if cfg.eval.save_best:
             info = {"step": state.step, "epoch": round(epoch, 4), "metric_name": objective.select_metric,
                     "value": value, "metrics": metrics}
-            export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "best", info, config_to_dict(cfg))
+            export(run, "best", info)
+
+
+def export(run: Run, name: str, info: dict) -> Path:
+    """output_dir/`name`: the model, or under LoRA the adapter folder (and merged/ on request); collective."""
+    cfg = run.cfg
+    adapters = cfg.peft.method != "none"
+    merged = partial(merged_model, objective=run.objective) if cfg.peft.export_merged else None
+    return export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / name, info, config_to_dict(cfg),
+                        adapters=adapters, merged=merged)
 
 
 def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
@@ -193,7 +204,8 @@ def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
     every = cfg.checkpoint_every
     if due or (every and state.step % every == 0):
         state.eval_pending = due
-        save_checkpoint(run.sam_engine, cfg.output_dir, state, cfg.keep_checkpoints, config_to_dict(cfg))
+        save_checkpoint(run.sam_engine, cfg.output_dir, state, cfg.keep_checkpoints, config_to_dict(cfg),
+                        frozen_base=cfg.peft.method != "none")
         if run.replacing:
             if dist.get_rank() == 0:
                 drop_replaced_runs(cfg.output_dir)  # the new run can now be resumed: the old one may go
@@ -252,8 +264,7 @@ def finish(run: Run, started: float) -> None:
     if cfg.max_consecutive_skipped and state.step and state.skipped_steps == state.step:
         _fail(run, f"every one of its {state.step} steps had a non-finite loss or gradients")
     with _resumable(run, "the export of final/"):
-        final_dir = export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / "final",
-                                 {"step": state.step, "metrics": state.last_metrics}, config_to_dict(cfg))
+        final_dir = export(run, "final", {"step": state.step, "metrics": state.last_metrics})
     run.logger.summary(state.best_metric, objective.select_metric, best_step=state.best_step, steps=state.step,
                        best_metrics=state.best_metrics, skipped_steps=state.skipped_steps,
                        sam_type=cfg.sam.sam_type, sam_schedule=cfg.sam.schedule, sam_steps=state.sam_steps,
@@ -334,10 +345,12 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> None:
     ds_config = resolve_config(cfg, world, total, getattr(model_config, "hidden_size", None))
     model = load_model(cfg, objective, ds_config)  # partitioned from birth at ZeRO-3
     enable_activation_checkpointing(model, cfg.gradient_checkpointing, ds_config)
+    model = wrap_with_peft(cfg, model, objective)  # LoRA: adapters beside the frozen base
     if cfg.precision == "fp32" and cfg.dtype != "float32":
         print(f"warning: dtype {cfg.dtype} with precision fp32 trains the {cfg.dtype} weights directly, "
               "without an fp32 master copy.", file=sys.stderr, flush=True)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    # the model's own names (mask density by layer), without the prefix a peft wrapper adds
+    names = [n.removeprefix(WRAPPED_PREFIX) for n, p in model.named_parameters() if p.requires_grad]
     sam_engine = build_engine(cfg, model, ds_config, total)
 
     order = {"world_size": world, "micro_batch_size": cfg.data.micro_batch_size,
@@ -345,7 +358,7 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> None:
     state, rng = TrainerState(total_steps=total, data=order), None
     checkpoint = point.folder
     if checkpoint is not None:
-        state, rng = load_checkpoint(sam_engine, checkpoint, order, total)
+        state, rng = load_checkpoint(sam_engine, checkpoint, order, total, frozen_base=cfg.peft.method != "none")
     replaced = None
     if rank == 0:  # everything is checked: from here on the run may change what output_dir holds
         for folder, problem in point.damaged:

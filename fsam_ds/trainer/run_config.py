@@ -30,7 +30,7 @@ from fsam_ds.trainer.tasks import OWN_DATA_TASKS
 
 __all__ = [
     "BASELINE_SAM_TYPE", "ConfigError", "SAMSection", "OptimSection", "DataSection", "LogSection", "EvalSection",
-    "TrainConfig", "load_config", "config_from_dict", "config_to_dict", "config_keys", "format_help",
+    "PeftSection", "TrainConfig", "load_config", "config_from_dict", "config_to_dict", "config_keys", "format_help",
     "package_version",
 ]
 
@@ -111,6 +111,21 @@ class EvalSection:
     max_new_tokens: int = 64  # causal-lm / seq2seq: the longest generation, in tokens
 
 
+@dataclass
+class PeftSection:
+    """Parameter-efficient fine-tuning through the peft library (`fsam_ds.trainer.peft_model`)."""
+
+    method: Literal["none", "lora", "qlora"] = "none"  # none: full fine-tuning; qlora is refused (README)
+    r: int = 8  # the rank of each adapter
+    alpha: float = 16.0  # LoRA's scale is alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    # module names (the last part, e.g. q_proj) or all-linear; empty: peft's default for the architecture
+    target_modules: tuple[str, ...] = ()
+    # modules trained and saved whole besides the adapters; a classifier's head (classifier, score) always is
+    modules_to_save: tuple[str, ...] = ()
+    export_merged: bool = False  # best/ and final/ also hold merged/, the base with the adapters merged in
+
+
 def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
     if not ok:
         raise invalid_value(key, value, requirement, hint)
@@ -144,6 +159,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    peft: PeftSection = field(default_factory=PeftSection)
 
     def validate(self) -> None:
         """Range checks across all sections; raises ConfigError naming the first bad key."""
@@ -198,9 +214,23 @@ class TrainConfig:
                "0 turns generation during evaluation off.")
         _check(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, "must be >= 1")
 
+        pf = self.peft
+        _check(pf.method != "qlora", "peft.method", pf.method,
+               "(4-bit base weights) is not supported: it needs bitsandbytes' 4-bit kernels on a CUDA GPU and a base "
+               "loaded quantized, which fsam-ds does not do", "Use --peft.method=lora (README, \"LoRA\").")
+        _check(pf.r >= 1, "peft.r", pf.r, "must be >= 1", "e.g. --peft.r=8")
+        _check(pf.alpha > 0, "peft.alpha", pf.alpha, "must be > 0", "e.g. --peft.alpha=16")
+        _check(0 <= pf.dropout < 1, "peft.dropout", pf.dropout, "must lie in [0, 1)")
+        _check(all(pf.target_modules) and ("all-linear" not in pf.target_modules or len(pf.target_modules) == 1),
+               "peft.target_modules", list(pf.target_modules), "must list non-empty module names, or all-linear alone",
+               "e.g. --peft.target_modules=q_proj,v_proj")
+        _check(all(pf.modules_to_save), "peft.modules_to_save", list(pf.modules_to_save), "has an empty name")
+        _check(pf.method != "none" or not pf.export_merged, "peft.export_merged", pf.export_merged,
+               "merges adapters, but peft.method is none", "Set --peft.method=lora, or drop peft.export_merged.")
+
 
 SECTIONS: dict[str, type] = {"sam": SAMSection, "optim": OptimSection, "data": DataSection, "log": LogSection,
-                             "eval": EvalSection}
+                             "eval": EvalSection, "peft": PeftSection}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,8 +504,12 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """JSON-serialisable nested dict of every field (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """JSON-serialisable nested dict of every field (tuples become lists). The peft section only when a
+    method is set: a full fine-tuning run keeps the folder hash and resume check it had before the section."""
+    data = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if cfg.peft.method == "none":
+        del data["peft"]
+    return data
 
 
 def format_help() -> str:

@@ -44,9 +44,10 @@ class EngineStepper(TrainStepper, Protocol):
     engine: Any
 
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
-                        client_state: dict | None = None) -> str: ...
+                        client_state: dict | None = None, exclude_frozen_parameters: bool = False) -> str: ...
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None) -> dict: ...
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None,
+                        load_module_strict: bool = True) -> dict: ...
 
 
 def allow_fp16_on_cpu() -> None:
@@ -183,22 +184,25 @@ class SAMEngine(ObservedThroughCore):
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
-                        client_state: dict | None = None) -> str:
-        """DeepSpeed's checkpoint plus each rank's SAM state (mask shard, counters, ESAM generator)."""
+                        client_state: dict | None = None, exclude_frozen_parameters: bool = False) -> str:
+        """DeepSpeed's checkpoint plus each rank's SAM state (mask shard, counters, ESAM generator);
+        `exclude_frozen_parameters` leaves the frozen weights out (LoRA's base: the model rebuilt on
+        resume holds them), and `load_checkpoint` then needs `load_module_strict=False`."""
         tag = tag or f"global_step{self.engine.global_steps}"
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {})
+        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters)
         self.save_sam_state(Path(save_dir) / tag)
         torch.distributed.barrier()
         return tag
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None) -> dict:
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None,
+                        load_module_strict: bool = True) -> dict:
         """Restores the DeepSpeed checkpoint and the SAM state; returns the client state."""
         if tag is None:
             latest = Path(load_dir) / "latest"
             if not latest.exists():
                 raise FileNotFoundError(f"no checkpoint tag given and {latest} does not exist")
             tag = latest.read_text().strip()
-        _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=load_module_strict)
         self.load_sam_state(read_sam_state(Path(load_dir) / tag, self.data_comm.rank, self.data_comm.world_size,
                                            self.config.sam_type))
         return client_state or {}
@@ -220,6 +224,29 @@ class SAMEngine(ObservedThroughCore):
         """Restores what `sam_state()` returned (read it with `read_sam_state`, which checks it fits)."""
         self.core.load_state_dict(state["core"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+def save_deepspeed_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None, client_state: dict | None,
+                              exclude_frozen_parameters: bool) -> None:
+    """`engine.save_checkpoint`; with `exclude_frozen_parameters`, no frozen parameter under any of its names.
+    DeepSpeed drops the frozen entries by the names `named_parameters()` gives, which names a tied weight
+    once: a frozen embedding tied to the LM head (SmolLM2, GPT-2) stayed in as `lm_head.weight`, the whole
+    table. A state-dict hook drops every name, for the length of the save."""
+    hook = None
+    if exclude_frozen_parameters:
+        frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+        def drop_frozen(module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+            for name in frozen:
+                state_dict.pop(prefix + name, None)
+
+        hook = engine.module.register_state_dict_post_hook(drop_frozen)
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {},
+                               exclude_frozen_parameters=exclude_frozen_parameters)
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def sam_state_file(rank: int | str) -> str:
@@ -293,11 +320,12 @@ class PlainEngine:
         return StepOutput(sum(losses) / len(losses), math.nan, stats, skipped, examples, scale)
 
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
-                        client_state: dict | None = None) -> str:
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {})
+                        client_state: dict | None = None, exclude_frozen_parameters: bool = False) -> str:
+        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters)
         torch.distributed.barrier()
         return tag or ""
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None,
+                        load_module_strict: bool = True) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=load_module_strict)
         return client_state or {}
