@@ -22,6 +22,10 @@ from benchmarks import cheap, core, lora, quality, scale, trainer, zero
 from benchmarks.measure import write_json
 
 
+COMMANDS = {"core": core, "zero": zero, "scale": scale, "cheap": cheap, "trainer": trainer, "lora": lora,
+            "quality": quality}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Step time, memory and "
                                      "communication benchmarks of the SAM family.")
@@ -44,27 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "core":
-        result = core.run_core(args)
-        print(core.format_core_report(result))
-    elif args.command == "zero":
-        result = zero.run_zero(args)
-        print(zero.format_zero_report(result))
-    elif args.command == "trainer":
-        result = trainer.run_trainer(args)
-        print(trainer.format_trainer_report(result))
-    elif args.command == "lora":
-        result = lora.run_lora(args)
-        print(lora.format_lora_report(result))
-    elif args.command == "cheap":
-        result = cheap.run_cheap(args)
-        print(cheap.format_cheap_report(result))
-    elif args.command == "quality":
-        result = quality.run_quality(args)
-        print(quality.format_quality_report(result))
-    else:
-        result = scale.run_scale(args)
-        print(scale.format_scale_report(result))
+    module = COMMANDS[args.command]  # each has run_<command>(args) and format_<command>_report(result)
+    result = getattr(module, f"run_{args.command}")(args)
+    print(getattr(module, f"format_{args.command}_report")(result))
     write_json(args.json, result)
     return 0
 

@@ -215,7 +215,8 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
                 "checkpointing": engine.module.is_gradient_checkpointing}
     return {"settings": settings, "unchanged_by_watched_update": unchanged, "loss_scales": trainer.loss_scales,
             "loaded_partitioned": loaded_partitioned, "predicted": predicted,
-            "ds_skipped": engine.skipped_steps, "params": full_params(engine), "windows": trainer.windows, "step_lrs": trainer.step_lrs,
+            "ds_skipped": engine.skipped_steps, "params": full_params(engine), "windows": trainer.windows,
+            "step_lrs": trainer.step_lrs,
             "global_step": trainer.state.global_step, "engine_steps": engine.global_steps,
             "logged_lrs": [e["learning_rate"] for e in trainer.state.log_history if "loss" in e],
             "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
@@ -249,7 +250,8 @@ def train_with_engine(case: dict, windows: list[list[dict]]) -> list:
 
 
 CASE_DEFAULTS = {"variant": "right", "scheduler": "trainer", "precision": "fp32", "offload": False,
-                 "checkpointing": False, "from_pretrained": False, "evaluate": False, "count": 20, "warmup": 0, "poison": None, "poison_pass": 1,
+                 "checkpointing": False, "from_pretrained": False, "evaluate": False, "count": 20, "warmup": 0,
+                 "poison": None, "poison_pass": 1,
                  "reference": True}
 
 
@@ -257,7 +259,8 @@ def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) ->
     """Per case (stage, sam_type, variant "right"/"every-micro-batch", scheduler "trainer"/"deepspeed",
     precision, offload, checkpointing, from_pretrained: a folder with tiny_bert's weights, loaded after the
     TrainingArguments,
-    evaluate: the Trainer's predictions (logits) on 8 examples after training, count examples, warmup steps, poison: an update whose losses are
+    evaluate: the Trainer's predictions (logits) on 8 examples after training, count examples, warmup steps,
+    poison: an update whose losses are
     infinite in pass poison_pass, reference: whether to run the engine path): the Trainer's run, and the engine path's
     parameters on its batches."""
     out = []

@@ -33,7 +33,8 @@ a `SAMOptimizer` (`max_grad_norm` clips inside its step, before the base steps),
 that step did (`_clip_grad_norm`, `_get_grad_norm`, both private Trainer methods in transformers 5.23).
 The SAM state is then part of the optimizer's `state_dict`, saved and loaded by the Trainer.
 
-Checkpoints under DeepSpeed: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint, each rank's SAM
+Checkpoints under DeepSpeed: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint,
+each rank's SAM
 state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically). `train(resume_from_checkpoint=)`
 reads and checks it before any work (`read_sam_state`: none there, another world size or sam_type are refused)
 and restores it into the SAMEngine before its first step; DeepSpeed's state, the Trainer's scheduler, RNG
@@ -131,7 +132,8 @@ class SAMTrainerMixin:
             micro-batch.
 
     Under `--deepspeed` (any ZeRO stage) or without it (one process, DDP); refuses at `train()`, before any
-    work, what it does not run exactly. `sam_engine` is the `SAMEngine` of the current training run (None before its first step).
+    work, what it does not run exactly. `sam_engine` is the `SAMEngine` of the current training run (None
+    before its first step).
     """
 
     sam_logging_state: tuple[str, ...] = ("_metrics", "_total_train_tokens")
