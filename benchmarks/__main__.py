@@ -22,33 +22,33 @@ from benchmarks import cheap, core, lora, quality, scale, trainer, zero
 from benchmarks.measure import write_json
 
 
-COMMANDS = {"core": core, "zero": zero, "scale": scale, "cheap": cheap, "trainer": trainer, "lora": lora,
-            "quality": quality}
+COMMANDS = {  # name: (module with add_arguments, run_<name>, format_<name>_report; its help)
+    "core": (core, "one process: ours vs pytorch-optimizer's SAM, on CPU"),
+    "zero": (zero, "DeepSpeed ZeRO stages on local gloo ranks (CPU) or NCCL ranks (GPUs)"),
+    "scale": (scale, "fsam-train at ZeRO-3 on 2 local ranks: per-rank memory by phase and step time, AdamW vs "
+                     "fisher-sam, per setting"),
+    "cheap": (cheap, "schedules that skip the second pass, LookSAM and MSAM against AdamW and fisher-sam on ZeRO "
+                     "stages"),
+    "trainer": (trainer, "fisher-sam through Hugging Face's Trainer against the same Trainer with AdamW, beside "
+                         "fsam-train's engine path"),
+    "quality": (quality, "the demos' dev metric (mean ± std over seeds) and CPU time per run: AdamW, fisher-sam and "
+                         "the cheaper variants"),
+    "lora": (lora, "LoRA vs full fine-tuning, AdamW vs fisher-sam, on a Llama-class decoder on ZeRO stages"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Step time, memory and "
                                      "communication benchmarks of the SAM family.")
     sub = parser.add_subparsers(dest="command", required=True)
-    core.add_arguments(sub.add_parser("core", help="one process: ours vs pytorch-optimizer's SAM, on CPU"))
-    zero.add_arguments(sub.add_parser("zero", help="DeepSpeed ZeRO stages on local gloo ranks (CPU) or NCCL "
-                                                   "ranks (GPUs)"))
-    scale.add_arguments(sub.add_parser("scale", help="fsam-train at ZeRO-3 on 2 local ranks: per-rank memory by "
-                                                     "phase and step time, AdamW vs fisher-sam, per setting"))
-    cheap.add_arguments(sub.add_parser("cheap", help="schedules that skip the second pass, LookSAM and MSAM "
-                                                     "against AdamW and fisher-sam on ZeRO stages"))
-    trainer.add_arguments(sub.add_parser("trainer", help="fisher-sam through Hugging Face's Trainer against the "
-                                                         "same Trainer with AdamW, beside fsam-train's engine path"))
-    quality.add_arguments(sub.add_parser("quality", help="the demos' dev metric (mean ± std over seeds) and CPU "
-                                                         "time per run: AdamW, fisher-sam and the cheaper variants"))
-    lora.add_arguments(sub.add_parser("lora", help="LoRA vs full fine-tuning, AdamW vs fisher-sam, on a Llama-class "
-                                                   "decoder on ZeRO stages"))
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module = COMMANDS[args.command]  # each has run_<command>(args) and format_<command>_report(result)
+    module = COMMANDS[args.command][0]
     result = getattr(module, f"run_{args.command}")(args)
     print(getattr(module, f"format_{args.command}_report")(result))
     write_json(args.json, result)
