@@ -254,7 +254,7 @@ def test_the_command_starts_without_pytorch_optimizer_and_core_says_what_to_inst
     assert run.returncode == 1 and "pip install -e '.[dev]'" in run.stderr, run.stderr[-2000:]
     help_text = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=300)
-    assert help_text.returncode == 0 and "{core,zero,scale,cheap,lora}" in help_text.stdout, help_text.stderr[-2000:]
+    assert help_text.returncode == 0 and "{core,zero,scale,cheap,trainer,quality,lora}" in help_text.stdout, help_text.stderr[-2000:]
 
 
 @pytest.mark.slow
