@@ -294,8 +294,8 @@ def _save_and_load_a_nonfinite_state(rank: int, world: int, out: Path, model: Pa
 
     from fsam_ds.trainer.checkpoint import TrainerState, export_model, load_checkpoint, save_checkpoint
 
-    sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state: None,
-                                 load_checkpoint=lambda root, tag: None)
+    sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, exclude_frozen_parameters: None,
+                                 load_checkpoint=lambda root, tag, **options: None)
     order = {"world_size": 1, "micro_batch_size": 8, "grad_accum": 1, "seed": 3, "steps_per_epoch": 8}
     state = TrainerState(step=3, total_steps=8, data=order, last_metrics={"pearson": math.nan, "loss": math.inf},
                          best_metric=0.5, best_metrics={"pearson": 0.5, "loss": -math.inf})
