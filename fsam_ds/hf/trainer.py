@@ -34,11 +34,10 @@ that step did (`_clip_grad_norm`, `_get_grad_norm`, both private Trainer methods
 The SAM state is then part of the optimizer's `state_dict`, saved and loaded by the Trainer.
 
 Checkpoints under DeepSpeed: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint,
-each rank's SAM
-state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically). `train(resume_from_checkpoint=)`
-reads and checks it before any work (`read_sam_state`: none there, another world size or sam_type are refused)
-and restores it into the SAMEngine before its first step; DeepSpeed's state, the Trainer's scheduler, RNG
-and data position come back as the Trainer restores them.
+each rank's SAM state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically).
+`train(resume_from_checkpoint=)` reads and checks it before any work (`read_sam_state`: none there, another
+world size or sam_type are refused) and restores it into the SAMEngine before its first step; DeepSpeed's
+state, the Trainer's scheduler, RNG and data position come back as the Trainer restores them.
 
 The loss: `sam_loss_fn` where given; else, for a trainer with its own loss (a `compute_loss` override,
 `compute_loss_func`, label smoothing: TRL's trainers), its `compute_loss` per micro-batch on the Trainer's
