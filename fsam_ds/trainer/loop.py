@@ -187,10 +187,9 @@ def run_eval(run: Run, epoch: float) -> None:
 def export(run: Run, name: str, info: dict) -> Path:
     """output_dir/`name`: the model, or under LoRA the adapter folder (and merged/ on request); collective."""
     cfg = run.cfg
-    adapters = cfg.peft.method != "none"
     merged = partial(merged_model, objective=run.objective) if cfg.peft.export_merged else None
     return export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / name, info, config_to_dict(cfg),
-                        adapters=adapters, merged=merged)
+                        adapters=cfg.peft.frozen_base, merged=merged)
 
 
 def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
@@ -205,7 +204,7 @@ def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
     if due or (every and state.step % every == 0):
         state.eval_pending = due
         save_checkpoint(run.sam_engine, cfg.output_dir, state, cfg.keep_checkpoints, config_to_dict(cfg),
-                        frozen_base=cfg.peft.method != "none")
+                        frozen_base=cfg.peft.frozen_base)
         if run.replacing:
             if dist.get_rank() == 0:
                 drop_replaced_runs(cfg.output_dir)  # the new run can now be resumed: the old one may go
@@ -358,7 +357,7 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> None:
     state, rng = TrainerState(total_steps=total, data=order), None
     checkpoint = point.folder
     if checkpoint is not None:
-        state, rng = load_checkpoint(sam_engine, checkpoint, order, total, frozen_base=cfg.peft.method != "none")
+        state, rng = load_checkpoint(sam_engine, checkpoint, order, total, frozen_base=cfg.peft.frozen_base)
     replaced = None
     if rank == 0:  # everything is checked: from here on the run may change what output_dir holds
         for folder, problem in point.damaged:

@@ -125,6 +125,11 @@ class PeftSection:
     modules_to_save: tuple[str, ...] = ()
     export_merged: bool = False  # best/ and final/ also hold merged/, the base with the adapters merged in
 
+    @property
+    def frozen_base(self) -> bool:
+        """Whether the run trains adapters beside a frozen base (checkpoints and exports leave the base out)."""
+        return self.method != "none"
+
 
 def _check(ok: bool, key: str, value: Any, requirement: str, hint: str = "") -> None:
     if not ok:
