@@ -10,7 +10,7 @@ correction), at the demos' settings, with AdamW, fisher-sam and the cheaper vari
 demo's rho 0.02, keep_ratio 0.1 and mask_interval; only the seed and the variant differ between runs.
 Each run is one `fsam-train` process in OUTPUT_DIR/<task>/<variant>/seed<N>/, with its console output in
 seed<N>.log and its cost in seed<N>.json beside it: the CPU time (user + system) of the process and the
-processes it waited for, read as a difference of `getrusage(RUSAGE_CHILDREN)`, since runs go one at a time.
+processes it waited for, as wait4 reports it for that process (`fsam_ds.cli.demo.run_measured`).
 Every run uses one thread (`--threads`): with more, threads that wait at a barrier for a core another
 process holds spin, and the CPU time would count the machine's load, not the run's work.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ from typing import Any, Sequence
 from benchmarks.cheap import METHODS
 from benchmarks.measure import fmt, ratio
 from benchmarks.zero import schedule_of
-from fsam_ds.cli.demo import before_and_after, best_accuracy, demo_args
+from fsam_ds.cli.demo import before_and_after, best_accuracy, demo_args, run_measured
 from fsam_ds.trainer.metrics_log import METRICS_FILE, read_summary
 from fsam_ds.trainer.run_config import BASELINE_SAM_TYPE
 from fsam_ds.zero.files import replace_file
@@ -122,12 +121,10 @@ def execute(run: PlannedRun, root: Path, threads: int, keep_models: bool) -> dic
     folder.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "fsam_ds.train", *args]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
-    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with open(folder.with_suffix(".log"), "w") as log:
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
-    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+        returncode, wall, usage = run_measured(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     cost = {"task": run.task, "variant": run.variant, "seed": run.seed, "returncode": returncode,
-            "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "wall_s": round(wall, 2), "threads": threads, "command": command}
     replace_file(run.cost_file(root), json.dumps(cost, indent=1) + "\n")
     if not keep_models and finished(run, root):

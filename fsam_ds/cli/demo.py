@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         command = [sys.executable, "-m", "fsam_ds.train", *args]
         print(f"== {sam_type}: {' '.join(command[:3])} ... --output_dir={run_dir}", flush=True)
-        costs[sam_type] = _run_measured(command)
+        _, seconds, usage = run_measured(command)
+        costs[sam_type] = (seconds, usage.ru_maxrss * 1024)  # Linux reports kilobytes
         results[sam_type] = before_and_after(run_dir) if demo == "spelling" else best_accuracy(run_dir)
     if demo == "spelling":
         code = _print_spelling(results)
@@ -171,21 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _run_measured(command: list[str]) -> tuple[float, int]:
-    """Runs `command`; returns its wall seconds and its peak resident memory in bytes (this child's own,
-    from wait4: the getrusage of all children would keep the largest of every run so far)."""
-    import os
-    import time
-
+def run_measured(command: list[str], **popen: Any) -> tuple[int, float, Any]:
+    """Runs `command` (`popen`: subprocess.Popen's options) to its end; returns its exit code, its wall seconds
+    and its own resource usage (wait4: CPU time, peak resident memory; the getrusage of all children would
+    mix in every earlier run, and keep the largest peak of them)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, **popen)
     try:
-        _, _, usage = os.wait4(process.pid, 0)
+        _, status, usage = os.wait4(process.pid, 0)
     except BaseException:
         process.kill()
         raise
-    process.returncode = 0  # reaped by wait4; the run's outcome is read from its metrics
-    return time.perf_counter() - started, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, not by Popen
+    return process.returncode, time.perf_counter() - started, usage
 
 
 def _print_spelling(results: dict[str, tuple[dict, dict] | None]) -> int:
