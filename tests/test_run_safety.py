@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import train_fixtures as fx
-from fsam_ds.trainer.checkpoint import CheckpointDamaged, damage, verify_folder
+from fsam_ds.trainer.run_dir import CheckpointDamaged, damage, verify_folder
 from fsam_ds.trainer.run_config import config_to_dict, load_config
 from fsam_ds.trainer.run_identity import config_hash, run_differences
 
@@ -237,12 +237,12 @@ def test_skipped_steps_are_reported_by_a_run_allowed_to_finish(assets, tmp_path)
 
 def test_a_short_run_with_every_step_lost_fails_at_the_end():
     """Fewer steps than max_consecutive_skipped, all lost: the end of the run refuses to call it done."""
-    from fsam_ds.trainer.checkpoint import TrainerState
+    from fsam_ds.trainer.run_dir import TrainerState
     from fsam_ds.trainer.loop import Run, TrainingFailed, finish
     from fsam_ds.trainer.metrics_log import NullLogger
 
     cfg = load_config(["--task=sst2", "--model=m"])
-    run = Run(cfg, None, None, None, None, NullLogger(), TrainerState(step=4, skipped_steps=4), [], "")
+    run = Run(cfg, None, None, None, None, NullLogger(), TrainerState(step=4, skipped_steps=4), [], "", None)
     with pytest.raises(TrainingFailed, match="every one of its 4 steps had a non-finite loss"):
         finish(run, 0.0)
 
@@ -270,7 +270,7 @@ def test_resume_refuses_changed_run_settings_and_applies_the_others(assets, tmp_
 
 def test_manifest_sees_a_one_byte_change_a_truncation_and_a_missing_file(tmp_path):
     """The manifest hashes every byte: one changed byte in the middle of 1 MiB is seen."""
-    from fsam_ds.trainer.checkpoint import write_manifest
+    from fsam_ds.trainer.run_dir import write_manifest
 
     blob = tmp_path / "blob.bin"
     blob.write_bytes(os.urandom(1 << 20))
@@ -292,9 +292,10 @@ def _save_and_load_a_nonfinite_state(rank: int, world: int, out: Path, model: Pa
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fsam_ds.trainer.checkpoint import TrainerState, export_model, load_checkpoint, save_checkpoint
+    from fsam_ds.trainer.export import export_model
+    from fsam_ds.trainer.run_dir import TrainerState, load_checkpoint, save_checkpoint
 
-    sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, exclude_frozen_parameters: None,
+    sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, exclude_frozen_parameters, written: None,
                                  load_checkpoint=lambda root, tag, **options: None)
     order = {"world_size": 1, "micro_batch_size": 8, "grad_accum": 1, "seed": 3, "steps_per_epoch": 8}
     state = TrainerState(step=3, total_steps=8, data=order, last_metrics={"pearson": math.nan, "loss": math.inf},
@@ -342,7 +343,7 @@ def _logged_losses(rank: int, world: int) -> list[tuple[float, float]]:
 
     from fsam_ds.sam.core import StepStats
     from fsam_ds.sam.driver import StepOutput
-    from fsam_ds.trainer.checkpoint import TrainerState
+    from fsam_ds.trainer.run_dir import TrainerState
     from fsam_ds.trainer.loop import Run, log_step
 
     class Recorder:
@@ -354,7 +355,7 @@ def _logged_losses(rank: int, world: int) -> list[tuple[float, float]]:
 
     cfg = load_config(["--task=sst2", "--model=m", "--sam.sam_type=esam"])
     sam_engine = SimpleNamespace(engine=SimpleNamespace(device=torch.device("cpu")))
-    run = Run(cfg, None, None, sam_engine, None, Recorder(), TrainerState(step=1), [], "")
+    run = Run(cfg, None, None, sam_engine, None, Recorder(), TrainerState(step=1), [], "", None)
     for case in PERTURBED_CASES:
         loss, kept = case[rank]
         perturbed = sum(kept) / len(kept) if kept else math.nan

@@ -235,7 +235,7 @@ def as_export(model: Path, folder: Path, run_config: dict[str, Any]) -> Path:
     (run_config.json) and the manifest, so that fsam-predict takes it without a training run."""
     import shutil
 
-    from fsam_ds.trainer.checkpoint import RUN_CONFIG_FILE, write_manifest
+    from fsam_ds.trainer.run_dir import RUN_CONFIG_FILE, write_manifest
 
     shutil.copytree(model, folder)
     (folder / RUN_CONFIG_FILE).write_text(json.dumps(run_config))

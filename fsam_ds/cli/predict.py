@@ -40,7 +40,7 @@ class PredictError(ValueError):
 
 def _run_config(folder: Path) -> dict[str, Any]:
     """The exported run's configuration, with the settings that only training reads neutralised."""
-    from fsam_ds.trainer.checkpoint import MANIFEST, RUN_CONFIG_FILE, verify_folder
+    from fsam_ds.trainer.run_dir import MANIFEST, RUN_CONFIG_FILE, verify_folder
     from fsam_ds.trainer.peft_model import is_adapter_folder
 
     if not folder.is_dir():

@@ -1,14 +1,14 @@
-"""The training run, top to bottom: build (`fsam_ds.trainer.build`), resume, loop over steps
+"""The training run, top to bottom (`train`): configuration and objective, the run folder (`RunDir`:
+claimed, resume point found), build (`fsam_ds.trainer.build`), start (resumed or fresh), loop over steps
 (`SAMEngine.train_step` or the AdamW baseline's), evaluate, checkpoint, export.
 
 Writes into output_dir: metrics.jsonl and config.json (every step, evaluation, mask and the final
 summary), checkpoints/step<N>/ (exact resume), best/ and final/ (Hugging Face model folders); see
-`fsam_ds.trainer.checkpoint`. Known input errors are raised as the exceptions in `KNOWN_ERRORS`.
+`fsam_ds.trainer.run_dir`. Known input errors are raised as the exceptions in `KNOWN_ERRORS`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -28,12 +28,7 @@ from torch.utils.data import DataLoader
 from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
 from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_positions, hub_error, load_model,
                                    load_tokenizer, resolve_config)
-from fsam_ds.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointWriteFailed, ResumePoint, TrainerState,
-                                        check_same_run, clear_earlier_run, discard_after, drop_replaced_runs,
-                                        earlier_run, export_model, find_checkpoint, load_checkpoint, put_back,
-                                        replaced_runs, save_checkpoint, set_aside, set_aside_earlier_run,
-                                        set_rng_state)
-from fsam_ds.trainer.metrics_log import open_run_logger, trim_metrics
+from fsam_ds.trainer.metrics_log import open_run_logger
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
 from fsam_ds.trainer.data import DataError, set_epoch
@@ -41,8 +36,7 @@ from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_
 from fsam_ds.trainer.objectives import Objective, objective_for
 from fsam_ds.trainer.peft_model import WRAPPED_PREFIX, merged_model, wrap_with_peft
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
-from fsam_ds.trainer.run_claim import claim_output_dir
-from fsam_ds.trainer.run_identity import run_differences
+from fsam_ds.trainer.run_dir import CheckpointWriteFailed, RunDir, TrainerState, set_rng_state
 from fsam_ds.trainer.tasks import UnknownTaskError
 from fsam_ds.zero.adapters import UnsupportedConfiguration
 from fsam_ds.zero.engine import EngineStepper
@@ -87,8 +81,7 @@ class Run:
     state: TrainerState
     param_names: list[str]
     base_prefix: str
-    replacing: bool = False
-    """An earlier run that --overwrite=true set aside waits for this run's first checkpoint to be removed."""
+    run_dir: RunDir
 
     @property
     def engine(self) -> Any:
@@ -188,8 +181,8 @@ def export(run: Run, name: str, info: dict) -> Path:
     """output_dir/`name`: the model, or under LoRA the adapter folder (and merged/ on request); collective."""
     cfg = run.cfg
     merged = partial(merged_model, objective=run.objective) if cfg.peft.export_merged else None
-    return export_model(run.engine, run.tokenizer, Path(cfg.output_dir) / name, info, config_to_dict(cfg),
-                        adapters=cfg.peft.frozen_base, merged=merged)
+    return run.run_dir.export(name, run.engine, run.tokenizer, info, config_to_dict(cfg),
+                              adapters=cfg.peft.frozen_base, merged=merged)
 
 
 def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
@@ -203,12 +196,8 @@ def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
     every = cfg.checkpoint_every
     if due or (every and state.step % every == 0):
         state.eval_pending = due
-        save_checkpoint(run.sam_engine, cfg.output_dir, state, cfg.keep_checkpoints, config_to_dict(cfg),
-                        frozen_base=cfg.peft.frozen_base)
-        if run.replacing:
-            if dist.get_rank() == 0:
-                drop_replaced_runs(cfg.output_dir)  # the new run can now be resumed: the old one may go
-            run.replacing = False
+        run.run_dir.save(run.sam_engine, state, cfg.keep_checkpoints, config_to_dict(cfg),
+                         frozen_base=cfg.peft.frozen_base)
     if due:
         with _resumable(run, "the evaluation"):
             run_eval(run, epoch)
@@ -226,7 +215,7 @@ def _resumable(run: Run, what: str) -> Iterator[None]:
             traceback.print_exc()
         raise TrainingFailed(
             f"{what} at step {run.state.step} failed ({type(err).__name__}: {err}). The training up to this step "
-            f"is saved in {Path(run.cfg.output_dir) / CHECKPOINT_DIR / f'step{run.state.step}'}: fix the cause (the "
+            f"is saved in {run.run_dir.step_folder(run.state.step)}: fix the cause (the "
             "traceback above), then continue with the same command and --resume=true; the resumed run evaluates "
             "this step again and goes on.") from err
 
@@ -276,62 +265,51 @@ def finish(run: Run, started: float) -> None:
         f"best dev {objective.select_metric} {best}; final model in {final_dir}{best_dir}")
 
 
-def _resume_point(cfg: TrainConfig, rank: int) -> ResumePoint:
-    """Rank 0 decides (the ranks' file views may differ) and every rank gets the answer or the error.
-    Nothing is written: this runs before the run is built and checked."""
-    answer: list[Any] = [None]
-    if rank == 0:
-        try:
-            point = find_checkpoint(cfg.resume, cfg.output_dir)
-            if point.folder is None and not cfg.overwrite:
-                _refuse_earlier_run(cfg)
-            answer = [point]
-        except ConfigError as err:
-            answer = [err]
-    dist.broadcast_object_list(answer, src=0)
-    if isinstance(answer[0], ConfigError):
-        raise answer[0]
-    return answer[0]
-
-
-def _refuse_earlier_run(cfg: TrainConfig) -> None:
-    held = earlier_run(cfg.output_dir)
-    if not held:
-        return
-    config_file = Path(cfg.output_dir) / "config.json"
-    differences = []
-    if config_file.is_file():
-        try:
-            differences = run_differences(json.loads(config_file.read_text(encoding="utf-8")), config_to_dict(cfg))
-        except (ValueError, AttributeError):
-            differences = ["its config.json is unreadable"]
-    differ = f" Its settings differ from this run's: {'; '.join(differences)}." if differences else ""
-    raise ConfigError(f"output_dir = {cfg.output_dir!r} holds another run ({', '.join(held)}) and this run starts "
-                      f"afresh (resume = {cfg.resume}), which would replace it.{differ} Pass --resume=true to "
-                      "continue that run, --overwrite=true to replace it, or another --output_dir (the default "
-                      "one, runs/{task}-{sam_type}-s{seed}-{config_hash}, differs for every setting that can "
-                      "change the result).")
-
-
 def train(cfg: TrainConfig, rank: int, world: int) -> None:
-    """The run, holding output_dir for its whole life (`fsam_ds.trainer.run_claim`): a second launch into
-    the same folder stops at once instead of interleaving its files with this run's."""
-    with claim_output_dir(cfg.output_dir, rank):
-        _train(cfg, rank, world)
-
-
-def _train(cfg: TrainConfig, rank: int, world: int) -> None:
-    """Nothing in output_dir is deleted, cut or replaced until the configuration, resume point,
-    tokenizer, data, model, DeepSpeed config and engine have all been checked and built; an earlier run
-    that --overwrite=true replaces is set aside until this run's first checkpoint is on disk."""
-    from transformers import AutoConfig, set_seed
-
+    """The run: its folder held for its whole life (a second launch into it stops at once) and nothing in
+    it deleted, cut or replaced until the configuration, resume point, tokenizer, data, model, DeepSpeed
+    config and engine have all been checked and built (`RunDir`)."""
     started = time.time()
     objective = objective_for(cfg)
-    point = _resume_point(cfg, rank)
-    if point.folder is not None:
-        check_same_run(point.folder, config_to_dict(cfg))
-    _quiet_libraries(rank, cfg.log.progress)
+    with RunDir.open(cfg, rank) as run_dir:
+        _quiet_libraries(rank, cfg.log.progress)
+        built = _build(cfg, objective, rank, world)
+        order = {"world_size": world, "micro_batch_size": cfg.data.micro_batch_size,
+                 "grad_accum": cfg.data.grad_accum, "seed": cfg.seed, "steps_per_epoch": built.data.steps_per_epoch}
+        state, rng = run_dir.start(built.sam_engine, order, built.total_steps, frozen_base=cfg.peft.frozen_base)
+        with open_run_logger(cfg, rank, total_steps=built.total_steps, start_step=state.step,
+                             resumed=run_dir.point.folder is not None) as logger:
+            for note in run_dir.notes:
+                logger.console(note)
+            run = Run(cfg, objective, built.data, built.sam_engine, built.tokenizer, logger, state,
+                      built.param_names, built.base_prefix, run_dir)
+            if cfg.eval.at_start and state.step == 0 and state.last_eval_step is None:
+                run_eval(run, 0.0)  # what the pretrained model scores before fine-tuning changes it
+            if state.eval_pending:  # the checkpoint was written before its step's evaluation
+                with _resumable(run, "the evaluation"):
+                    run_eval(run, state.epoch + state.step_in_epoch / built.data.steps_per_epoch)
+            train_loop(run, rng)
+            if state.last_eval_step != state.step:
+                run_eval(run, state.epoch + state.step_in_epoch / built.data.steps_per_epoch)
+            finish(run, started)
+
+
+@dataclass
+class Built:
+    """What the run trains with, built and checked before the run folder changes."""
+
+    tokenizer: Any
+    data: Data
+    sam_engine: EngineStepper
+    total_steps: int
+    param_names: list[str]
+    """The trainable parameters' names in the model's own terms (mask density by layer)."""
+    base_prefix: str
+
+
+def _build(cfg: TrainConfig, objective: Objective, rank: int, world: int) -> Built:
+    from transformers import AutoConfig, set_seed
+
     set_seed(cfg.seed)  # python, numpy, torch and every accelerator
     tokenizer = load_tokenizer(cfg)
     data = build_data(cfg, objective, tokenizer, rank, world)
@@ -351,51 +329,4 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> None:
     # the model's own names (mask density by layer), without the prefix a peft wrapper adds
     names = [n.removeprefix(WRAPPED_PREFIX) for n, p in model.named_parameters() if p.requires_grad]
     sam_engine = build_engine(cfg, model, ds_config, total)
-
-    order = {"world_size": world, "micro_batch_size": cfg.data.micro_batch_size,
-             "grad_accum": cfg.data.grad_accum, "seed": cfg.seed, "steps_per_epoch": data.steps_per_epoch}
-    state, rng = TrainerState(total_steps=total, data=order), None
-    checkpoint = point.folder
-    if checkpoint is not None:
-        state, rng = load_checkpoint(sam_engine, checkpoint, order, total, frozen_base=cfg.peft.frozen_base)
-    replaced = None
-    if rank == 0:  # everything is checked: from here on the run may change what output_dir holds
-        for folder, problem in point.damaged:
-            print(f"warning: checkpoint {folder} is damaged ({problem}); resuming from the newest intact one, "
-                  f"{checkpoint}. The damaged one is kept as {set_aside(folder)}.", file=sys.stderr, flush=True)
-        if checkpoint is None:
-            replaced = set_aside_earlier_run(cfg.output_dir)  # --overwrite=true: kept until the first checkpoint
-            clear_earlier_run(cfg.output_dir)  # what is left: leftovers of a killed attempt
-        else:
-            discard_after(cfg.output_dir, state.step)
-            trim_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.step, keep_eval=not state.eval_pending)
-    # runs set aside earlier (by this run, or by an --overwrite=true run killed before its first checkpoint)
-    # go once this run has a checkpoint; a fresh run gets here with them only under --overwrite=true
-    replacing = [rank == 0 and checkpoint is None and bool(replaced_runs(cfg.output_dir))]
-    dist.broadcast_object_list(replacing, src=0)  # every rank keeps step with rank 0's collectives
-    run = None
-    try:
-        with open_run_logger(cfg, rank, total_steps=total, start_step=state.step,
-                             resumed=checkpoint is not None) as logger:
-            if checkpoint is not None:
-                logger.console(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
-            if replaced is not None:
-                logger.console(f"the earlier run in {cfg.output_dir} is set aside in {replaced} until this run's "
-                               "first checkpoint")
-            run = Run(cfg, objective, data, sam_engine, tokenizer, logger, state, names,
-                      getattr(model, "base_model_prefix", ""), replacing[0])
-            if cfg.eval.at_start and state.step == 0 and state.last_eval_step is None:
-                run_eval(run, 0.0)  # what the pretrained model scores before fine-tuning changes it
-            if state.eval_pending:  # the checkpoint was written before its step's evaluation
-                with _resumable(run, "the evaluation"):
-                    run_eval(run, state.epoch + state.step_in_epoch / data.steps_per_epoch)
-            train_loop(run, rng)
-            if state.last_eval_step != state.step:
-                run_eval(run, state.epoch + state.step_in_epoch / data.steps_per_epoch)
-            finish(run, started)
-    except BaseException:
-        if replaced is not None and (run is None or run.replacing):
-            put_back(cfg.output_dir, replaced)
-            print(f"fsam-train: this run stopped before its first checkpoint, so the earlier run it was replacing "
-                  f"(--overwrite=true) is back in {cfg.output_dir}.", file=sys.stderr, flush=True)
-        raise
+    return Built(tokenizer, data, sam_engine, total, names, getattr(model, "base_model_prefix", ""))

@@ -33,7 +33,7 @@ from fsam_ds.sam.shards import TorchComm, require_first_moment
 from fsam_ds.zero.adapters import EngineShards, UnsupportedConfiguration, shards_for_engine
 from fsam_ds.zero.distributed import release_shm_buffer
 from fsam_ds.zero.ds_config import check_sam_compatible
-from fsam_ds.zero.files import save_atomically
+from fsam_ds.zero.files import WrittenFiles, save_atomically
 
 EngineLoss = Callable[[Any, Any], Tensor]
 
@@ -44,7 +44,8 @@ class EngineStepper(TrainStepper, Protocol):
     engine: Any
 
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
-                        client_state: dict | None = None, exclude_frozen_parameters: bool = False) -> str: ...
+                        client_state: dict | None = None, exclude_frozen_parameters: bool = False,
+                        written: WrittenFiles | None = None) -> str: ...
 
     def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None,
                         load_module_strict: bool = True) -> dict: ...
@@ -184,13 +185,15 @@ class SAMEngine(ObservedThroughCore):
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
-                        client_state: dict | None = None, exclude_frozen_parameters: bool = False) -> str:
+                        client_state: dict | None = None, exclude_frozen_parameters: bool = False,
+                        written: WrittenFiles | None = None) -> str:
         """DeepSpeed's checkpoint plus each rank's SAM state (mask shard, counters, ESAM generator);
         `exclude_frozen_parameters` leaves the frozen weights out (LoRA's base: the model rebuilt on
-        resume holds them), and `load_checkpoint` then needs `load_module_strict=False`."""
+        resume holds them), and `load_checkpoint` then needs `load_module_strict=False`. `written`
+        records the files this rank wrote, with their digests (`save_deepspeed_checkpoint`)."""
         tag = tag or f"global_step{self.engine.global_steps}"
-        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters)
-        self.save_sam_state(Path(save_dir) / tag)
+        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters, written)
+        self.save_sam_state(Path(save_dir) / tag, written)
         torch.distributed.barrier()
         return tag
 
@@ -214,10 +217,10 @@ class SAMEngine(ObservedThroughCore):
         return {"core": self.core.state_dict(), "skipped_steps": self.skipped_steps,
                 "world_size": self.data_comm.world_size, "sam_type": self.config.sam_type}
 
-    def save_sam_state(self, folder: str | os.PathLike) -> Path:
+    def save_sam_state(self, folder: str | os.PathLike, written: WrittenFiles | None = None) -> Path:
         """Writes `sam_state()` to `folder/fsam_state_rank<r>.pt` atomically; every rank writes its own."""
         path = Path(folder) / sam_state_file(self.data_comm.rank)
-        save_atomically(self.sam_state(), path)
+        save_atomically(self.sam_state(), path, written)
         return path
 
     def load_sam_state(self, state: dict) -> None:
@@ -226,12 +229,39 @@ class SAMEngine(ObservedThroughCore):
         self.skipped_steps = int(state["skipped_steps"])
 
 
+class _DigestingCheckpointEngine:
+    """DeepSpeed's checkpoint engine with every file it saves recorded in `written`: hashed while writing
+    for its torch engine (the default), read back right after for any other; everything else is the engine's.
+    DeepSpeed writes each checkpoint file through `checkpoint_engine.save` (model, optimizer and ZeRO
+    partition states); the few it writes itself (`latest`, the recovery script) are small."""
+
+    def __init__(self, engine: Any, written: WrittenFiles) -> None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        self._engine, self._written = engine, written
+        self._torch_format = (engine.zipfile_serialization if type(engine) is TorchCheckpointEngine else None)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self._torch_format is None:
+            self._engine.save(state_dict, path)
+            self._written.add(path)
+        else:
+            self._written.save(state_dict, path, _use_new_zipfile_serialization=self._torch_format)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 def save_deepspeed_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None, client_state: dict | None,
-                              exclude_frozen_parameters: bool) -> None:
+                              exclude_frozen_parameters: bool, written: WrittenFiles | None = None) -> None:
     """`engine.save_checkpoint`; with `exclude_frozen_parameters`, no frozen parameter under any of its names.
     DeepSpeed drops the frozen entries by the names `named_parameters()` gives, which names a tied weight
     once: a frozen embedding tied to the LM head (SmolLM2, GPT-2) stayed in as `lm_head.weight`, the whole
-    table. A state-dict hook drops every name, for the length of the save."""
+    table. A state-dict hook drops every name, for the length of the save. `written`: the files this rank
+    saves through DeepSpeed's checkpoint engine are recorded there with their digests."""
+    own_engine = getattr(engine, "checkpoint_engine", None)
+    if written is not None and own_engine is not None:
+        engine.checkpoint_engine = _DigestingCheckpointEngine(own_engine, written)
     hook = None
     if exclude_frozen_parameters:
         frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
@@ -247,6 +277,8 @@ def save_deepspeed_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str
     finally:
         if hook is not None:
             hook.remove()
+        if own_engine is not None:
+            engine.checkpoint_engine = own_engine
 
 
 def sam_state_file(rank: int | str) -> str:
@@ -320,8 +352,9 @@ class PlainEngine:
         return StepOutput(sum(losses) / len(losses), math.nan, stats, skipped, examples, scale)
 
     def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None,
-                        client_state: dict | None = None, exclude_frozen_parameters: bool = False) -> str:
-        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters)
+                        client_state: dict | None = None, exclude_frozen_parameters: bool = False,
+                        written: WrittenFiles | None = None) -> str:
+        save_deepspeed_checkpoint(self.engine, save_dir, tag, client_state, exclude_frozen_parameters, written)
         torch.distributed.barrier()
         return tag or ""
 

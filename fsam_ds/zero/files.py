@@ -1,9 +1,12 @@
-"""Files that a crash never leaves half-written: the one atomic write the engine's, the trainer's and the
-Hugging Face Trainer integration's checkpoints and logs share."""
+"""Files that a crash never leaves half-written, and their digests: the one atomic write and the one
+sha256 that the engine's, the trainer's and the Hugging Face Trainer integration's checkpoints, manifests
+and logs share. A digest taken while a file is written (`DigestingWriter`) costs no second read."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +34,74 @@ def replace_file(path: str | os.PathLike, text: str) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def save_atomically(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save(obj, path)`, atomically."""
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+def save_atomically(obj: Any, path: str | os.PathLike, written: WrittenFiles | None = None) -> None:
+    """`torch.save(obj, path)`, atomically; recorded with its digest in `written` when given."""
+    (written if written is not None else WrittenFiles()).save(obj, path)
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """A file's size and sha256, as a manifest records them."""
+
+    bytes: int
+    sha256: str
+
+
+def file_digest(path: str | os.PathLike) -> FileDigest:
+    """Reads `path` once (in 4 MiB chunks) for its size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, digest.hexdigest())
+
+
+class DigestingWriter:
+    """A write-only file that hashes what passes through it. It has no `fileno` on purpose: torch.save
+    writes tensors straight to the descriptor of a real file, past any wrapper; without one it calls
+    `write`, and every byte is hashed on its way to disk."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._file = open(path, "wb")
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._digest.update(view)
+        self._size += len(view)
+        return self._file.write(view)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> FileDigest:
+        self._file.close()
+        return FileDigest(self._size, self._digest.hexdigest())
+
+
+@dataclass
+class WrittenFiles:
+    """The files one rank wrote, with their digests (taken while writing, or right after while the file
+    is still in the page cache): what that rank contributes to a checkpoint's manifest."""
+
+    files: dict[Path, FileDigest] = field(default_factory=dict)
+
+    def save(self, obj: Any, path: str | os.PathLike, **torch_save_kwargs: Any) -> None:
+        """`torch.save(obj, path)`, atomically (`replace_atomically`) and hashed while writing."""
+        digests: list[FileDigest] = []
+
+        def write(tmp: Path) -> None:
+            writer = DigestingWriter(tmp)
+            try:
+                torch.save(obj, writer, **torch_save_kwargs)
+            finally:
+                digests.append(writer.close())
+
+        replace_atomically(path, write)
+        self.files[Path(path)] = digests[0]
+
+    def add(self, path: str | os.PathLike) -> None:
+        """Records a file another writer has just written (read back while it is in the page cache)."""
+        self.files[Path(path)] = file_digest(path)

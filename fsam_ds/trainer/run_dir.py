@@ -1,0 +1,673 @@
+"""The run folder, and its one owner: `RunDir` opens it, decides whether the run resumes, clears or sets
+aside what an earlier run left, saves and loads checkpoints, exports models and verifies them.
+
+Layout under the run's output_dir:
+
+    run.lock               the claim of the run that holds the folder (`fsam_ds.trainer.run_claim`).
+    metrics.jsonl, config.json, wandb-run-id
+                           what the run logs (`fsam_ds.trainer.metrics_log`).
+    checkpoints/step<N>/   DeepSpeed checkpoint plus each rank's SAM state (SAMEngine.save_checkpoint),
+                           rng_state_rank<r>.pt per rank, trainer_state.json, run_config.json (the
+                           run's configuration, compared on resume) and manifest.json, written last:
+                           size and sha256 of every file. A folder without a manifest was cut short
+                           (a killed run) and is never resumed from; one whose files differ from it
+                           is damaged and is never loaded.
+    checkpoints/damaged-step<N>/   a damaged checkpoint that resume=true passed over, kept for inspection.
+                           A checkpoint is written before every evaluation (and every checkpoint_every
+                           steps), so a failed evaluation or export loses no training.
+    replaced-run/          the earlier run an --overwrite=true run set aside, removed at that run's first
+                           checkpoint and put back if it fails before (kept if it is killed).
+    best/, final/          Hugging Face model folders (`fsam_ds.trainer.export`) with manifest.json and
+                           run_config.json, the run's configuration (fsam-predict rebuilds the task from
+                           it); best/ also holds best.json with the step and the dev metrics that selected it.
+
+Manifests scale with the ranks. Each rank hashes the checkpoint files it writes while writing them (the
+files DeepSpeed saves through its checkpoint engine, the SAM and RNG states); rank 0 merges the ranks'
+entries and hashes only the few small files nobody recorded. On resume each rank verifies the entries
+it wrote (by rank, modulo the world size), and the first problem any rank finds is named on every rank.
+Checkpoints assume a file system that every rank sees, as DeepSpeed's do.
+
+Non-finite floats (a dev metric that is nan) are written as in metrics.jsonl, as the strings "nan", "inf"
+and "-inf", and read back as floats (`fsam_ds.trainer.metrics_log.encode_nonfinite`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fsam_ds.sam.config import ConfigError
+from fsam_ds.trainer.metrics_log import METRICS_FILE, decode_nonfinite, encode_nonfinite, trim_metrics
+from fsam_ds.trainer.run_claim import claim_output_dir
+from fsam_ds.trainer.run_identity import SAFE_TO_CHANGE_ON_RESUME, run_differences
+from fsam_ds.zero.engine import EngineStepper
+from fsam_ds.zero.files import TMP_SUFFIX, WrittenFiles, file_digest, replace_file
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+RUN_CONFIG_FILE = "run_config.json"
+MANIFEST = "manifest.json"
+EXPORTS = ("best", "final")
+CONFIG_FILE = "config.json"
+RUN_FILES = (METRICS_FILE, CONFIG_FILE, "wandb-run-id")
+"""The files a run writes at the top of output_dir, beside the folders."""
+REPLACED = "replaced-run"
+_REPLACED = re.compile(r"^replaced-run(\.\d+)?$")
+_TAG = re.compile(r"^step(\d+)$")
+# Settings that fix which examples each step sees; resuming with another value would not continue
+# the same run.
+DATA_ORDER_KEYS = ("world_size", "micro_batch_size", "grad_accum", "seed", "steps_per_epoch")
+
+
+@dataclass
+class TrainerState:
+    """Where the run stands; saved as the checkpoint's client state and as trainer_state.json."""
+
+    step: int = 0
+    """Optimizer steps done (skipped overflow steps included: they consumed their batches)."""
+    epoch: int = 0
+    """Epoch of the next step."""
+    step_in_epoch: int = 0
+    """Steps of `epoch` already done; a resumed run skips that many steps' batches."""
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    total_steps: int = 0
+    skipped_steps: int = 0
+    """Steps whose update was skipped (non-finite gradients or loss), over the whole run."""
+    consecutive_skipped: int = 0
+    """Skipped steps since the last applied update."""
+    sam_steps: int = 0
+    """Applied updates that were sharpness-aware (all of them under sam.schedule = always)."""
+    data: dict[str, int] = field(default_factory=dict)
+    """The DATA_ORDER_KEYS values of the run."""
+    eval_pending: bool = False
+    """The checkpoint was written before this step's evaluation, which a resumed run runs first."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainerState:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class CheckpointDamaged(ConfigError):
+    """A checkpoint or exported model whose files differ from its manifest."""
+
+
+# ------------------------------------------------------------------------------------ RNG state
+
+def rng_state() -> dict[str, Any]:
+    """Every generator the training step draws from (dropout uses torch's default generator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+class CheckpointDamaged(ConfigError):
+    """A checkpoint or exported model whose files differ from its manifest."""
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint or exported model could not be written (a full disk, a file-size limit)."""
+
+
+# ------------------------------------------------------------------------------------ RNG state
+
+def rng_state() -> dict[str, Any]:
+    """Every generator the training step draws from (dropout uses torch's default generator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+# ------------------------------------------------------------------------------ JSON files
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON, non-finite floats as metrics.jsonl writes them, atomically."""
+    replace_file(path, json.dumps(encode_nonfinite(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return decode_nonfinite(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ------------------------------------------------------------------------------------ manifests
+
+def write_manifest(folder: Path, recorded: dict[str, dict[str, Any]] | None = None) -> float:
+    """Records the size and sha256 of every file under `folder`; written last and atomically, so a
+    folder with a manifest was written completely, and any later change to a file is detected.
+    `recorded`: entries the ranks took while writing (name relative to `folder` -> bytes, sha256, rank),
+    taken as they are; only the other files are read here. Returns the bytes read here."""
+    recorded = recorded or {}
+    files, read = {}, 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                       and not p.name.endswith(TMP_SUFFIX)):
+        name = path.relative_to(folder).as_posix()
+        entry = recorded.get(name)
+        if entry is None:
+            digest = file_digest(path)
+            entry, read = {"bytes": digest.bytes, "sha256": digest.sha256}, read + digest.bytes
+        files[name] = entry
+    write_json(folder / MANIFEST, {"files": files})
+    return read
+
+
+def damage(folder: Path, rank: int = 0, world: int = 1) -> str | None:
+    """What is wrong with `folder` against its manifest (one clause naming the file), or None if intact.
+    With `world` > 1, only the files of this rank's part (the entries it wrote, by rank modulo `world`;
+    an entry without a rank by its position) are read: see `RunDir.damage` for the whole verdict."""
+    found = _damage_in_part(folder, rank, world)
+    return None if found is None else found[1]
+
+
+def _damage_in_part(folder: Path, rank: int, world: int) -> tuple[int, str] | None:
+    """(position in the manifest, problem) of the first problem in this rank's part of `folder`."""
+    try:
+        files = read_json(folder / MANIFEST)["files"]
+        entries = [(name, int(entry["bytes"]), str(entry["sha256"]), entry.get("rank", i))
+                   for i, (name, entry) in enumerate(files.items())]
+    except FileNotFoundError:
+        return -1, f"{MANIFEST} is missing"
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return -1, f"{MANIFEST} is unreadable"
+    for i, (name, size, digest, owner) in enumerate(entries):
+        if int(owner) % world != rank:
+            continue
+        path = folder / name
+        if not path.is_file():
+            return i, f"{name} is missing"
+        if path.stat().st_size != size:
+            return i, f"{name} has {path.stat().st_size} bytes where the manifest records {size}"
+        if file_digest(path).sha256 != digest:
+            return i, f"{name} does not match the sha256 its manifest records"
+    return None
+
+
+def verify_folder(folder: str | os.PathLike) -> None:
+    """Raises CheckpointDamaged if a checkpoint or exported model folder differs from its manifest."""
+    folder = Path(folder)
+    problem = damage(folder)
+    if problem is not None:
+        raise CheckpointDamaged(f"{str(folder)!r} is damaged: {problem}. Its files were changed after they were "
+                                "written (disk or copy error); use another copy of it.")
+
+
+# ------------------------------------------------------------------------------------ collectives
+
+def failed_anywhere(error: BaseException | None) -> bool:
+    """Collective: whether any rank's write failed, so that every rank stops at the same point."""
+    flag = torch.tensor([float(error is not None)])
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def write_failed(what: Path, error: BaseException | None, kept: str) -> CheckpointWriteFailed:
+    cause = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error is not None
+             else "another rank's write failed")
+    return CheckpointWriteFailed(
+        f"Could not write {str(what)!r} ({cause}): the disk may be full or a file-size limit reached. The partly "
+        f"written folder was removed; {kept} Free space (or raise the limit), then continue with the same command "
+        "and --resume=true.")
+
+
+def _from_rank0(compute: Any) -> Any:
+    """Rank 0's `compute()` on every rank (its view of the folder decides); a ConfigError it raises is
+    raised on every rank."""
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer = [compute()]
+        except ConfigError as err:
+            answer = [err]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], ConfigError):
+        raise answer[0]
+    return answer[0]
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoints/step<N> under `root`, complete or not, oldest first."""
+    matches = [(_TAG.match(folder.name), folder) for folder in (root.iterdir() if root.is_dir() else [])]
+    return sorted((int(match.group(1)), folder) for match, folder in matches if match)
+
+
+def _complete(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under `root` (its manifest written), oldest first."""
+    return [(step, folder) for step, folder in _step_folders(root) if (folder / MANIFEST).is_file()]
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from, and the damaged newer ones it passed over (resume=true)."""
+
+    folder: Path | None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _named_checkpoint(resume: str, output_dir: Path) -> list[Path]:
+    """The checkpoint a `--resume=PATH` names (or the newest under it), then its complete siblings, newest
+    first: the ones to suggest if it is damaged."""
+    path = Path(resume)
+    if (path / MANIFEST).is_file() or (path / STATE_FILE).is_file():
+        folder = path
+    else:
+        found = [f for root in (path / CHECKPOINT_DIR, path) for _, f in _complete(root)[-1:]]
+        if not found:
+            raise ConfigError(f"resume = {str(resume)!r} holds no complete checkpoint: give a checkpoint folder "
+                              f"(checkpoints/step<N> with {MANIFEST}), the checkpoints folder or a run's output_dir, "
+                              "or resume=true to continue from the newest checkpoint in output_dir.")
+        folder = found[0]
+    return [folder] + [f for _, f in reversed(_complete(folder.parent)) if f != folder]
+
+
+def _step_of(folder: Path) -> str:
+    match = _TAG.match(folder.name)
+    return match.group(1) if match else folder.name
+
+
+def _run_held(out: Path) -> list[str]:
+    """What out holds of a run: its complete checkpoints and its final model (a best/ alone is what a run
+    killed before its first checkpoint leaves)."""
+    held = [f"checkpoints up to step {found[-1][0]}" for found in [_complete(out / CHECKPOINT_DIR)] if found]
+    return held + (["final/"] if (out / "final").is_dir() else [])
+
+
+def replaced_runs(output_dir: str | os.PathLike) -> list[Path]:
+    """The runs `RunDir._set_aside_earlier_run` moved into replaced-run*/ whose replacement never checkpointed."""
+    out = Path(output_dir)
+    return sorted(p for p in (out.iterdir() if out.is_dir() else []) if p.is_dir() and _REPLACED.match(p.name))
+
+
+def earlier_run(output_dir: str | os.PathLike) -> list[str]:
+    """What output_dir holds of another run that a fresh run must not replace unasked: its complete
+    checkpoints, its final model, and an earlier run set aside by an --overwrite=true run that never
+    reached its first checkpoint. Empty for a new folder."""
+    out = Path(output_dir)
+    return _run_held(out) + [f"{folder.name}/, a run set aside by an --overwrite=true run that was stopped before "
+                             "its first checkpoint (move its files back into output_dir to keep it)"
+                             for folder in replaced_runs(out)]
+
+
+# ------------------------------------------------------------------------------------ the owner
+
+class RunDir:
+    """The run folder of one run (every rank holds one): opened by `RunDir.open`, which claims it and
+    decides where the run starts; `take_over` then lets the run change what the folder holds, once the
+    whole run has been checked and built. Nothing in it is deleted, cut or replaced before that; an
+    earlier run that --overwrite=true replaces is set aside until this run's first checkpoint is on disk,
+    and put back if the run fails before."""
+
+    def __init__(self, output_dir: str | os.PathLike, point: ResumePoint | None = None) -> None:
+        self.root = Path(output_dir)
+        self.point = point or ResumePoint(None)
+        self.replaced: Path | None = None
+        """Where the earlier run that this --overwrite=true run replaces waits (rank 0 only)."""
+        self.replacing = False
+        """An earlier run set aside waits for this run's first checkpoint to be removed (every rank)."""
+        self.saved = False
+        """This run has written a checkpoint: an earlier run it replaced is gone for good."""
+        self.notes: list[str] = []
+        """What `take_over` did, for the run's console."""
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    def step_folder(self, step: int) -> Path:
+        return self.checkpoints / f"step{step}"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / METRICS_FILE
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    @contextmanager
+    def open(cls, cfg: Any, rank: int) -> Iterator[RunDir]:
+        """Collective: claims output_dir for the run's life (a second launch into it stops at once), finds
+        the checkpoint to resume from (`--resume`; verified against its manifest, each rank reading its part),
+        refuses to start afresh over another run unless --overwrite=true, and checks that a resumed run
+        continues the same run. Nothing is written but the claim. If the run fails before its first
+        checkpoint, the earlier run it was replacing comes back."""
+        with claim_output_dir(cfg.output_dir, rank):
+            run_dir = cls(cfg.output_dir)
+            run_dir.point = run_dir._resume_point(cfg.resume)
+            if run_dir.point.folder is None and not cfg.overwrite:
+                _from_rank0(lambda: run_dir._refuse_earlier_run(cfg))
+            if run_dir.point.folder is not None:
+                run_dir._check_same_run(run_dir.point.folder, _config_dict(cfg))
+            try:
+                yield run_dir
+            except BaseException:
+                run_dir._put_back_replaced()
+                raise
+
+    def _resume_point(self, resume: bool | str) -> ResumePoint:
+        """The checkpoint `--resume` names, verified: true = the newest intact one in output_dir (none if
+        there is none yet, so a resubmitted job starts fresh; damaged newer ones are reported in `damaged`);
+        a path = that checkpoint, or the newest under it, which must be intact."""
+        if resume is False:
+            return ResumePoint(None)
+        if resume is True:
+            folders = _from_rank0(lambda: [f for _, f in reversed(_complete(self.checkpoints))])
+            damaged = []
+            for folder in folders:
+                problem = self.damage(folder)
+                if problem is None:
+                    return ResumePoint(folder, damaged)
+                damaged.append((folder, problem))
+            if damaged:
+                raise CheckpointDamaged(f"Cannot resume from {str(self.checkpoints)!r}: every checkpoint in it is "
+                                        "damaged (" + "; ".join(f"{f.name}: {p}" for f, p in damaged) + "). Restore "
+                                        "them from a copy, or start afresh with --resume=false --overwrite=true.")
+            return ResumePoint(None)
+        folder, *siblings = _from_rank0(lambda: _named_checkpoint(resume, self.root))
+        problem = self.damage(folder)
+        if problem is not None:
+            intact = next((f for f in siblings if self.damage(f) is None), None)
+            fix = (f"Resume from the newest intact checkpoint with --resume={intact}" if intact
+                   else "No other intact checkpoint is next to it; restore it from a copy or start afresh")
+            raise CheckpointDamaged(f"Checkpoint {str(folder)!r} is damaged: {problem}, so resuming from it would "
+                                    f"load corrupt state. {fix}.")
+        return ResumePoint(folder)
+
+    @staticmethod
+    def damage(folder: Path) -> str | None:
+        """Collective: what is wrong with `folder` against its manifest, or None if intact. Each rank reads
+        the files of its part; the first problem in the manifest's order is the answer on every rank."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = _damage_in_part(folder, rank, world)
+        found: list[Any] = [mine]
+        if world > 1:
+            found = [None] * world
+            dist.all_gather_object(found, mine)
+        problems = sorted(f for f in found if f is not None)
+        return problems[0][1] if problems else None
+
+    def _refuse_earlier_run(self, cfg: Any) -> None:
+        held = earlier_run(self.root)
+        if not held:
+            return
+        config_file = self.root / CONFIG_FILE
+        differences = []
+        if config_file.is_file():
+            try:
+                differences = run_differences(json.loads(config_file.read_text(encoding="utf-8")), _config_dict(cfg))
+            except (ValueError, AttributeError):
+                differences = ["its config.json is unreadable"]
+        differ = f" Its settings differ from this run's: {'; '.join(differences)}." if differences else ""
+        raise ConfigError(f"output_dir = {cfg.output_dir!r} holds another run ({', '.join(held)}) and this run "
+                          f"starts afresh (resume = {cfg.resume}), which would replace it.{differ} Pass "
+                          "--resume=true to continue that run, --overwrite=true to replace it, or another "
+                          "--output_dir (the default one, runs/{task}-{sam_type}-s{seed}-{config_hash}, differs for "
+                          "every setting that can change the result).")
+
+    @staticmethod
+    def _check_same_run(folder: Path, run_config: dict[str, Any]) -> None:
+        """Raises ConfigError listing every run-defining setting (see `fsam_ds.trainer.run_identity`) that
+        this run sets differently from the checkpoint's run; the other settings are applied on resume."""
+        differences = run_differences(read_json(folder / RUN_CONFIG_FILE), run_config)
+        if differences:
+            raise ConfigError(f"Cannot resume from {str(folder)!r}: this command changes settings that define the "
+                              f"run ({'; '.join(differences)}). A resumed run must continue the same run, so these "
+                              "are never applied midway. Resume with the checkpoint's values (its "
+                              f"{RUN_CONFIG_FILE}), or start a new run in another output_dir. Settings that may "
+                              f"change on resume: {', '.join(SAFE_TO_CHANGE_ON_RESUME)} (a trailing dot: the whole "
+                              "section).")
+
+    # ---------------------------------------------------------------- the start
+    def start(self, sam_engine: EngineStepper, order: dict[str, int], total_steps: int,
+              frozen_base: bool = False) -> tuple[TrainerState, dict[str, Any] | None]:
+        """Collective, once the run is built and checked: the trainer state (and this rank's RNG state) the
+        run starts from, loaded from the resume point or fresh; then the folder is taken over: damaged
+        checkpoints passed over are set aside; a fresh run sets aside (--overwrite=true) or clears what an
+        earlier run left; a resumed run drops the checkpoints and metrics after its step."""
+        checkpoint = self.point.folder
+        state, rng = TrainerState(total_steps=total_steps, data=order), None
+        if checkpoint is not None:
+            state, rng = load_checkpoint(sam_engine, checkpoint, order, total_steps, frozen_base=frozen_base)
+        if dist.get_rank() == 0:  # everything is checked: from here on the run may change what output_dir holds
+            for folder, problem in self.point.damaged:
+                print(f"warning: checkpoint {folder} is damaged ({problem}); resuming from the newest intact one, "
+                      f"{checkpoint}. The damaged one is kept as {_set_aside(folder)}.", file=sys.stderr, flush=True)
+            if checkpoint is None:
+                self.replaced = self._set_aside_earlier_run()  # --overwrite=true: kept until the first checkpoint
+                self._clear()  # what is left: leftovers of a killed attempt
+            else:
+                self._discard_after(state.step)
+                trim_metrics(self.metrics_file, state.step, keep_eval=not state.eval_pending)
+        # runs set aside earlier (by this run, or by an --overwrite=true run killed before its first
+        # checkpoint) go once this run has a checkpoint; a fresh run gets here with them only under
+        # --overwrite=true
+        replacing = [dist.get_rank() == 0 and checkpoint is None and bool(replaced_runs(self.root))]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(replacing, src=0)  # every rank keeps step with rank 0's collectives
+        self.replacing = replacing[0]
+        if checkpoint is not None:
+            self.notes.append(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
+        if self.replaced is not None:
+            self.notes.append(f"the earlier run in {self.root} is set aside in {self.replaced} until this run's "
+                              "first checkpoint")
+        return state, rng
+
+    def _discard_after(self, step: int) -> None:
+        """Removes the checkpoints of steps after `step` (a run resumed from an older checkpoint replaces
+        that future); rank 0 only."""
+        for n, folder in _step_folders(self.checkpoints):
+            if n > step:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _clear(self) -> None:
+        """Removes what a run writes (its checkpoints, exported models, metrics.jsonl, config.json) when a run
+        starts afresh; rank 0 only, after the whole new run has been checked and built, and after an earlier
+        run worth keeping was set aside."""
+        for name in (CHECKPOINT_DIR, *EXPORTS):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for name in RUN_FILES:  # wandb-run-id among them: the new run is a new wandb run
+            (self.root / name).unlink(missing_ok=True)
+
+    def _set_aside_earlier_run(self) -> Path | None:
+        """--overwrite=true: moves the earlier run in output_dir (if it holds one) into replaced-run/
+        (replaced-run.1, ... if taken), where it stays until the new run's first checkpoint is on disk or the
+        new run fails and puts it back; rank 0 only."""
+        if not _run_held(self.root):
+            return None
+        target, suffix = self.root / REPLACED, 1
+        while target.exists():
+            target, suffix = self.root / f"{REPLACED}.{suffix}", suffix + 1
+        target.mkdir()
+        for name in (CHECKPOINT_DIR, *EXPORTS, *RUN_FILES):
+            if (self.root / name).exists():
+                os.replace(self.root / name, target / name)
+        return target
+
+    def _put_back_replaced(self) -> None:
+        """Undoes `_set_aside_earlier_run` for a new run that failed before its first checkpoint: the new
+        run's files go, the earlier run's come back; rank 0 only."""
+        if self.replaced is None or self.saved:
+            return
+        self._clear()
+        for item in self.replaced.iterdir():
+            os.replace(item, self.root / item.name)
+        self.replaced.rmdir()
+        print(f"fsam-train: this run stopped before its first checkpoint, so the earlier run it was replacing "
+              f"(--overwrite=true) is back in {self.root}.", file=sys.stderr, flush=True)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, sam_engine: EngineStepper, state: TrainerState, keep: int, run_config: dict[str, Any],
+             frozen_base: bool = False) -> Path:
+        """Collective: `save_checkpoint` into checkpoints/step<N>; the first one also removes the earlier run
+        an --overwrite=true run set aside, since this run can now be resumed instead."""
+        folder = save_checkpoint(sam_engine, self.root, state, keep, run_config, frozen_base=frozen_base)
+        self.saved = True
+        if self.replacing:
+            if dist.get_rank() == 0:
+                for aside in replaced_runs(self.root):
+                    shutil.rmtree(aside, ignore_errors=True)
+            self.replacing = False
+        return folder
+
+    def export(self, name: str, engine: Any, tokenizer: Any, info: dict, run_config: dict[str, Any],
+               adapters: bool = False, merged: Any = None) -> Path:
+        """Collective: output_dir/`name` (best, final), a model folder `fsam_ds.trainer.export` writes."""
+        from fsam_ds.trainer.export import export_model  # the writer uses this module's files and manifests
+
+        return export_model(engine, tokenizer, self.root / name, info, run_config, adapters=adapters, merged=merged)
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    from fsam_ds.trainer.run_config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def _set_aside(folder: Path) -> Path:
+    """Renames a damaged checkpoint to damaged-step<N> (kept for inspection, never pruned); rank 0 only."""
+    target = folder.with_name(f"damaged-{folder.name}")
+    suffix = 1
+    while target.exists():
+        target, suffix = folder.with_name(f"damaged-{folder.name}.{suffix}"), suffix + 1
+    os.replace(folder, target)
+    return target
+
+
+def save_checkpoint(sam_engine: EngineStepper, output_dir: str | os.PathLike, state: TrainerState, keep: int,
+                    run_config: dict[str, Any], frozen_base: bool = False) -> Path:
+    """Collective: every rank writes its shard and RNG state, hashing each file as it writes it; rank 0
+    writes the trainer state and the run's configuration, merges the ranks' entries into the manifest that
+    marks the checkpoint complete (written last), then prunes. `frozen_base` (LoRA): the frozen weights
+    are left out, since the resumed run loads them from its model again.
+
+    A write that fails on any rank (a full disk, a file-size limit) stops every rank with
+    CheckpointWriteFailed: the folder, which has no manifest and would never be resumed from, is removed,
+    and the message names the newest complete checkpoint. A rank that fails inside DeepSpeed's save while
+    another waits in one of its collectives cannot be told apart from a slow rank; on a shared file system
+    a full disk fails every rank's write."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    tag = f"step{state.step}"
+    folder = root / tag
+    rank, world = dist.get_rank(), dist.get_world_size()
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (folder / MANIFEST).unlink(missing_ok=True)  # an older attempt at this step is not complete
+    dist.barrier()
+    error: BaseException | None = None
+    written = WrittenFiles()
+    try:
+        written.save(rng_state(), folder / f"rng_state_rank{rank}.pt")
+        sam_engine.save_checkpoint(root, tag=tag, client_state={"trainer": asdict(state)},
+                                   exclude_frozen_parameters=frozen_base, written=written)
+    except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
+        error = err
+    failed = failed_anywhere(error)  # also: every rank's files are on disk before the folder is marked complete
+    entries = _entries(written, folder, rank)
+    gathered: list[Any] = [entries]
+    if world > 1 and not failed:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, entries)
+    if rank == 0 and not failed:
+        try:
+            write_json(folder / STATE_FILE, asdict(state))
+            write_json(folder / RUN_CONFIG_FILE, run_config)
+            write_manifest(folder, {name: entry for part in gathered for name, entry in part.items()})
+        except OSError as err:
+            error = err
+    if failed_anywhere(error if rank == 0 else None) or failed:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        newest = _complete(root)
+        kept = (f"the newest complete checkpoint is {newest[-1][1]}." if newest else
+                "no earlier checkpoint exists, so a relaunch starts from the beginning.")
+        raise write_failed(folder, error, kept)
+    if rank == 0:
+        _prune(root, keep)
+    dist.barrier()
+    return folder
+
+
+def _entries(written: WrittenFiles, folder: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """This rank's manifest entries: the files it wrote into `folder`, with their digests and its rank."""
+    base, out = folder.resolve(), {}
+    for path, digest in written.files.items():
+        path = path.resolve()
+        if base in path.parents:
+            out[path.relative_to(base).as_posix()] = {"bytes": digest.bytes, "sha256": digest.sha256, "rank": rank}
+    return out
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Removes all but the `keep` newest complete checkpoints, and the leftovers of saves cut short."""
+    kept = {folder for _, folder in _complete(root)[-keep:]}
+    for _, folder in _step_folders(root):
+        if folder not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_checkpoint(sam_engine: EngineStepper, folder: Path, expected: dict[str, int], total_steps: int,
+                    frozen_base: bool = False) -> tuple[TrainerState, dict[str, Any]]:
+    """Restores engine and SAM state; returns the trainer state and this rank's RNG state (to be set
+    right before training continues). Every check runs before the first collective, on every rank.
+    `frozen_base`: the checkpoint lacks the frozen weights (`save_checkpoint`), which the model has."""
+    state = TrainerState.from_dict(read_json(folder / STATE_FILE))
+    changed = [f"{key} {state.data.get(key)} -> {expected[key]}" for key in DATA_ORDER_KEYS
+               if state.data.get(key) != expected[key]]
+    if changed:
+        raise ConfigError(f"Cannot resume from {str(folder)!r}: {', '.join(changed)}. These settings decide "
+                          "which examples each step sees (and how ZeRO shards the state), so the resumed run "
+                          "would not continue the same run. Resume with the checkpoint's values (see its "
+                          f"{STATE_FILE}).")
+    rng_file = folder / f"rng_state_rank{dist.get_rank()}.pt"
+    if not rng_file.is_file():
+        raise ConfigError(f"Checkpoint {str(folder)!r} has no {rng_file.name}; it was written by another number "
+                          "of ranks. Resume with the checkpoint's world size.")
+    sam_engine.load_checkpoint(folder.parent, tag=folder.name, load_module_strict=not frozen_base)
+    if state.total_steps != total_steps:
+        if dist.get_rank() == 0:
+            print(f"warning: the checkpoint was written by a run of {state.total_steps} steps, this one has "
+                  f"{total_steps}; the learning-rate schedule changes from step {state.step} on.", flush=True)
+        state.total_steps = total_steps
+    return state, torch.load(rng_file, weights_only=False)
