@@ -284,6 +284,71 @@ def test_manifest_sees_a_one_byte_change_a_truncation_and_a_missing_file(tmp_pat
     assert damage(tmp_path) == "blob.bin is missing"
 
 
+def _manifests_from_the_ranks(rank: int, world: int, out: Path, stages: list[int]) -> list[dict]:
+    """Per stage: a checkpoint saved by `world` ranks, its manifest, the manifest of the same files computed
+    afterwards by reading, then a byte flipped in a file rank 1 wrote and what each rank finds."""
+    import json
+
+    import torch.distributed as dist
+
+    from ds_workers import build_engine, global_batches, mlp, per_example_loss, sam_config, split
+    from fsam_ds.trainer.run_dir import MANIFEST, RunDir, TrainerState, save_checkpoint, write_manifest
+
+    results = []
+    for stage in stages:
+        root = out / f"stage{stage}"
+        sam_engine = build_engine(mlp(), stage, sam=sam_config("fisher-sam"))
+        sam_engine.train_step(split(global_batches("mlp", 1)[0], rank, world), per_example_loss("mlp"))
+        folder = save_checkpoint(sam_engine, root, TrainerState(step=1, total_steps=2), keep=2, run_config={})
+        merged = json.loads((folder / MANIFEST).read_text())["files"]
+        reread = root / "reread"
+        if rank == 0:
+            shutil.copytree(folder, reread, ignore=shutil.ignore_patterns(MANIFEST))
+            write_manifest(reread)
+        dist.barrier()
+        by_reading = json.loads((reread / MANIFEST).read_text())["files"]
+        victim = max((name for name, entry in merged.items() if entry.get("rank") == 1),
+                     key=lambda name: merged[name]["bytes"])
+        if rank == 1:
+            flip_middle(folder / victim, size=1)
+        dist.barrier()
+        own_part = damage(folder, rank, world)
+        verdict = RunDir.damage(folder)
+        try:
+            RunDir(root)._resume_point(str(folder))
+            refusal = None
+        except CheckpointDamaged as err:
+            refusal = str(err)
+        results.append({"merged": merged, "by_reading": by_reading, "victim": victim, "own_part": own_part,
+                        "verdict": verdict, "refusal": refusal})
+    return results
+
+
+def test_manifests_are_merged_from_the_ranks_and_checked_by_them(tmp_path):
+    """Each rank hashes the checkpoint files it writes while writing them, and rank 0 only merges: the merged
+    manifest equals one computed afterwards by reading every file. On resume each rank checks its own part:
+    a byte flipped in a file rank 1 wrote is found by rank 1 (not by rank 0) and named on every rank."""
+    from dist_harness import run_distributed
+
+    per_rank = run_distributed(_manifests_from_the_ranks, 2, tmp_path, tmp_path / "out", [2, 3])
+    for stage, rank0, rank1 in zip([2, 3], *per_rank):
+        merged, by_reading = rank0["merged"], rank0["by_reading"]
+        assert {n: (e["bytes"], e["sha256"]) for n, e in merged.items()} == \
+               {n: (e["bytes"], e["sha256"]) for n, e in by_reading.items()}, stage
+        owners = {name: entry.get("rank") for name, entry in merged.items()}
+        assert owners["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1 and owners["rng_state_rank1.pt"] == 1
+        assert owners["zero_pp_rank_0_mp_rank_00_optim_states.pt"] == 0 and owners["fsam_state_rank1.pt"] == 1
+        # what rank 0 read after the save: the small files it wrote itself and nothing of the ranks' shards
+        assert {n for n, owner in owners.items() if owner is None} <= {"trainer_state.json", "run_config.json",
+                                                                        "zero_to_fp32.py"}, owners
+        victim = rank0["victim"]
+        assert rank0["own_part"] is None
+        assert rank1["own_part"] == f"{victim} does not match the sha256 its manifest records"
+        for rank in (rank0, rank1):
+            assert rank["verdict"] == rank1["own_part"]
+            assert rank["refusal"] is not None and f"is damaged: {victim} does not match" in rank["refusal"]
+
+
 # --------------------------------------------------------------------- 5. what the run folder records
 
 def _save_and_load_a_nonfinite_state(rank: int, world: int, out: Path, model: Path) -> tuple[Path, dict, dict]:
@@ -295,7 +360,7 @@ def _save_and_load_a_nonfinite_state(rank: int, world: int, out: Path, model: Pa
     from fsam_ds.trainer.export import export_model
     from fsam_ds.trainer.run_dir import TrainerState, load_checkpoint, save_checkpoint
 
-    sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, exclude_frozen_parameters, written: None,
+    sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, **options: None,
                                  load_checkpoint=lambda root, tag, **options: None)
     order = {"world_size": 1, "micro_batch_size": 8, "grad_accum": 1, "seed": 3, "steps_per_epoch": 8}
     state = TrainerState(step=3, total_steps=8, data=order, last_metrics={"pearson": math.nan, "loss": math.inf},
