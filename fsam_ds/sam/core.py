@@ -137,6 +137,17 @@ class SharpnessAware:
             packed = self.fisher_mask[i] if self.fisher_mask is not None else None
             yield dense if packed is None else unpack_bits(packed, piece.size)
 
+    def mask_counts(self) -> Tensor:
+        """Per parameter (model order): [entries this rank's Fisher mask keeps, Fisher-candidate entries this
+        rank holds], float64; zeros before the first mask. A local sum: all-reduced, it is the global count."""
+        counts = torch.zeros(self.num_parameters, 2, dtype=torch.float64)
+        if self.fisher_mask is not None:
+            for piece, packed in zip(self.pieces, self.fisher_mask):
+                if packed is not None:
+                    counts[piece.index, 0] += float(unpack_bits(packed, piece.size).sum())
+                    counts[piece.index, 1] += piece.size
+        return counts
+
     def first_pass(self, shards: ShardAccess, lr: float) -> StepStats:
         """Rebuilds the mask when due and perturbs the weights (through `shards`)."""
         with self.observer.phase("first_pass"):

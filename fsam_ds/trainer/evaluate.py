@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fsam_ds.sam.shards import unpack_bits
 from fsam_ds.trainer.objectives import Objective
+from fsam_ds.zero.engine import EngineStepper
 
 
 @torch.no_grad()
@@ -74,20 +74,15 @@ def layer_of(name: str, base_prefix: str = "") -> str:
     return parts[0]
 
 
-def mask_density_by_layer(sam_engine: Any, names: list[str], base_prefix: str = "") -> dict[str, float]:
-    """Fraction of each layer's Fisher-candidate entries that the current mask keeps.
+def mask_density_by_layer(sam_engine: EngineStepper, names: list[str], base_prefix: str = "") -> dict[str, float]:
+    """Fraction of each layer's Fisher-candidate entries that the current mask keeps (empty without a mask).
 
     Collective: every rank counts its own pieces, one all-reduce sums them. Under ZeRO stage 0 each
     rank holds every piece in full, which scales numerator and denominator alike.
     """
-    core = sam_engine.core
-    counts = torch.zeros(len(names), 2, dtype=torch.float64)
-    if core.fisher_mask is not None:
-        for piece, packed in zip(core.pieces, core.fisher_mask):
-            if packed is not None:
-                counts[piece.index, 0] += float(unpack_bits(packed, piece.size).sum())
-                counts[piece.index, 1] += piece.size
-    sam_engine.data_comm.all_reduce(counts)
+    counts = sam_engine.mask_counts()
+    if counts is None:
+        return {}
     kept: dict[str, float] = defaultdict(float)
     total: dict[str, float] = defaultdict(float)
     for name, (ones, size) in zip(names, counts.tolist()):

@@ -50,6 +50,10 @@ class EngineStepper(TrainStepper, Protocol):
     def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None,
                         load_module_strict: bool = True) -> dict: ...
 
+    def mask_counts(self) -> Tensor | None:
+        """Collective: per parameter, [entries the Fisher mask keeps, Fisher-candidate entries], summed over
+        the ranks; None for a step without a Fisher mask."""
+
 
 def allow_fp16_on_cpu() -> None:
     """Lets DeepSpeed's CPU accelerator run fp16, which it refuses on CPUs without fp16 arithmetic.
@@ -210,6 +214,13 @@ class SAMEngine(ObservedThroughCore):
                                            self.config.sam_type))
         return client_state or {}
 
+    def mask_counts(self) -> Tensor | None:
+        if not self.config.uses_fisher_mask:
+            return None
+        counts = self.core.mask_counts()
+        self.data_comm.all_reduce(counts)
+        return counts
+
     def sam_state(self) -> dict:
         """This rank's SAM state: the core's (Fisher mask shard, accumulated Fisher, step counters,
         generators, schedule and reuse state) and the skipped-step counter, with the world size and
@@ -362,3 +373,6 @@ class PlainEngine:
                         load_module_strict: bool = True) -> dict:
         _, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=load_module_strict)
         return client_state or {}
+
+    def mask_counts(self) -> None:
+        return None
