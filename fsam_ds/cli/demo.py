@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fsam_ds.cli.assets import minilm_path, polarity_splits, write_atomic
+from fsam_ds.cli.assets import minilm_path, polarity_splits
 from fsam_ds.cli.generation_assets import smollm2_path, spelling_correction_splits
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.metrics_log import METRICS_FILE, read_events, read_summary
 from fsam_ds.trainer.run_config import BASELINE_SAM_TYPE, load_config
+from fsam_ds.zero.files import replace_file
 
 # Chosen by measurement on this task (README, "Demo"): the paper's rho 0.05 was tuned on
 # RoBERTa-large; on this 22.7M-parameter model 0.02 beat 0.05 on each of three seeds.
@@ -99,7 +100,7 @@ def spelling_chats(**split_options: Any) -> tuple[Path, Path]:
             chats = [{"messages": [{"role": "system", "content": SPELLING_SYSTEM},
                                    {"role": "user", "content": r["prompt"]},
                                    {"role": "assistant", "content": r["completion"]}]} for r in rows]
-            write_atomic(target, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats).encode("utf-8"))
+            replace_file(target, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats).encode("utf-8"))
         paths.append(target)
     return paths[0], paths[1]
 

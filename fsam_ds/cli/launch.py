@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from fsam_ds.sam.config import ConfigError
+from fsam_ds.sam.config import ConfigError, is_int
 
 TRAIN_MODULE = "fsam_ds.train"
 DEFAULT_PORT = 29500
@@ -227,19 +227,19 @@ def slurm_command(node: SlurmNode, train_args: Sequence[str], *, master_addr: st
 
 
 def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{name} is {value!r}; it must be an integer >= 1.")
     return value
 
 
 def _port(port: int) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    if not is_int(port) or not 1 <= port <= 65535:
         raise ConfigError(f"master_port is {port!r}; it must be an integer in 1..65535.")
     return port
 
 
 def _check_rank(node_rank: int, nnodes: int | None) -> None:
-    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or node_rank < 0:
+    if not is_int(node_rank) or node_rank < 0:
         raise HostfileError(f"node_rank is {node_rank!r}; it must be an integer >= 0.")
     if nnodes is not None and node_rank >= nnodes:
         raise HostfileError(f"node_rank is {node_rank} but there are only {nnodes} nodes (ranks 0..{nnodes - 1}).")

@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fsam_ds.sam.config import is_number  # noqa: E402
 from fsam_ds.trainer.metrics_log import METRICS_FILE, MetricsFileError, read_events  # noqa: E402
 
 __all__ = ["ReportError", "RunData", "Report", "load_run", "make_report", "format_table", "main"]
@@ -57,7 +58,7 @@ class Report:
 
 def _number(value: Any) -> float | None:
     """A finite number, else None (metrics_log reads non-finite values back as float nan/inf)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         return None
     return float(value) if math.isfinite(value) else None
 

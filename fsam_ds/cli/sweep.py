@@ -30,7 +30,7 @@ import yaml
 
 from fsam_ds.cli.launch import (DEFAULT_PORT, TRAIN_MODULE, LaunchCommand, deepspeed_command, launcher_exe,
                                 omp_threads_per_rank, torchrun_command)
-from fsam_ds.sam.config import ConfigError
+from fsam_ds.sam.config import ConfigError, is_number
 from fsam_ds.trainer.metrics_log import METRICS_FILE, MetricsFileError, read_summary
 
 Runner = Callable[[LaunchCommand, Path], int]
@@ -163,7 +163,7 @@ def collect(run: Run, run_dir: Path, status_if_ok: str = "ok", returncode: int |
     if summary is None:
         return Result(run, "failed", returncode=returncode, seconds=seconds)
     best = summary.get("best_metric")
-    ok = isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best)
+    ok = is_number(best) and math.isfinite(best)
     # A run that finished without a usable dev score (no evaluation, or a NaN) is not a crash.
     return Result(run, status_if_ok if ok else "no metric", summary.get("metric_name"),
                   float(best) if ok else None, returncode, seconds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import ClassVar, Literal, get_args, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_type_hints
 
 SamType = Literal["sam", "esam", "gsam", "fisher-sam", "fisher-esam", "fisher-gsam", "msam", "fisher-msam"]
 FisherEstimator = Literal["batch", "accumulated"]
@@ -18,6 +18,16 @@ SAM_TYPES: tuple[str, ...] = tuple(t for t in get_args(SamType) if t not in MSAM
 tests parametrize over and compare with a two-pass reference. Every type is `SAM_TYPES + MSAM_TYPES`."""
 SCHEDULES = ("always", "every", "late", "random", "adaptive")
 """The kinds of `SAMConfig.schedule`."""
+
+
+def is_int(value: Any) -> bool:
+    """An int, not a bool (which Python counts as one: --seed=true must not pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ConfigError(ValueError):
@@ -134,8 +144,7 @@ class SAMConfig:
             value, hint = getattr(self, f.name), hints[f.name]
             if hint is float or (hint == float | None and value is not None):
                 # inf passes every range check below (rho >= 0, lr_max > lr_min) yet makes the step NaN.
-                real = isinstance(value, (int, float)) and not isinstance(value, bool)
-                check(real and math.isfinite(value), f.name, "must be a finite real number",
+                check(is_number(value) and math.isfinite(value), f.name, "must be a finite real number",
                       f"The default is {f.default!r}.")
         check(self.rho >= 0, "rho", "must be >= 0", "The paper uses 0.05; 0 turns the step into the base optimizer.")
         if self.rho_min is not None:

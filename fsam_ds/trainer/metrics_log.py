@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fsam_ds.sam.config import is_number
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 from fsam_ds.zero.files import replace_file
 
@@ -264,7 +265,7 @@ class RunLogger:
         for key, value in record.items():
             if isinstance(value, dict):
                 payload.update({f"{event}/{key}/{k}": v for k, v in value.items()})
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "time":
+            elif is_number(value) and key != "time":
                 payload["step" if key == "step" else f"{event}/{key}"] = value
         try:
             self._run.log(payload)

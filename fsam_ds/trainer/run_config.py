@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from fsam_ds.sam.config import MSAM_TYPES, SAM_TYPES, ConfigError, SAMConfig, invalid_value
+from fsam_ds.sam.config import MSAM_TYPES, SAM_TYPES, ConfigError, SAMConfig, invalid_value, is_number
 from fsam_ds.trainer.run_identity import config_hash, flatten_config
 from fsam_ds.trainer.tasks import OWN_DATA_TASKS
 
@@ -354,7 +354,7 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         # a YAML or JSON number where text is wanted (labels: [1, 2]) becomes the text the command line
         # gives (--data.labels=1,2), so that both name the same classes; a float as Python writes it (1.5)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if is_number(value) and math.isfinite(value):
             return str(value)
     raise ValueError
 

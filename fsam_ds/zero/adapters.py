@@ -65,6 +65,8 @@ class EngineShards(ShardAccess, Protocol):
 
 
 _MISSING = object()
+TESTED_DEEPSPEED = (0, 19)
+"""The DeepSpeed release series whose internals the adapters read (deepspeed>=0.19.8,<0.20 in pyproject.toml)."""
 
 
 def _private(obj: object, attribute: str, what: str,
@@ -72,12 +74,19 @@ def _private(obj: object, attribute: str, what: str,
     """Reads a DeepSpeed attribute that is not part of its public API, with a clear error if it moved."""
     value = getattr(obj, attribute, _MISSING)
     if value is _MISSING:
-        import deepspeed
-
-        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{attribute}` on {what}; fsam-ds uses it "
-                           f"{purpose} (tested with DeepSpeed 0.19.x). "
-                           "Install deepspeed>=0.19.8,<0.20 or use ZeRO stage 0 or 3.")
+        raise RuntimeError(deepspeed_moved(f"has no `{attribute}` on {what}", f"uses it {purpose}",
+                                           "use ZeRO stage 0 or 3"))
     return value
+
+
+def deepspeed_moved(found: str, use: str, otherwise: str = "") -> str:
+    """The message for a DeepSpeed internal that is not where the tested release series keeps it:
+    "DeepSpeed <version> `found`; fsam-ds `use` (tested with ...). Install ... or `otherwise`."."""
+    import deepspeed
+
+    alternative = f" or {otherwise}" if otherwise else ""
+    return (f"DeepSpeed {deepspeed.__version__} {found}; fsam-ds {use} (tested with DeepSpeed "
+            f"{'.'.join(map(str, TESTED_DEEPSPEED))}.x). Install deepspeed>=0.19.8,<0.20{alternative}.")
 
 
 def zero3_partition(p: Tensor, rank: int) -> tuple[int, int]:
@@ -185,14 +194,12 @@ class Stage0Shards(TensorShards):
 class PartitionShards(_EngineShards):
     """ZeRO stages 1/2: the rank's fragment of the averaged gradient and of the fp32 master."""
 
-    TESTED_DEEPSPEED = (0, 19)
-
     def __init__(self, engine, names, params, candidates, comm) -> None:
         super().__init__(engine, params, comm)
         import deepspeed
 
         version = tuple(int(x) for x in deepspeed.__version__.split(".")[:2] if x.isdigit())
-        if version != self.TESTED_DEEPSPEED:
+        if version != TESTED_DEEPSPEED:
             warnings.warn(f"fsam-ds reaches ZeRO-1/2 gradient fragments through DeepSpeed's `_hp_mapping`, "
                           f"tested with DeepSpeed 0.19.x; this is {deepspeed.__version__}. The equivalence tests "
                           "(pytest tests/test_zero_equivalence.py) tell whether it still holds.", stacklevel=2)
@@ -281,11 +288,8 @@ class PartitionShards(_EngineShards):
             mapping = p._hp_mapping
             flat = torch_optimizer.param_groups[mapping.param_group_index]["params"][0]
             if flat.untyped_storage().data_ptr() != mapping.hp_fragment.untyped_storage().data_ptr():
-                import deepspeed
-
-                raise RuntimeError(f"DeepSpeed {deepspeed.__version__} keeps {piece.name}'s fp32 fragment outside its "
-                                   f"param group's flat partition; fsam-ds reads it there {_MOMENT} (tested with "
-                                   "DeepSpeed 0.19.x). Install deepspeed>=0.19.8,<0.20.")
+                raise RuntimeError(deepspeed_moved(f"keeps {piece.name}'s fp32 fragment outside its param group's "
+                                                   "flat partition", f"reads it there {_MOMENT}"))
             moment = torch_optimizer.state.get(flat, {}).get(FIRST_MOMENT)
             address = mapping.hp_fragment_address
             out.append(None if moment is None else moment.narrow(0, address.start, address.numel))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fsam_ds.sam.config import ConfigError
+from fsam_ds.sam.config import ConfigError, is_int, is_number
 from fsam_ds.zero.offload import allow_client_optimizer, check_offload
 
 __all__ = ["ConfigError", "PRECISIONS", "FP16_SCALER_DEFAULTS", "build_ds_config", "resolve_ds_config"]
@@ -94,9 +94,9 @@ def resolve_ds_config(
     _check_precision_and_stage(precision, zero_stage)
     for name, value in (("data.micro_batch_size", micro_batch_size), ("data.grad_accum", grad_accum),
                         ("world_size", world_size)):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ConfigError(f"{name} is {value!r}; it must be an integer >= 1.")
-    if not _is_number(grad_clip) or grad_clip < 0:
+    if not is_number(grad_clip) or grad_clip < 0:
         raise ConfigError(f"optim.grad_clip is {grad_clip!r}; it must be a number >= 0 (0 disables clipping).")
 
     config, source = _load(ds_config, precision, zero_stage)
@@ -260,7 +260,7 @@ def _resolve_precision(r: _Resolver, precision: str) -> None:
 def _resolve_zero(r: _Resolver, zero_stage: int, hidden_size: int | None) -> None:
     zero = r.config.setdefault("zero_optimization", {})
     stage = zero.get("stage", AUTO)
-    if stage != AUTO and (not _is_int(stage) or stage != zero_stage):
+    if stage != AUTO and (not is_int(stage) or stage != zero_stage):
         r.fail(f"zero_optimization.stage is {stage!r} but zero_stage is {zero_stage!r}. Set "
                f'zero_optimization.stage to "auto", pass --zero_stage={_cli(stage)}, or use '
                f"ds_configs/zero{zero_stage}_<precision>.json.")
@@ -282,7 +282,7 @@ def _resolve_zero(r: _Resolver, zero_stage: int, hidden_size: int | None) -> Non
 def _resolve_train_batch(r: _Resolver, micro: int, accum: int, world: int) -> None:
     want = micro * accum * world
     have = r.config.get("train_batch_size", AUTO)
-    if have != AUTO and (not _is_int(have) or have != want):
+    if have != AUTO and (not is_int(have) or have != want):
         r.fail(f"train_batch_size is {have!r} but data.micro_batch_size x data.grad_accum x world size = "
                f"{micro} x {accum} x {world} = {want}. Set train_batch_size to \"auto\", or change "
                f"data.grad_accum / data.micro_batch_size / the number of processes so the product is {have!r}.")
@@ -326,7 +326,7 @@ def _auto_paths(node: Any, prefix: str = "") -> list[str]:
 def _same(have: Any, want: Any) -> bool:
     if isinstance(want, (list, tuple)):
         return isinstance(have, (list, tuple)) and len(have) == len(want) and all(map(_same, have, want))
-    if _is_number(have) and _is_number(want):
+    if is_number(have) and is_number(want):
         return math.isclose(have, want, rel_tol=1e-9, abs_tol=0.0)
     return have == want
 
@@ -335,16 +335,8 @@ def _cli(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_precision_and_stage(precision: Any, zero_stage: Any) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision is {precision!r}; it must be one of {', '.join(PRECISIONS)}.")
-    if not _is_int(zero_stage) or not 0 <= zero_stage <= 3:
+    if not is_int(zero_stage) or not 0 <= zero_stage <= 3:
         raise ConfigError(f"zero_stage is {zero_stage!r}; it must be 0, 1, 2 or 3.")

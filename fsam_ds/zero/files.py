@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,10 +19,15 @@ TMP_SUFFIX = ".tmp"
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     """`write(tmp)` writes a temporary file beside `path`, which is then moved over `path` (os.replace):
-    a crash leaves the old file or the new one, never part of one. A failed write removes the temporary file."""
+    a crash leaves the old file or the new one, never part of one. A failed write removes the temporary file.
+    The temporary name is unique, so processes that write the same file at once (ranks preparing one
+    cache file) never write into each other's."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints, logs and caches are ordinary files
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -29,9 +35,10 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) ->
         raise
 
 
-def replace_file(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` (UTF-8) to `path` atomically."""
-    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def replace_file(path: str | os.PathLike, content: str | bytes) -> None:
+    """Writes `content` (text as UTF-8) to `path` atomically."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    replace_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_atomically(obj: Any, path: str | os.PathLike, written: WrittenFiles | None = None) -> None:

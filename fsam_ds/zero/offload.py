@@ -118,11 +118,11 @@ def restart_offloaded_accumulation(optimizer: Any) -> None:
     that buffer instead, as the first pass of a step does (tests/test_zero_offload.py fails without it).
     """
     if getattr(optimizer, "micro_step_id", None) is None:
-        import deepspeed
+        from fsam_ds.zero.adapters import deepspeed_moved
 
-        raise RuntimeError(f"DeepSpeed {deepspeed.__version__}'s ZeRO-1/2 optimizer has no `micro_step_id`; fsam-ds "
-                           "resets it between the SAM passes under offload_optimizer (tested with DeepSpeed 0.19.x). "
-                           "Install deepspeed>=0.19.8,<0.20 or remove zero_optimization.offload_optimizer.")
+        raise RuntimeError(deepspeed_moved("has no `micro_step_id` on its ZeRO-1/2 optimizer",
+                                           "resets it between the SAM passes under offload_optimizer",
+                                           "remove zero_optimization.offload_optimizer"))
     from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
     optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
