@@ -107,33 +107,6 @@ class CheckpointDamaged(ConfigError):
     """A checkpoint or exported model whose files differ from its manifest."""
 
 
-# ------------------------------------------------------------------------------------ RNG state
-
-def rng_state() -> dict[str, Any]:
-    """Every generator the training step draws from (dropout uses torch's default generator)."""
-    from deepspeed.accelerator import get_accelerator
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        state["accelerator"] = accelerator.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "accelerator" in state:
-        get_accelerator().set_rng_state(state["accelerator"])
-
-
-class CheckpointDamaged(ConfigError):
-    """A checkpoint or exported model whose files differ from its manifest."""
-
-
 class CheckpointWriteFailed(RuntimeError):
     """A checkpoint or exported model could not be written (a full disk, a file-size limit)."""
 
