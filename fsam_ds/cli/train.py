@@ -20,7 +20,7 @@ import traceback
 
 import torch.distributed as dist
 
-from fsam_ds.trainer.build import check_model_path
+from fsam_ds.trainer.model_loading import check_model_path
 from fsam_ds.trainer.loop import KNOWN_ERRORS, RUN_ERRORS, train
 from fsam_ds.trainer.run_config import load_config
 from fsam_ds.zero.distributed import init_distributed, teardown

@@ -21,32 +21,16 @@ from typing import Any, Callable
 import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
+from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
 from fsam_ds.trainer.data import DataError, build_dataloader
-from fsam_ds.trainer.model_loading import CheckpointError, load_pretrained
+from fsam_ds.trainer.model_loading import CheckpointError, TrainError, check_model_path, hub_error, load_pretrained
 from fsam_ds.trainer.objectives import Objective
+from fsam_ds.trainer.peft_model import WRAPPED_PREFIX, wrap_with_peft
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig
-
-
-class TrainError(RuntimeError):
-    """A problem with the run's inputs that the user must fix; the message says what to change."""
+from fsam_ds.zero.engine import EngineStepper
 
 
 # ----------------------------------------------------------------------------------- model, data
-
-def check_model_path(name: str, what: str = "model") -> None:
-    # A hub id is "name" or "org/name"; anything else with a slash, or a relative/home path, is a folder.
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise TrainError(f"{what} = {name!r} looks like a local folder but does not exist. Give the folder that "
-                         "holds config.json and the weights (saved with save_pretrained), or a Hugging Face "
-                         "hub id such as FacebookAI/roberta-large.")
-
-
-def hub_error(name: str, what: str, err: Exception) -> TrainError:
-    return TrainError(f"Could not load the {what} {name!r}: it is neither a folder with a Hugging Face "
-                      f"checkpoint nor a hub id that could be downloaded ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}). Check the path or id, or the network.")
-
 
 def load_tokenizer(cfg: TrainConfig) -> Any:
     from transformers import AutoTokenizer
@@ -219,3 +203,45 @@ def resolve_config(cfg: TrainConfig, world: int, total_steps: int, hidden_size: 
                              world_size=world, grad_clip=o.grad_clip, lr=o.lr, weight_decay=o.weight_decay,
                              betas=o.betas, eps=o.eps, total_steps=total_steps,
                              warmup_steps=int(o.warmup_ratio * total_steps), hidden_size=hidden_size)
+
+
+# ------------------------------------------------------------------------------------ the run
+
+@dataclass
+class Built:
+    """What the run trains with, built and checked before the run folder changes."""
+
+    tokenizer: Any
+    data: Data
+    sam_engine: EngineStepper
+    total_steps: int
+    param_names: list[str]
+    """The trainable parameters' names in the model's own terms (mask density by layer)."""
+    base_prefix: str
+
+
+def build_run(cfg: TrainConfig, objective: Objective, rank: int, world: int) -> Built:
+    """Everything the run trains with, in the order each part needs the one before; every check of the
+    configuration against the model, the data and DeepSpeed runs here, before the run folder changes."""
+    from transformers import AutoConfig, set_seed
+
+    set_seed(cfg.seed)  # python, numpy, torch and every accelerator
+    tokenizer = load_tokenizer(cfg)
+    data = build_data(cfg, objective, tokenizer, rank, world)
+    total = cfg.optim.max_steps or cfg.optim.epochs * data.steps_per_epoch
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.model)
+    except OSError as err:
+        raise hub_error(cfg.model, "model", err) from None
+    check_positions(cfg, model_config)
+    ds_config = resolve_config(cfg, world, total, getattr(model_config, "hidden_size", None))
+    model = load_model(cfg, objective, ds_config)  # partitioned from birth at ZeRO-3
+    enable_activation_checkpointing(model, cfg.gradient_checkpointing, ds_config)
+    model = wrap_with_peft(cfg, model, objective)  # LoRA: adapters beside the frozen base
+    if cfg.precision == "fp32" and cfg.dtype != "float32":
+        print(f"warning: dtype {cfg.dtype} with precision fp32 trains the {cfg.dtype} weights directly, "
+              "without an fp32 master copy.", file=sys.stderr, flush=True)
+    # the model's own names (mask density by layer), without the prefix a peft wrapper adds
+    names = [n.removeprefix(WRAPPED_PREFIX) for n, p in model.named_parameters() if p.requires_grad]
+    sam_engine = build_engine(cfg, model, ds_config, total)
+    return Built(tokenizer, data, sam_engine, total, names, getattr(model, "base_model_prefix", ""))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 import traceback
 import warnings
@@ -25,16 +24,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
-from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, check_positions, hub_error, load_model,
-                                   load_tokenizer, resolve_config)
-from fsam_ds.trainer.metrics_log import open_run_logger
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
+from fsam_ds.trainer.build import Data, build_run
 from fsam_ds.trainer.data import DataError, set_epoch
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
+from fsam_ds.trainer.metrics_log import open_run_logger
+from fsam_ds.trainer.model_loading import TrainError
 from fsam_ds.trainer.objectives import Objective, objective_for
-from fsam_ds.trainer.peft_model import WRAPPED_PREFIX, merged_model, wrap_with_peft
+from fsam_ds.trainer.peft_model import merged_model
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
 from fsam_ds.trainer.run_dir import CheckpointWriteFailed, RunDir, TrainerState, set_rng_state
 from fsam_ds.trainer.tasks import UnknownTaskError
@@ -271,9 +269,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     config and engine have all been checked and built (`RunDir`)."""
     started = time.time()
     objective = objective_for(cfg)
-    with RunDir.open(cfg, rank) as run_dir:
+    with RunDir.open(cfg.output_dir, cfg.resume, cfg.overwrite, config_to_dict(cfg), rank) as run_dir:
         _quiet_libraries(rank, cfg.log.progress)
-        built = _build(cfg, objective, rank, world)
+        built = build_run(cfg, objective, rank, world)
         order = {"world_size": world, "micro_batch_size": cfg.data.micro_batch_size,
                  "grad_accum": cfg.data.grad_accum, "seed": cfg.seed, "steps_per_epoch": built.data.steps_per_epoch}
         state, rng = run_dir.start(built.sam_engine, order, built.total_steps, frozen_base=cfg.peft.frozen_base)
@@ -292,41 +290,3 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
             if state.last_eval_step != state.step:
                 run_eval(run, state.epoch + state.step_in_epoch / built.data.steps_per_epoch)
             finish(run, started)
-
-
-@dataclass
-class Built:
-    """What the run trains with, built and checked before the run folder changes."""
-
-    tokenizer: Any
-    data: Data
-    sam_engine: EngineStepper
-    total_steps: int
-    param_names: list[str]
-    """The trainable parameters' names in the model's own terms (mask density by layer)."""
-    base_prefix: str
-
-
-def _build(cfg: TrainConfig, objective: Objective, rank: int, world: int) -> Built:
-    from transformers import AutoConfig, set_seed
-
-    set_seed(cfg.seed)  # python, numpy, torch and every accelerator
-    tokenizer = load_tokenizer(cfg)
-    data = build_data(cfg, objective, tokenizer, rank, world)
-    total = cfg.optim.max_steps or cfg.optim.epochs * data.steps_per_epoch
-    try:
-        model_config = AutoConfig.from_pretrained(cfg.model)
-    except OSError as err:
-        raise hub_error(cfg.model, "model", err) from None
-    check_positions(cfg, model_config)
-    ds_config = resolve_config(cfg, world, total, getattr(model_config, "hidden_size", None))
-    model = load_model(cfg, objective, ds_config)  # partitioned from birth at ZeRO-3
-    enable_activation_checkpointing(model, cfg.gradient_checkpointing, ds_config)
-    model = wrap_with_peft(cfg, model, objective)  # LoRA: adapters beside the frozen base
-    if cfg.precision == "fp32" and cfg.dtype != "float32":
-        print(f"warning: dtype {cfg.dtype} with precision fp32 trains the {cfg.dtype} weights directly, "
-              "without an fp32 master copy.", file=sys.stderr, flush=True)
-    # the model's own names (mask density by layer), without the prefix a peft wrapper adds
-    names = [n.removeprefix(WRAPPED_PREFIX) for n, p in model.named_parameters() if p.requires_grad]
-    sam_engine = build_engine(cfg, model, ds_config, total)
-    return Built(tokenizer, data, sam_engine, total, names, getattr(model, "base_model_prefix", ""))

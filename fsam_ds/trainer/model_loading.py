@@ -44,6 +44,26 @@ import torch
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.zero.adapters import zero3_partition
 
+
+class TrainError(RuntimeError):
+    """A problem with the run's inputs that the user must fix; the message says what to change."""
+
+
+def check_model_path(name: str, what: str = "model") -> None:
+    # A hub id is "name" or "org/name"; anything else with a slash, or a relative/home path, is a folder.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise TrainError(f"{what} = {name!r} looks like a local folder but does not exist. Give the folder that "
+                         "holds config.json and the weights (saved with save_pretrained), or a Hugging Face "
+                         "hub id such as FacebookAI/roberta-large.")
+
+
+def hub_error(name: str, what: str, err: Exception) -> TrainError:
+    return TrainError(f"Could not load the {what} {name!r}: it is neither a folder with a Hugging Face "
+                      f"checkpoint nor a hub id that could be downloaded ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}). Check the path or id, or the network.")
+
+
 # The safetensors format's tensor types this reading copies; any other loads through transformers.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}

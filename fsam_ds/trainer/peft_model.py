@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fsam_ds.trainer.build import TrainError, check_model_path
+from fsam_ds.trainer.model_loading import TrainError, check_model_path
 from fsam_ds.trainer.objectives import Objective
 from fsam_ds.trainer.run_config import TrainConfig
 

@@ -316,6 +316,8 @@ class RunDir:
 
     def __init__(self, output_dir: str | os.PathLike, point: ResumePoint | None = None) -> None:
         self.root = Path(output_dir)
+        self.output_dir = str(output_dir)
+        """As the run's configuration gives it, for messages."""
         self.point = point or ResumePoint(None)
         self.replaced: Path | None = None
         """Where the earlier run that this --overwrite=true run replaces waits (rank 0 only)."""
@@ -340,19 +342,20 @@ class RunDir:
     # ---------------------------------------------------------------- opening
     @classmethod
     @contextmanager
-    def open(cls, cfg: Any, rank: int) -> Iterator[RunDir]:
+    def open(cls, output_dir: str | os.PathLike, resume: bool | str, overwrite: bool, run_config: dict[str, Any],
+             rank: int) -> Iterator[RunDir]:
         """Collective: claims output_dir for the run's life (a second launch into it stops at once), finds
         the checkpoint to resume from (`--resume`; verified against its manifest, each rank reading its part),
         refuses to start afresh over another run unless --overwrite=true, and checks that a resumed run
         continues the same run. Nothing is written but the claim. If the run fails before its first
         checkpoint, the earlier run it was replacing comes back."""
-        with claim_output_dir(cfg.output_dir, rank):
-            run_dir = cls(cfg.output_dir)
-            run_dir.point = run_dir._resume_point(cfg.resume)
-            if run_dir.point.folder is None and not cfg.overwrite:
-                _from_rank0(lambda: run_dir._refuse_earlier_run(cfg))
+        with claim_output_dir(output_dir, rank):
+            run_dir = cls(output_dir)
+            run_dir.point = run_dir._resume_point(resume)
+            if run_dir.point.folder is None and not overwrite:
+                _from_rank0(lambda: run_dir._refuse_earlier_run(resume, run_config))
             if run_dir.point.folder is not None:
-                run_dir._check_same_run(run_dir.point.folder, _config_dict(cfg))
+                run_dir._check_same_run(run_dir.point.folder, run_config)
             try:
                 yield run_dir
             except BaseException:
@@ -401,7 +404,7 @@ class RunDir:
         problems = sorted(f for f in found if f is not None)
         return problems[0][1] if problems else None
 
-    def _refuse_earlier_run(self, cfg: Any) -> None:
+    def _refuse_earlier_run(self, resume: bool | str, run_config: dict[str, Any]) -> None:
         held = earlier_run(self.root)
         if not held:
             return
@@ -409,12 +412,12 @@ class RunDir:
         differences = []
         if config_file.is_file():
             try:
-                differences = run_differences(json.loads(config_file.read_text(encoding="utf-8")), _config_dict(cfg))
+                differences = run_differences(json.loads(config_file.read_text(encoding="utf-8")), run_config)
             except (ValueError, AttributeError):
                 differences = ["its config.json is unreadable"]
         differ = f" Its settings differ from this run's: {'; '.join(differences)}." if differences else ""
-        raise ConfigError(f"output_dir = {cfg.output_dir!r} holds another run ({', '.join(held)}) and this run "
-                          f"starts afresh (resume = {cfg.resume}), which would replace it.{differ} Pass "
+        raise ConfigError(f"output_dir = {self.output_dir!r} holds another run ({', '.join(held)}) and this run "
+                          f"starts afresh (resume = {resume}), which would replace it.{differ} Pass "
                           "--resume=true to continue that run, --overwrite=true to replace it, or another "
                           "--output_dir (the default one, runs/{task}-{sam_type}-s{seed}-{config_hash}, differs for "
                           "every setting that can change the result).")
@@ -530,12 +533,6 @@ class RunDir:
         from fsam_ds.trainer.export import export_model  # the writer uses this module's files and manifests
 
         return export_model(engine, tokenizer, self.root / name, info, run_config, adapters=adapters, merged=merged)
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    from fsam_ds.trainer.run_config import config_to_dict
-
-    return config_to_dict(cfg)
 
 
 def _set_aside(folder: Path) -> Path:
