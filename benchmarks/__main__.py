@@ -1,4 +1,4 @@
-"""`python -m benchmarks core|zero|scale|cheap|lora|quality|trainer ...`, from the repository root.
+"""`python -m benchmarks core|zero|scale|cheap|lora|quality|trainer|checkpoints ...`, from the repository root.
 
     python -m benchmarks core --threads 1                 # one process: ours vs pytorch-optimizer's SAM
     python -m benchmarks zero --stages 1 2 3 --steps 30   # 2 DeepSpeed ZeRO ranks over gloo (CPU)
@@ -8,6 +8,7 @@
     python -m benchmarks trainer --stages 2 3 --steps 40  # fisher-sam in Hugging Face's Trainer against its AdamW
     python -m benchmarks quality --output_dir runs/quality   # dev quality and CPU time per run on the demos
     python -m benchmarks lora --stages 2 3 --steps 5      # LoRA vs full fine-tuning, AdamW vs fisher-sam, a Llama
+    python -m benchmarks checkpoints                      # manifest cost per save and resume: rank 0 vs every rank
     python -m benchmarks.gpu_check OUT_DIR                # GPU readiness: CUDA tests + ratios (scripts/gpu_check.sh)
 
 `core` compares against pytorch-optimizer, which the dev extra installs (`pip install -e '.[dev]'`).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import cheap, core, lora, quality, scale, trainer, zero
+from benchmarks import cheap, checkpoints, core, lora, quality, scale, trainer, zero
 from benchmarks.measure import write_json
 
 
@@ -34,6 +35,8 @@ COMMANDS = {  # name: (module with add_arguments, run_<name>, format_<name>_repo
     "quality": (quality, "the demos' dev metric (mean ± std over seeds) and CPU time per run: AdamW, fisher-sam and "
                          "the cheaper variants"),
     "lora": (lora, "LoRA vs full fine-tuning, AdamW vs fisher-sam, on a Llama-class decoder on ZeRO stages"),
+    "checkpoints": (checkpoints, "a checkpoint's manifest per save and per resume: hashed by rank 0 afterwards vs by "
+                                 "each rank while writing"),
 }
 
 
