@@ -6,6 +6,7 @@ No timing is asserted anywhere; the benchmarks themselves are commands, not test
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -254,7 +255,8 @@ def test_the_command_starts_without_pytorch_optimizer_and_core_says_what_to_inst
     assert run.returncode == 1 and "pip install -e '.[dev]'" in run.stderr, run.stderr[-2000:]
     help_text = subprocess.run([sys.executable, "-c", WITHOUT_PYTORCH_OPTIMIZER, "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=300)
-    assert help_text.returncode == 0 and "{core,zero,scale,cheap,trainer,quality,lora}" in help_text.stdout, help_text.stderr[-2000:]
+    commands = "{core,zero,scale,cheap,trainer,quality,lora,checkpoints}"
+    assert help_text.returncode == 0 and commands in help_text.stdout, help_text.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -648,3 +650,17 @@ def test_gpu_check_dry_run_prints_the_cuda_tests_and_the_nccl_benchmarks(tmp_pat
         assert f"zero --backend nccl --world-size <visible GPUs> --dtype {dtype}" in text
     assert sum(part.limit_s for part in gpu_check.parts(tmp_path, 1)) < 600  # the 10-minute budget
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+@pytest.mark.slow
+def test_checkpoints_command_splits_the_hashing_across_the_ranks():
+    """Two gloo ranks at ZeRO-2: every byte of the checkpoint is hashed once, by the rank that wrote it; rank 1
+    hashes its own optimizer partition (before, rank 0 hashed everything)."""
+    from benchmarks import checkpoints
+
+    args = argparse.Namespace(world_size=2, hidden=256, layers=2, stage=2, repeats=1, timeout=600)
+    result = checkpoints.run_checkpoints(args)
+    assert sum(result["bytes_per_rank"]) == result["total_bytes"]
+    assert min(result["bytes_per_rank"]) > 2 * 256 * 256  # rank 1's master, exp_avg and exp_avg_sq halves at least
+    assert "each rank hashing while writing" in checkpoints.format_checkpoints_report(result)
+
