@@ -36,7 +36,7 @@ COMMANDS = {  # name: (module with add_arguments, run_<name>, format_<name>_repo
                          "the cheaper variants"),
     "lora": (lora, "LoRA vs full fine-tuning, AdamW vs fisher-sam, on a Llama-class decoder on ZeRO stages"),
     "checkpoints": (checkpoints, "a checkpoint's manifest per save and per resume: hashed by rank 0 afterwards vs by "
-                                 "each rank while writing"),
+                                 "each rank as it writes"),
 }
 
 

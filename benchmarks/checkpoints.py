@@ -1,6 +1,6 @@
 """`python -m benchmarks checkpoints`: what a checkpoint's manifest costs per save and per resume, hashed by
-rank 0 after the save (how fsam-train did it before) against each rank hashing what it writes, while it
-writes it, with rank 0 only merging (`fsam_ds.trainer.run_dir`).
+rank 0 after the save (how fsam-train did it before) against each rank hashing what it writes, right after
+writing each file, with rank 0 only merging (`fsam_ds.trainer.run_dir`).
 
     python -m benchmarks checkpoints                          # 2 gloo ranks, a 50M-parameter MLP, ZeRO-2
     python -m benchmarks checkpoints --world-size 2 --hidden 1024 --layers 4 --repeats 1   # a quick one
@@ -8,7 +8,7 @@ writes it, with rank 0 only merging (`fsam_ds.trainer.run_dir`).
 Per rank: a fisher-sam engine on an MLP of `--layers` square layers of width `--hidden` (fp32), one step,
 then `--repeats` rounds of, in this order: DeepSpeed's save with nothing hashed, followed by rank 0 reading
 and hashing every file of the folder (the manifest as it was written before); the trainer's save
-(`save_checkpoint`: digests taken while writing, merged by rank 0); then the verification on resume, by
+(`save_checkpoint`: digests taken by the writing rank, merged by rank 0); then the verification on resume, by
 rank 0 alone over every file, and split across the ranks (`RunDir.damage`). Every file is in the page cache
 when it is read, as it is right after a save. Reported: the median seconds of each, the bytes each rank
 hashes, and the manifest's share of the save. With R ranks each rank hashes about 1/R of the optimizer
@@ -106,11 +106,12 @@ def format_checkpoints_report(result: dict) -> str:
     before = s["plain_save"] + s["hash_after"]
     rows = [["save, then rank 0 hashes every file (before)", fmt(s["plain_save"]), fmt(s["hash_after"]),
              fmt(before), "1.00"],
-            ["save, each rank hashing while writing (now)", "", "", fmt(s["trainer_save"]),
+            ["save, each rank hashing what it wrote (now)", "", "", fmt(s["trainer_save"]),
              fmt(ratio(s["trainer_save"], before))],
             ["resume check, rank 0 reads every file (before)", "", "", fmt(s["verify_rank0"]), "1.00"],
             ["resume check, each rank its own files (now)", "", "", fmt(s["verify_split"]),
              fmt(ratio(s["verify_split"], s["verify_rank0"]))]]
     hashed = ", ".join(f"rank {r}: {b / MiB:.0f} MiB" for r, b in enumerate(result["bytes_per_rank"]))
+    before_bytes = f"before: rank 0 all {result['total_bytes'] / MiB:.0f} MiB"
     return "\n".join([head, "", table(["", "save s", "manifest s", "total s", "x before"], rows), "",
-                      f"bytes each rank hashes now: {hashed} (before: rank 0 all {result['total_bytes'] / MiB:.0f} MiB)"])
+                      f"bytes each rank hashes now: {hashed} ({before_bytes})"])

@@ -662,5 +662,5 @@ def test_checkpoints_command_splits_the_hashing_across_the_ranks():
     result = checkpoints.run_checkpoints(args)
     assert sum(result["bytes_per_rank"]) == result["total_bytes"]
     assert min(result["bytes_per_rank"]) > 2 * 256 * 256  # rank 1's master, exp_avg and exp_avg_sq halves at least
-    assert "each rank hashing while writing" in checkpoints.format_checkpoints_report(result)
+    assert "each rank hashing what it wrote" in checkpoints.format_checkpoints_report(result)
 

@@ -325,7 +325,7 @@ def _manifests_from_the_ranks(rank: int, world: int, out: Path, stages: list[int
 
 
 def test_manifests_are_merged_from_the_ranks_and_checked_by_them(tmp_path):
-    """Each rank hashes the checkpoint files it writes while writing them, and rank 0 only merges: the merged
+    """Each rank hashes the checkpoint files it writes as it writes them, and rank 0 only merges: the merged
     manifest equals one computed afterwards by reading every file. On resume each rank checks its own part:
     a byte flipped in a file rank 1 wrote is found by rank 1 (not by rank 0) and named on every rank."""
     from dist_harness import run_distributed

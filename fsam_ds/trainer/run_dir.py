@@ -21,10 +21,11 @@ Layout under the run's output_dir:
                            run_config.json, the run's configuration (fsam-predict rebuilds the task from
                            it); best/ also holds best.json with the step and the dev metrics that selected it.
 
-Manifests scale with the ranks. Each rank hashes the checkpoint files it writes while writing them (the
-files DeepSpeed saves through its checkpoint engine, the SAM and RNG states); rank 0 merges the ranks'
-entries and hashes only the few small files nobody recorded. On resume each rank verifies the entries
-it wrote (by rank, modulo the world size), and the first problem any rank finds is named on every rank.
+Manifests scale with the ranks. Each rank hashes the checkpoint files it writes right after writing each
+(the files DeepSpeed saves through its checkpoint engine, the SAM and RNG states), while they are in its
+page cache; rank 0 merges the ranks' entries and hashes only the few small files nobody recorded. On
+resume each rank verifies the entries it wrote (by rank, modulo the world size), and the first problem
+any rank finds is named on every rank.
 Checkpoints assume a file system that every rank sees, as DeepSpeed's do.
 
 Non-finite floats (a dev metric that is nan) are written as in metrics.jsonl, as the strings "nan", "inf"
@@ -150,7 +151,7 @@ def read_json(path: Path) -> dict:
 def write_manifest(folder: Path, recorded: dict[str, dict[str, Any]] | None = None) -> float:
     """Records the size and sha256 of every file under `folder`; written last and atomically, so a
     folder with a manifest was written completely, and any later change to a file is detected.
-    `recorded`: entries the ranks took while writing (name relative to `folder` -> bytes, sha256, rank),
+    `recorded`: entries the ranks took as they wrote (name relative to `folder` -> bytes, sha256, rank),
     taken as they are; only the other files are read here. Returns the bytes read here."""
     recorded = recorded or {}
     files, read = {}, 0
@@ -547,7 +548,7 @@ def _set_aside(folder: Path) -> Path:
 
 def save_checkpoint(sam_engine: EngineStepper, output_dir: str | os.PathLike, state: TrainerState, keep: int,
                     run_config: dict[str, Any], frozen_base: bool = False) -> Path:
-    """Collective: every rank writes its shard and RNG state, hashing each file as it writes it; rank 0
+    """Collective: every rank writes its shard and RNG state, hashing each file right after writing it; rank 0
     writes the trainer state and the run's configuration, merges the ranks' entries into the manifest that
     marks the checkpoint complete (written last), then prunes. `frozen_base` (LoRA): the frozen weights
     are left out, since the resumed run loads them from its model again.

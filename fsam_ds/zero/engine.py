@@ -240,24 +240,18 @@ class SAMEngine(ObservedThroughCore):
         self.skipped_steps = int(state["skipped_steps"])
 
 
-class _DigestingCheckpointEngine:
-    """DeepSpeed's checkpoint engine with every file it saves recorded in `written`: hashed while writing
-    for its torch engine (the default), read back right after for any other; everything else is the engine's.
-    DeepSpeed writes each checkpoint file through `checkpoint_engine.save` (model, optimizer and ZeRO
-    partition states); the few it writes itself (`latest`, the recovery script) are small."""
+class _RecordingCheckpointEngine:
+    """DeepSpeed's checkpoint engine with every file it saves recorded in `written`, hashed right after it is
+    written; everything else is the engine's. DeepSpeed writes each checkpoint file through
+    `checkpoint_engine.save` (model, optimizer and ZeRO partition states); the few it writes itself
+    (`latest`, the recovery script) are small."""
 
     def __init__(self, engine: Any, written: WrittenFiles) -> None:
-        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
         self._engine, self._written = engine, written
-        self._torch_format = (engine.zipfile_serialization if type(engine) is TorchCheckpointEngine else None)
 
     def save(self, state_dict: Any, path: str) -> None:
-        if self._torch_format is None:
-            self._engine.save(state_dict, path)
-            self._written.add(path)
-        else:
-            self._written.save(state_dict, path, _use_new_zipfile_serialization=self._torch_format)
+        self._engine.save(state_dict, path)
+        self._written.add(path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -272,7 +266,7 @@ def save_deepspeed_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str
     saves through DeepSpeed's checkpoint engine are recorded there with their digests."""
     own_engine = getattr(engine, "checkpoint_engine", None)
     if written is not None and own_engine is not None:
-        engine.checkpoint_engine = _DigestingCheckpointEngine(own_engine, written)
+        engine.checkpoint_engine = _RecordingCheckpointEngine(own_engine, written)
     hook = None
     if exclude_frozen_parameters:
         frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]

@@ -1,6 +1,11 @@
 """Files that a crash never leaves half-written, and their digests: the one atomic write and the one
 sha256 that the engine's, the trainer's and the Hugging Face Trainer integration's checkpoints, manifests
-and logs share. A digest taken while a file is written (`DigestingWriter`) costs no second read."""
+and logs share. A checkpoint file's digest is taken by the process that wrote it, right after writing,
+while the file is still in that machine's page cache (`WrittenFiles`).
+
+Why not while writing: torch.save into a hashing file object must go through Python `write` calls, and its
+zip format then writes 2.5x slower than to a file (200 MB: 1.8 s against 0.43 s, plus 0.30 s to hash it
+afterwards), so a second read from memory is the cheaper way."""
 
 from __future__ import annotations
 
@@ -64,50 +69,17 @@ def file_digest(path: str | os.PathLike) -> FileDigest:
     return FileDigest(size, digest.hexdigest())
 
 
-class DigestingWriter:
-    """A write-only file that hashes what passes through it. It has no `fileno` on purpose: torch.save
-    writes tensors straight to the descriptor of a real file, past any wrapper; without one it calls
-    `write`, and every byte is hashed on its way to disk."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self._file = open(path, "wb")
-        self._digest = hashlib.sha256()
-        self._size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self._digest.update(view)
-        self._size += len(view)
-        return self._file.write(view)
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> FileDigest:
-        self._file.close()
-        return FileDigest(self._size, self._digest.hexdigest())
-
-
 @dataclass
 class WrittenFiles:
-    """The files one rank wrote, with their digests (taken while writing, or right after while the file
-    is still in the page cache): what that rank contributes to a checkpoint's manifest."""
+    """The files one rank wrote, with their digests (taken right after each write, while the file is still
+    in the page cache): what that rank contributes to a checkpoint's manifest."""
 
     files: dict[Path, FileDigest] = field(default_factory=dict)
 
-    def save(self, obj: Any, path: str | os.PathLike, **torch_save_kwargs: Any) -> None:
-        """`torch.save(obj, path)`, atomically (`replace_atomically`) and hashed while writing."""
-        digests: list[FileDigest] = []
-
-        def write(tmp: Path) -> None:
-            writer = DigestingWriter(tmp)
-            try:
-                torch.save(obj, writer, **torch_save_kwargs)
-            finally:
-                digests.append(writer.close())
-
-        replace_atomically(path, write)
-        self.files[Path(path)] = digests[0]
+    def save(self, obj: Any, path: str | os.PathLike) -> None:
+        """`torch.save(obj, path)`, atomically (`replace_atomically`), recorded with its digest."""
+        replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+        self.add(path)
 
     def add(self, path: str | os.PathLike) -> None:
         """Records a file another writer has just written (read back while it is in the page cache)."""
