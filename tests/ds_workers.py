@@ -143,7 +143,8 @@ def build_engine(model, stage, dtype="fp32", sam=None, lr=1e-2, gas=1, micro=4, 
                  **zero):
     import fsam_ds.zero.engine as fe
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # the trainable tensors: all of a full model, the adapters of a peft model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     config = ds_config(stage, dtype, micro=micro, gas=gas, grad_clip=grad_clip, **zero)
     return fe.initialize(model=model, config=config, sam=sam, optimizer=optimizer, planned_steps=planned_steps)
 
@@ -620,14 +621,17 @@ def run_master_shared_with_weights(rank: int, world: int) -> dict:
     return out
 
 
-def lora_bert() -> nn.Module:
-    """tiny_bert under LoRA as peft builds it for a classifier: its default targets for BERT (query,
-    value), the classifier trained whole."""
+def with_lora(model: nn.Module) -> nn.Module:
+    """`model` (tiny_bert, in memory or loaded) under LoRA as peft builds it for a classifier: its default
+    targets for BERT (query, value), the classifier trained whole; the adapters drawn from seed 1."""
     import peft
 
-    model = tiny_bert()
     torch.manual_seed(1)
     return peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8))
+
+
+def lora_bert() -> nn.Module:
+    return with_lora(tiny_bert())
 
 
 def trainer_lora_bert(model_dir: str, config: dict, checkpointing: str | bool = False) -> nn.Module:
@@ -663,21 +667,59 @@ def named_full_params(engine) -> dict[str, torch.Tensor]:
 
 
 def run_lora_equivalence(rank: int, world: int, model_dir: str, cases: list[tuple[int, str, dict, int, str | bool]],
-                         steps: int = 3) -> list[dict[str, torch.Tensor]]:
+                         steps: int = 3, dtype: str = "fp32") -> list[dict[str, torch.Tensor]]:
     """Per (stage, sam_type, zero_optimization extras, micro-batches, activation checkpointing): every
-    parameter of `trainer_lora_bert` after `steps` steps on this rank's share of `global_batches`."""
+    parameter of `trainer_lora_bert` after `steps` steps on this rank's share of `global_batches` (in fp32:
+    the master of a trainable one, a frozen one as it is in `dtype`)."""
     import fsam_ds.zero.engine as fe
 
     loss = per_example_loss("bert")
     out = []
     for stage, sam_type, zero, parts, checkpointing in cases:
-        config = ds_config(stage, micro=4 // parts, gas=parts, **zero)
+        config = ds_config(stage, dtype, micro=4 // parts, gas=parts, **zero)
         model = trainer_lora_bert(model_dir, config, checkpointing)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
         sam_engine = fe.initialize(model=model, config=config, sam=sam_config(sam_type), optimizer=optimizer)
         for b in global_batches("bert", steps):
             assert not sam_engine.train_step(split(b, rank, world, parts), loss).skipped
         out.append(named_full_params(sam_engine.engine))
+    return out
+
+
+def engine_state(engine) -> dict:
+    """Full fp32 weights (the master of a trainable one, a frozen one as it is), the forward pass's weights,
+    and this rank's part of the base optimizer's state (the torch AdamW under DeepSpeed's wrapper: moments
+    and step of its flat partitions); collective, test-only."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return {"master": list(named_full_params(engine).values()), "module": module_full_params(engine),
+            "optimizer": [value.detach().clone().reshape(-1) for state in base.state.values()
+                          for value in state.values() if torch.is_tensor(value)]}
+
+
+def run_lora_fp16_overflow(rank: int, world: int, cases: list[tuple[int, int]]) -> list[dict]:
+    """Per (stage, pass): fisher-sam on `lora_bert` in fp16 (DeepSpeed's dynamic loss scale): a clean step,
+    a step whose loss is not finite in that pass (1 at w, 2 at w + e), then the same batch again without
+    it. The engine's state before and after the poisoned step and after the retried one, the loss scales
+    around the poisoned step, and which steps were skipped."""
+    from fsam_ds.zero.engine import allow_fp16_on_cpu
+
+    allow_fp16_on_cpu()
+    out = []
+    for stage, poisoned_pass in cases:
+        batches = global_batches("bert", 2)
+        loss, calls = poisonable_loss("bert")
+        sam_engine = build_engine(lora_bert(), stage, "fp16", sam=sam_config("fisher-sam"))
+        first = sam_engine.train_step(split(batches[0], rank, world), loss)
+        states, scales = [engine_state(sam_engine.engine)], [sam_engine.shards.loss_scale()]
+        calls["poison"] = calls["n"] + poisoned_pass  # one micro-batch: one loss call per pass
+        poisoned = sam_engine.train_step(split(batches[1], rank, world), loss)
+        states.append(engine_state(sam_engine.engine))
+        scales.append(sam_engine.shards.loss_scale())
+        calls["poison"] = None
+        retried = sam_engine.train_step(split(batches[1], rank, world), loss)
+        states.append(engine_state(sam_engine.engine))
+        out.append({"skipped": [first.skipped, poisoned.skipped, retried.skipped], "scales": scales,
+                    "states": states, "names": [n for n, _ in sam_engine.engine.module.named_parameters()]})
     return out
 
 

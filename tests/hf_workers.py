@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.ranks import accelerate_on_gloo
-from ds_workers import ds_config, full_params, module_full_params, sam_config, tiny_bert
+from ds_workers import (ds_config, engine_state, full_params, lora_bert, named_full_params, sam_config, tiny_bert,
+                        with_lora)
 
 LR = 1e-2
 WEIGHT_DECAY = 0.01
@@ -176,15 +177,6 @@ def poisoned_loss(trainer, update: int, in_pass: int = 1):
     return loss
 
 
-def engine_state(engine) -> dict:
-    """Full fp32 weights (master), the forward pass's weights, and this rank's part of the base optimizer's
-    state (the torch AdamW under DeepSpeed's wrapper: moments and step of its flat partitions); test-only."""
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return {"master": full_params(engine), "module": module_full_params(engine),
-            "optimizer": [value.detach().clone().reshape(-1) for state in base.state.values()
-                          for value in state.values() if torch.is_tensor(value)]}
-
-
 def train_with_trainer(case: dict, out_dir: str) -> dict:
     from fsam_ds.hf.trainer import SAMTrainer
 
@@ -199,6 +191,8 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
 
         model = BertForSequenceClassification.from_pretrained(case["from_pretrained"])
         loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+    if case["lora"]:  # the peft model as a user's script passes it, after loading
+        model = with_lora(model)
     trainer = trainer_class(model=model, args=args, train_dataset=examples(case["count"]),
                             sam=sam_config(case["sam_type"]))
     if case["poison"] is not None:
@@ -215,7 +209,10 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
                 "checkpointing": engine.module.is_gradient_checkpointing}
     return {"settings": settings, "unchanged_by_watched_update": unchanged, "loss_scales": trainer.loss_scales,
             "loaded_partitioned": loaded_partitioned, "predicted": predicted,
-            "ds_skipped": engine.skipped_steps, "params": full_params(engine), "windows": trainer.windows,
+            "ds_skipped": engine.skipped_steps, "windows": trainer.windows,
+            # a peft model's by name, its frozen base gathered at ZeRO-3
+            "params": None if case["lora"] else full_params(engine),
+            "named": named_full_params(engine) if case["lora"] else None,
             "step_lrs": trainer.step_lrs,
             "global_step": trainer.state.global_step, "engine_steps": engine.global_steps,
             "logged_lrs": [e["learning_rate"] for e in trainer.state.log_history if "loss" in e],
@@ -224,14 +221,15 @@ def train_with_trainer(case: dict, out_dir: str) -> dict:
             "skipped": trainer.skipped, "scheduler_steps": getattr(trainer.lr_scheduler, "last_epoch", None)}
 
 
-def train_with_engine(case: dict, windows: list[list[dict]]) -> list:
+def train_with_engine(case: dict, windows: list[list[dict]]) -> list | dict:
     """fsam-ds's own path over the Trainer's micro-batches: same init, optimizer groups, schedule, precision,
-    offload and activation checkpointing (transformers' own, which `gradient_checkpointing=True` turns on)."""
+    offload and activation checkpointing (transformers' own, which `gradient_checkpointing=True` turns on).
+    The full parameters, or for a LoRA case every parameter by name."""
     from transformers import get_linear_schedule_with_warmup
 
     import fsam_ds.zero.engine as fe
 
-    model = tiny_bert()
+    model = lora_bert() if case["lora"] else tiny_bert()
     if case["checkpointing"]:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(param_groups(model), lr=LR)
@@ -246,19 +244,19 @@ def train_with_engine(case: dict, windows: list[list[dict]]) -> list:
                                lr_scheduler=schedule)
     for window in windows:
         assert not sam_engine.train_step(window, bert_loss).skipped
-    return full_params(sam_engine.engine)
+    return named_full_params(sam_engine.engine) if case["lora"] else full_params(sam_engine.engine)
 
 
 CASE_DEFAULTS = {"variant": "right", "scheduler": "trainer", "precision": "fp32", "offload": False,
                  "checkpointing": False, "from_pretrained": False, "evaluate": False, "count": 20, "warmup": 0,
-                 "poison": None, "poison_pass": 1,
+                 "poison": None, "poison_pass": 1, "lora": False,
                  "reference": True}
 
 
 def run_trainer_cases(rank: int, world: int, cases: list[dict], out_dir: str) -> list[dict]:
     """Per case (stage, sam_type, variant "right"/"every-micro-batch", scheduler "trainer"/"deepspeed",
     precision, offload, checkpointing, from_pretrained: a folder with tiny_bert's weights, loaded after the
-    TrainingArguments,
+    TrainingArguments, lora: the model under `with_lora` (after loading),
     evaluate: the Trainer's predictions (logits) on 8 examples after training, count examples, warmup steps,
     poison: an update whose losses are
     infinite in pass poison_pass, reference: whether to run the engine path): the Trainer's run, and the engine path's
@@ -378,17 +376,19 @@ def run_accelerate_cases(rank: int, world: int, stage: int, sam_type: str) -> di
 
 # ---------------------------------------------------------------- without DeepSpeed: one process or DDP
 def train_without_deepspeed(out_dir: str, sam_type: str, resume: str | None = None, mask_interval: int = 2,
-                            **overrides: Any) -> dict:
-    """SAMTrainer without --deepspeed (the Trainer's AdamW as SAMOptimizer's base; DDP on several ranks)."""
+                            lora: bool = False, **overrides: Any) -> dict:
+    """SAMTrainer without --deepspeed (the Trainer's AdamW as SAMOptimizer's base; DDP on several ranks), on
+    tiny_bert or, with `lora`, on `lora_bert` as it is."""
     from fsam_ds.hf.trainer import SAMTrainer
 
     accelerate_on_gloo()
-    trainer = recording(SAMTrainer)(model=tiny_bert(), args=training_args(os.path.join(out_dir, sam_type), None,
-                                                                         **overrides),
+    trainer = recording(SAMTrainer)(model=lora_bert() if lora else tiny_bert(),
+                                    args=training_args(os.path.join(out_dir, sam_type), None, **overrides),
                                     train_dataset=examples(20), sam=sam_config(sam_type, mask_interval=mask_interval))
     trainer.train(resume_from_checkpoint=resume)
     model = trainer.accelerator.unwrap_model(trainer.model)
     return {"params": [p.detach().clone().reshape(-1) for p in model.parameters()], "windows": trainer.windows,
+            "named": {name: p.detach().clone() for name, p in model.named_parameters()},
             "global_step": trainer.state.global_step,
             "wrapped": type(trainer.model_wrapped).__name__, "sam_steps": trainer._sam_optimizer().step_count,
             "logged_grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],

@@ -49,16 +49,25 @@ def start_params(precision: str = "fp32") -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in start_model(precision).parameters()])
 
 
-def plain_reference(sam_type: str, runs: list[dict], precision: str = "fp32") -> torch.Tensor:
-    """SAMOptimizer in one process, in fp32, each update on the global batch: every rank's micro-batches of
-    that optimizer step together; the Trainer's AdamW groups and linear schedule; a bf16 run's start."""
-    model = start_model(precision)
-    optimizer = SAMOptimizer(named_param_groups(model), torch.optim.AdamW, sam_config(sam_type), module=model, lr=LR)
+def global_batches_of(runs: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """The global batch of each of the Trainer's optimizer steps: every rank's micro-batches of that step
+    together (`runs`: each rank's report, with the windows it recorded)."""
     windows = [run["windows"] for run in runs]
-    schedule = get_linear_schedule_with_warmup(optimizer.base_optimizer, 0, len(windows[0]))
+    out = []
     for k in range(len(windows[0])):
         micro = [batch for rank_windows in windows for batch in rank_windows[k]]
-        global_batch = {key: torch.cat([batch[key] for batch in micro]) for key in micro[0]}
+        out.append({key: torch.cat([batch[key] for batch in micro]) for key in micro[0]})
+    return out
+
+
+def plain_reference(sam_type: str, runs: list[dict], precision: str = "fp32") -> torch.Tensor:
+    """SAMOptimizer in one process, in fp32, each update on the global batch (`global_batches_of`); the
+    Trainer's AdamW groups and linear schedule; a bf16 run's start."""
+    model = start_model(precision)
+    optimizer = SAMOptimizer(named_param_groups(model), torch.optim.AdamW, sam_config(sam_type), module=model, lr=LR)
+    batches = global_batches_of(runs)
+    schedule = get_linear_schedule_with_warmup(optimizer.base_optimizer, 0, len(batches))
+    for global_batch in batches:
         assert not optimizer.step_batch(global_batch, lambda batch: bert_loss(model, batch)).skipped
         schedule.step()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])

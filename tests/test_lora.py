@@ -1,5 +1,6 @@
 """LoRA (peft) under the SAM family: the peft.* settings, the adapters trained exactly on ZeRO 0-3 against
-an independent plain-PyTorch computation, the frozen base never touched, checkpoints, exports, fsam-predict."""
+an independent plain-PyTorch computation, the frozen base never touched, SAMTrainer given a peft model (with
+DeepSpeed and without), bf16 and fp16 on the adapters, checkpoints, exports, fsam-predict."""
 
 from __future__ import annotations
 
@@ -13,13 +14,19 @@ import torch
 
 import train_fixtures as fx
 from dist_harness import run_distributed
-from ds_workers import global_batches, lora_bert, tiny_bert, per_example_loss, run_lora_equivalence, sam_config
+from ds_workers import global_batches, lora_bert, per_example_loss, run_lora_equivalence, sam_config, tiny_bert
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.run_config import config_to_dict, load_config
 
 pytest.importorskip("peft")
 
 TYPES = ("sam", "fisher-sam", "gsam")
+TOLERANCE = 1e-4  # of the update, as for full models (test_zero_equivalence)
+# bf16 on the adapters against the fp32 reference from the same bf16-rounded start: 2.0e-2 measured through the
+# engine at ZeRO-2 and 3 (3 steps), 3.0e-2 through SAMTrainer at ZeRO-3 (3 updates, weight decay, linear schedule);
+# perturbing the frozen base as well (the wrong variant) is at 0.55. The bf16 step itself is the engine's, which
+# test_zero_precision_and_state checks exactly.
+BF16_BOUND = 0.06
 
 
 # ----------------------------------------------------------------------------------- configuration
@@ -49,26 +56,25 @@ def test_full_fine_tuning_keeps_its_configuration_and_folder_name():
 
 # ----------------------------------------------------------------------- the independent reference
 
-def reference(sam_type: str, steps: int = 3, variant: str = "right") -> dict[str, torch.Tensor]:
-    """The SAM family on the same peft model, written out in plain PyTorch on the global batches: g by
-    autograd over the trainable tensors, the Fisher mask as the top int(N * keep_ratio) of g^2 over the
-    candidates (names without bias or embed; ties to the lower index, a stable sort), e = rho m g / ||g||,
-    h at w + e, GSAM's h - alpha (g - proj_h g), w restored, torch AdamW with h.
+def sam_on_adapters(model: torch.nn.Module, batches: list[dict], loss, cfg, optimizer: torch.optim.Optimizer,
+                    schedule=None, variant: str = "right") -> dict[str, torch.Tensor]:
+    """The SAM family on a peft model, written out in plain PyTorch, one step per batch: g by autograd over
+    the trainable tensors, the Fisher mask as the top int(N * keep_ratio) of g^2 over the candidates (names
+    without bias or embed; ties to the lower index, a stable sort), e = rho m g / ||g||, h at w + e, GSAM's
+    h - alpha (g - proj_h g), w restored, then `optimizer` (over the trainable tensors) with h and `schedule`.
     variant "base-perturbed": SAM as full fine-tuning computes it, the frozen base perturbed as well."""
-    model, loss, cfg = lora_bert(), per_example_loss("bert"), sam_config(sam_type)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     perturbed = trainable + frozen if variant == "base-perturbed" else trainable
     candidate = [not re.search("bias|embed", n) for n, _ in named] + [False] * (len(perturbed) - len(named))
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
     masks: list[torch.Tensor] = []
-    for t, batch in enumerate(global_batches("bert", steps)):
+    for t, batch in enumerate(batches):
         for p in perturbed:
             p.requires_grad_(True)
         g = torch.autograd.grad(loss(model, batch).mean(), perturbed, allow_unused=True)
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(perturbed, g)]
-        if sam_type.startswith("fisher") and t % cfg.mask_interval == 0:
+        if cfg.sam_type.startswith("fisher") and t % cfg.mask_interval == 0:
             scores = torch.cat([gi.reshape(-1) ** 2 for gi, c in zip(g, candidate) if c])
             keep = torch.zeros_like(scores)
             keep[torch.sort(scores, descending=True, stable=True).indices[: int(scores.numel() * cfg.keep_ratio)]] = 1
@@ -86,7 +92,7 @@ def reference(sam_type: str, steps: int = 3, variant: str = "right") -> dict[str
         with torch.no_grad():
             for p, w in zip(perturbed, saved):
                 p.copy_(w)
-        if sam_type.endswith("gsam"):
+        if cfg.sam_type.endswith("gsam"):
             g = g[: len(h)]
             h_norm = sum(hi.double().square().sum() for hi in h).sqrt().item()
             g_norm = sum(gi.double().square().sum() for gi in g).sqrt().item()
@@ -96,7 +102,48 @@ def reference(sam_type: str, steps: int = 3, variant: str = "right") -> dict[str
             p.grad = hi
         optimizer.step()
         optimizer.zero_grad()
+        if schedule is not None:
+            schedule.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def lora_start(precision: str = "fp32") -> torch.nn.Module:
+    """`lora_bert` as a run of `precision` starts from: in bf16 (fp16), every weight rounded to it, the
+    frozen base as DeepSpeed casts it and the adapters as their fp32 master begins."""
+    model = lora_bert()
+    if precision != "fp32":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(dtype).float())
+    return model
+
+
+def reference(sam_type: str, steps: int = 3, variant: str = "right",
+              precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """`sam_on_adapters` in fp32 on `global_batches` from a `precision` run's start: AdamW, lr 1e-2, no
+    weight decay, as the 2-rank engine runs use it."""
+    model = lora_start(precision)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    return sam_on_adapters(model, global_batches("bert", steps), per_example_loss("bert"), sam_config(sam_type),
+                           optimizer, variant=variant)
+
+
+def trainer_reference(sam_type: str, runs: list[dict], variant: str = "right",
+                      precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """`sam_on_adapters` in fp32 on the Trainer's global batches (every rank's micro-batches of each optimizer
+    step) from a `precision` run's start, with the Trainer's AdamW groups (weight decay but on biases and
+    LayerNorm) and linear schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from hf_workers import LR, bert_loss, param_groups
+    from test_hf_trainer import global_batches_of
+
+    model = lora_start(precision)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=LR)
+    batches = global_batches_of(runs)
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, len(batches))
+    return sam_on_adapters(model, batches, bert_loss, sam_config(sam_type), optimizer, schedule, variant)
 
 
 def _relative_error(ours: dict, ref: dict, start: dict, names: list[str]) -> float:
@@ -137,9 +184,136 @@ def test_sam_on_adapters_matches_plain_pytorch_and_leaves_the_base_bit_identical
             assert torch.equal(ours[name], start[name]), (case, name)  # the base, bit for bit
         assert all(torch.equal(ours[n], other_rank[n]) for n in trainable), ("ranks disagree", case)
         err = _relative_error(ours, right[sam_type], start, trainable)
-        assert err <= 1e-4, (case, err)
+        assert err <= TOLERANCE, (case, err)
         far = _relative_error(ours, wrong[sam_type], start, trainable)
         assert far > 1e-2, (case, far)
+
+
+# ------------------------------------------------------------------- SAMTrainer on a peft model
+
+def test_sam_trainer_without_deepspeed_on_a_peft_model_equals_plain_pytorch(tmp_path):
+    """SAMTrainer, one process, no DeepSpeed, given the peft model as it is: its AdamW over the adapters becomes
+    SAMOptimizer's base; fisher-sam and gsam over 5 windows of 2 micro-batches equal the plain-PyTorch step on
+    the same peft model; the base is bit for bit the one it was given; perturbing it too is far off."""
+    pytest.importorskip("accelerate")
+    from hf_workers import train_without_deepspeed
+
+    start = {n: p.detach().clone() for n, p in lora_bert().named_parameters()}
+    _, trainable = _names()
+    for sam_type in ("fisher-sam", "gsam"):
+        run = train_without_deepspeed(str(tmp_path), sam_type, lora=True)
+        ours = run["named"]
+        assert [len(w) for w in run["windows"]] == [2] * 5 and run["global_step"] == 5, run["windows"]
+        assert ours.keys() == start.keys()
+        for name in start.keys() - set(trainable):
+            assert torch.equal(ours[name], start[name]), (sam_type, name)
+        err = _relative_error(ours, trainer_reference(sam_type, [run]), start, trainable)
+        assert err <= TOLERANCE, (sam_type, err)
+        far = _relative_error(ours, trainer_reference(sam_type, [run], variant="base-perturbed"), start, trainable)
+        assert far > 1e-2, (sam_type, far)
+
+
+# SAMTrainer under DeepSpeed on the peft model; "from_pretrained": the base loaded after the TrainingArguments
+# (partitioned from birth at ZeRO-3, in bf16 for a bf16 run), then get_peft_model, as a user's script builds it
+TRAINER_CASES = [{"stage": 2, "sam_type": "fisher-sam"},
+                 {"stage": 3, "sam_type": "gsam", "from_pretrained": True},
+                 {"stage": 3, "sam_type": "fisher-sam", "from_pretrained": True, "precision": "bf16"}]
+BF16_STAGES = (2, 3)
+FP16_CASES = [(2, 1), (3, 2)]  # (stage, the pass whose loss is not finite: 1 at w, 2 at w + e)
+
+
+@pytest.fixture(scope="module")
+def two_rank_lora(tiny_bert_dir, tmp_path_factory) -> dict[str, tuple]:
+    """One launch of 2 gloo ranks for the checks below (starting the ranks costs more than these runs): fisher-sam
+    on `trainer_lora_bert` in bf16 at BF16_STAGES, the fp16 overflows, and SAMTrainer's TRAINER_CASES with the
+    engine path on the Trainer's micro-batches. Each entry: (rank 0's results, rank 1's)."""
+    pytest.importorskip("accelerate")
+    from ds_workers import run_jobs, run_lora_fp16_overflow
+    from hf_workers import run_trainer_cases
+
+    folder = tmp_path_factory.mktemp("two-rank-lora")
+    cases = [{**case, "lora": True, "from_pretrained": tiny_bert_dir if case.get("from_pretrained") else False}
+             for case in TRAINER_CASES]
+    bf16 = [(stage, "fisher-sam", {}, 1, False) for stage in BF16_STAGES]
+    # the Trainer last: its ZeRO-3 config stays registered with transformers until collected, and would make
+    # the bf16 jobs' from_pretrained at ZeRO-2 load partitioned
+    jobs = [(run_lora_equivalence, (tiny_bert_dir, bf16, 3, "bf16")), (run_lora_fp16_overflow, (FP16_CASES,)),
+            (run_trainer_cases, (cases, str(folder)))]
+    rank0, rank1 = run_distributed(run_jobs, 2, folder, jobs, use_deepspeed=True, timeout=900)
+    return {"bf16": (rank0[0], rank1[0]), "fp16": (rank0[1], rank1[1]), "trainer": (rank0[2], rank1[2])}
+
+
+def _names() -> tuple[list[str], list[str]]:
+    """lora_bert's parameter names, and those of its trainable tensors."""
+    named = list(lora_bert().named_parameters())
+    return [n for n, _ in named], [n for n, p in named if p.requires_grad]
+
+
+def test_sam_trainer_with_deepspeed_on_a_peft_model_equals_the_engine_path_and_plain_pytorch(two_rank_lora):
+    """SAMTrainer under --deepspeed on 2 ranks, given the peft model as it is, at ZeRO-2 and ZeRO-3 (the base
+    loaded partitioned; in fp32 and bf16), 20 examples in updates of 2, 2 and 1 micro-batches: the adapters
+    equal the engine path on the same micro-batches and the plain-PyTorch step (fp32; from the bf16 start
+    within BF16_BOUND), the ranks agree, the base ends bit for bit as it started; perturbing it is far off."""
+    names, trainable = _names()
+    for case, ours, other in zip(TRAINER_CASES, *two_rank_lora["trainer"]):
+        precision = case.get("precision", "fp32")
+        start = {n: p.detach().clone() for n, p in lora_start(precision).named_parameters()}
+        assert ours["settings"]["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[precision], case
+        assert [len(w) for w in ours["windows"]] == [2, 2, 1] and ours["global_step"] == ours["engine_steps"] == 3
+        if case.get("from_pretrained"):
+            assert ours["loaded_partitioned"] and other["loaded_partitioned"], case
+        named = ours["named"]
+        assert list(named) == names and all(torch.equal(named[n], other["named"][n]) for n in names), case
+        for name in set(names) - set(trainable):
+            assert torch.equal(named[name], start[name]), (case, name)
+        engine_error = _relative_error(named, ours["engine_params"], start, trainable)
+        assert engine_error <= TOLERANCE, (case, engine_error)
+        runs = [ours, other]
+        err = _relative_error(named, trainer_reference(case["sam_type"], runs, precision=precision), start, trainable)
+        assert err <= (BF16_BOUND if precision == "bf16" else TOLERANCE), (case, err)
+        wrong = trainer_reference(case["sam_type"], runs, variant="base-perturbed", precision=precision)
+        far = _relative_error(named, wrong, start, trainable)
+        assert far > (5 * BF16_BOUND if precision == "bf16" else 1e-2), (case, far)
+
+
+def test_bf16_on_adapters_stays_within_bf16_noise_of_the_fp32_step(two_rank_lora):
+    """fisher-sam on the LoRA tiny BERT in bf16 at ZeRO-2 and ZeRO-3 (there the base loaded partitioned in bf16
+    and the adapters cast to it), 3 steps: within BF16_BOUND of the fp32 plain-PyTorch step from the same
+    bf16-rounded start; the ranks agree; the frozen base is bit for bit its bf16 cast; perturbing the base is
+    far off."""
+    names, trainable = _names()
+    start = {n: p.detach().clone() for n, p in lora_start("bf16").named_parameters()}
+    right = reference("fisher-sam", precision="bf16")
+    wrong = reference("fisher-sam", variant="base-perturbed", precision="bf16")
+    for stage, ours, other in zip(BF16_STAGES, *two_rank_lora["bf16"]):
+        assert list(ours) == names and all(torch.equal(ours[n], other[n]) for n in names), stage
+        for name in set(names) - set(trainable):
+            assert torch.equal(ours[name], start[name]), (stage, name)
+        err = _relative_error(ours, right, start, trainable)
+        assert err <= BF16_BOUND, (stage, err)
+        far = _relative_error(ours, wrong, start, trainable)
+        assert far > 5 * BF16_BOUND, (stage, far)
+
+
+def test_fp16_overflow_on_a_lora_step_leaves_adapters_and_optimizer_state_unchanged(two_rank_lora):
+    """fisher-sam on the LoRA tiny BERT in fp16 (DeepSpeed's loss scaler; CPU fp16 by its test switch): a loss
+    that is not finite in the first pass (ZeRO-2) or the second (ZeRO-3) skips the step with the adapters'
+    fp32 masters, the fp16 weights and each rank's optimizer state unchanged and halves the loss scale; the
+    same batch without it then changes all three (the comparison can fail); the base stays its fp16 cast."""
+    names, trainable = _names()
+    start = {n: p.detach().clone() for n, p in lora_start("fp16").named_parameters()}
+    frozen = [i for i, n in enumerate(names) if n not in trainable]
+    for case, run, other in zip(FP16_CASES, *two_rank_lora["fp16"]):
+        assert run["names"] == names
+        assert run["skipped"] == [False, True, False], (case, run["skipped"])
+        assert run["scales"][1] == run["scales"][0] / 2, (case, run["scales"])
+        for rank in (run, other):
+            before, after, retried = rank["states"]
+            for key in ("master", "module", "optimizer"):
+                assert all(torch.equal(a, b) for a, b in zip(before[key], after[key])), (case, key)
+                assert not all(torch.equal(a, b) for a, b in zip(after[key], retried[key])), (case, key)
+            for i in frozen:
+                assert all(torch.equal(state["master"][i], start[names[i]]) for state in rank["states"]), case
 
 
 # ------------------------------------------------------------------------------------ the trainer

@@ -21,6 +21,9 @@ wrapper steps at every accumulation boundary), so it must not be called, and nei
   not after a DeepSpeed fp16 overflow; `if not out.skipped` also holds it back after a SAM step that
   applied nothing in bf16/fp32. A scheduler in the DeepSpeed config is the engine's, stepped inside
   `engine.step()`; don't step it yourself;
+* a peft model goes in as it is; at ZeRO-3 in bf16 or fp16 over a base loaded partitioned, call
+  `fsam_ds.zero.engine.cast_added_parameters(model)` before `prepare` (DeepSpeed leaves peft's fp32
+  adapters beside the base's dtype and its ZeRO-3 optimizer refuses the mix; `SAMTrainer` does this itself);
 * evaluation (`model.eval()`, forward), `accelerator.gather_for_metrics`, `accelerator.save_state` for
   DeepSpeed's checkpoint, beside which `sam_engine.save_sam_state(folder)` writes this rank's SAM state
   (`read_sam_state` + `load_sam_state` to resume).

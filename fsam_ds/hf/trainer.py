@@ -33,6 +33,11 @@ a `SAMOptimizer` (`max_grad_norm` clips inside its step, before the base steps),
 that step did (`_clip_grad_norm`, `_get_grad_norm`, both private Trainer methods in transformers 5.23).
 The SAM state is then part of the optimizer's `state_dict`, saved and loaded by the Trainer.
 
+A peft model (`get_peft_model`) is passed as it is: the step covers the trainable tensors only, the adapters
+and the modules peft saves. At ZeRO-3 with bf16 or fp16, a base loaded partitioned (`from_pretrained` after the
+TrainingArguments) gets its adapters in fp32, which DeepSpeed would leave so; `train()` casts them to the
+base's dtype first (`fsam_ds.zero.engine.cast_added_parameters`), as DeepSpeed casts a model built whole.
+
 Checkpoints under DeepSpeed: every `checkpoint-N/` the Trainer writes holds, beside DeepSpeed's checkpoint,
 each rank's SAM state (`SAMEngine.save_sam_state`: `fsam_state_rank<r>.pt`, written atomically).
 `train(resume_from_checkpoint=)` reads and checks it before any work (`read_sam_state`: none there, another
@@ -69,7 +74,7 @@ from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.sam.optim import SAMOptimizer
 from fsam_ds.sam.shards import TorchComm
 from fsam_ds.zero.ds_config import check_sam_compatible
-from fsam_ds.zero.engine import SAMEngine, read_sam_state
+from fsam_ds.zero.engine import SAMEngine, cast_added_parameters, read_sam_state
 
 __all__ = ["SAMArguments", "SAMTrainer", "SAMTrainerMixin", "sam_trainer"]
 
@@ -161,6 +166,8 @@ class SAMTrainerMixin:
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         self._refuse_unsupported()
+        if self.is_deepspeed_enabled:  # a model loaded partitioned, then wrapped by peft: see cast_added_parameters
+            cast_added_parameters(self.model)
         # read (and checked) before any work; restored into each SAMEngine this run builds, before its first step
         # without DeepSpeed the SAM state is in the optimizer's state_dict, which the Trainer saves and loads
         resuming = resume_from_checkpoint not in (None, False) and self.is_deepspeed_enabled

@@ -4,7 +4,8 @@ The SAM step needs nothing of its own here. LoRA freezes the base (requires_grad
 builds its shards, Fisher candidates, mask and perturbation from the trainable parameters only
 (`fsam_ds.zero.engine.SAMEngine`), so the base is never perturbed and its bits never change; at ZeRO-3 it
 is loaded partitioned like any model (`fsam_ds.trainer.model_loading`) and peft adds the adapters beside
-the partitioned weights, which DeepSpeed partitions at `initialize`.
+the partitioned weights, which DeepSpeed partitions at `initialize` (in bf16 or fp16 after casting them to
+the base's dtype, `fsam_ds.zero.engine.cast_added_parameters`: peft makes them fp32).
 
 An export of a LoRA run is peft's adapter folder (adapter_config.json, adapter_model.safetensors: the
 adapters and the task head), loadable with `PeftModel.from_pretrained` on the base, and, with

@@ -75,6 +75,29 @@ def zero_init(config: dict | str | os.PathLike) -> Any:
     return deepspeed.zero.Init(config_dict_or_path=config)
 
 
+def cast_added_parameters(model: torch.nn.Module) -> list[str]:
+    """Casts the floating-point parameters that a model built under `zero.Init` gained afterwards (peft's
+    adapters and the copies of the modules it saves; a layer added by hand) to the dtype of its partitioned
+    ones, and returns their names; a model with no partitioned parameter is left as it is.
+
+    DeepSpeed (0.19.2 and later) casts every parameter to the run's bf16 or fp16 at `initialize` unless
+    some are partitioned already; then it casts none, taking all as zero.Init made them. peft keeps LoRA
+    adapters in fp32 over a bf16 base, so the trainable tensors come in two dtypes, which the ZeRO-3
+    optimizer refuses (an AssertionError in `defragment`). Cast here, they are what DeepSpeed makes of them
+    on a model built without zero.Init: the run's dtype in the module, an fp32 master in the optimizer;
+    the same start, bit for bit, as at ZeRO 0-2."""
+    partitioned = {p.dtype for p in model.parameters() if hasattr(p, "ds_id")}
+    if len(partitioned) != 1:
+        return []
+    (dtype,) = partitioned
+    cast = []
+    for name, p in model.named_parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            cast.append(name)
+    return cast
+
+
 def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, sam: SAMConfig,
                optimizer: Any = None, lr_scheduler: Any = None, model_parameters: Any = None,
                observer: StepObserver | None = None, planned_steps: int | None = None, **kwargs: Any) -> "SAMEngine":
@@ -103,6 +126,7 @@ def initialize_plain(model: torch.nn.Module, config: dict | str | os.PathLike, o
 def _deepspeed_initialize(**kwargs: Any) -> Any:
     import deepspeed
 
+    cast_added_parameters(kwargs["model"])
     engine, _, _, _ = deepspeed.initialize(**kwargs)
     release_shm_buffer()  # deepspeed.initialize may have created the process group itself
     return engine
