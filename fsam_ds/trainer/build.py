@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
-from fsam_ds.trainer.data import DataError, build_dataloader
+from fsam_ds.trainer.data.batches import build_dataloader
+from fsam_ds.trainer.data.checks import DataError
 from fsam_ds.trainer.model_loading import CheckpointError, load_pretrained
 from fsam_ds.trainer.objectives import Objective
 from fsam_ds.trainer.run_config import OptimSection, TrainConfig

@@ -36,7 +36,8 @@ from fsam_ds.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointWriteFailed, R
 from fsam_ds.trainer.metrics_log import open_run_logger, trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
-from fsam_ds.trainer.data import DataError, set_epoch
+from fsam_ds.trainer.data.batches import set_epoch
+from fsam_ds.trainer.data.checks import DataError
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.objectives import Objective, objective_for
 from fsam_ds.trainer.peft_model import WRAPPED_PREFIX, merged_model, wrap_with_peft
