@@ -327,6 +327,28 @@ def test_broken_json_lines_name_the_file_and_the_expected_form(tmp_path):
                                  splits=("train",))["train"]["text_a"]) == ["good"]
 
 
+def test_json_lines_that_mix_types_in_a_column_or_hold_one_line(tmp_path):
+    from fsam_ds.trainer.data.readers import read_table
+
+    mixed = write(tmp_path / "mixed.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": "neg"}')
+    with pytest.raises(DataError, match=r"'neg' \(1 row\)"):  # read as it is written, then checked
+        load_task_splits("sst2", "files", data_files={"train": mixed}, splits=("train",))
+    write(mixed, '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": "negative"}')
+    train = load_task_splits("sst2", "files", data_files={"train": mixed}, splits=("train",))["train"]
+    assert labels_of(train) == [1, 0]
+    # one JSON lines example whose every field is a list stays one example, not an object of column lists
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert read_table(write(tmp_path / "chat.jsonl", json.dumps({"messages": turns}) + "\n")) == {"messages": [turns]}
+    assert read_table(write(tmp_path / "chat.json", json.dumps({"messages": turns}))) == {"messages": turns}
+
+
+def test_stray_quote_in_a_csv_names_the_line(tmp_path):
+    path = write(tmp_path / "train.csv", 'sentence,label\ngood,1\n"bad" film,0\n')
+    for bad_rows in ("warn", "error"):
+        with pytest.raises(DataError, match=r"train.csv could not be read \(ParserError: .* in line 3\)"):
+            load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",), bad_rows=bad_rows)
+
+
 def test_unsupported_extension(tmp_path):
     path = write(tmp_path / "train.txt", "a\t1\n")
     with pytest.raises(DataError, match=r"unsupported file type '.txt'"):
