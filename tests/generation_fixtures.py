@@ -110,7 +110,7 @@ def run_zero3_generation(rank: int, world: int, task: str, model_dir: str, files
 
     from ds_workers import ds_config
     from fsam_ds.trainer.build import load_model
-    from fsam_ds.trainer.data import build_dataloader
+    from fsam_ds.trainer.data.batches import build_dataloader
     from fsam_ds.trainer.objectives import objective_for
 
     cfg = generation_config(Path(model_dir), files, task, "s2s" if task == "seq2seq" else "pc")

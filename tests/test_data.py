@@ -8,9 +8,9 @@ from datasets import ClassLabel, Dataset
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from fsam_ds.trainer import data
-from fsam_ds.trainer.data import (DataError, ShardSampler, build_dataloader, load_task_splits, padding_collator,
-                                  sample_per_class, set_epoch, tokenize)
+from fsam_ds.trainer.data.batches import ShardSampler, build_dataloader, padding_collator, set_epoch, tokenize
+from fsam_ds.trainer.data.checks import TEXT_A, DataError
+from fsam_ds.trainer.data.splits import load_task_splits, sample_per_class
 from fsam_ds.trainer.tasks import get_task
 
 WORDS = "the a cat dog sat on mat is good bad film movie bank river money word : . ?".split()
@@ -155,7 +155,7 @@ def test_rows_of_the_wrong_width_warn_or_raise(tmp_path):
 def test_readers_that_keep_every_row_refuse_a_bad_row_without_offering_to_skip_it(tmp_path):
     """fsam-predict and the generation tasks read every row (a skipped row would misalign the output):
     the error names the row and asks for a repair, not for an option those commands do not have."""
-    from fsam_ds.trainer.data import read_table
+    from fsam_ds.trainer.data.readers import read_table
 
     write(tmp_path / "short.csv", "text,label\ngood film,1\nbroken\n")
     write(tmp_path / "long.csv", "text,label\ngood film,1\ntoo,many,fields\n")
@@ -241,7 +241,7 @@ def test_axb_trains_on_rte_columns_and_tests_on_its_own(tmp_path):
 @pytest.fixture
 def hub_answers(monkeypatch):
     """The hub probe answers, without a request (each test fakes datasets.load_dataset itself)."""
-    monkeypatch.setattr(data, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr("fsam_ds.trainer.data.splits._hub_unreachable", lambda: None)
 
 
 def test_hub_path_calls_load_dataset_with_the_task_config(monkeypatch, hub_answers):
@@ -325,6 +325,28 @@ def test_broken_json_lines_name_the_file_and_the_expected_form(tmp_path):
     nested = write(tmp_path / "nested.json", json.dumps({"data": [{"sentence": "good", "label": 1}]}))
     assert list(load_task_splits("sst2", "files", data_files={"train": nested},
                                  splits=("train",))["train"]["text_a"]) == ["good"]
+
+
+def test_json_lines_that_mix_types_in_a_column_or_hold_one_line(tmp_path):
+    from fsam_ds.trainer.data.readers import read_table
+
+    mixed = write(tmp_path / "mixed.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": "neg"}')
+    with pytest.raises(DataError, match=r"'neg' \(1 row\)"):  # read as it is written, then checked
+        load_task_splits("sst2", "files", data_files={"train": mixed}, splits=("train",))
+    write(mixed, '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": "negative"}')
+    train = load_task_splits("sst2", "files", data_files={"train": mixed}, splits=("train",))["train"]
+    assert labels_of(train) == [1, 0]
+    # one JSON lines example whose every field is a list stays one example, not an object of column lists
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert read_table(write(tmp_path / "chat.jsonl", json.dumps({"messages": turns}) + "\n")) == {"messages": [turns]}
+    assert read_table(write(tmp_path / "chat.json", json.dumps({"messages": turns}))) == {"messages": turns}
+
+
+def test_stray_quote_in_a_csv_names_the_line(tmp_path):
+    path = write(tmp_path / "train.csv", 'sentence,label\ngood,1\n"bad" film,0\n')
+    for bad_rows in ("warn", "error"):
+        with pytest.raises(DataError, match=r"train.csv could not be read \(ParserError: .* in line 3\)"):
+            load_task_splits("sst2", "files", data_files={"train": path}, splits=("train",), bad_rows=bad_rows)
 
 
 def test_unsupported_extension(tmp_path):
@@ -507,7 +529,7 @@ def test_end_to_end_files_to_batches(tmp_path, bert_tokenizer):
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 4
     assert batches[0]["attention_mask"].sum(1).max() == batches[0]["input_ids"].shape[1]
     assert get_task("polarity").num_labels == 2
-    assert data.TEXT_A in train.column_names
+    assert TEXT_A in train.column_names
 
 
 def test_sample_per_class_draw_of_a_class_ignores_the_other_classes():
@@ -608,7 +630,7 @@ def test_offline_hub_without_the_dataset_in_the_cache(monkeypatch, tmp_path):
     def unreachable():
         raise AssertionError("offline: the hub must not be probed")
 
-    monkeypatch.setattr(data, "_hub_unreachable", unreachable)
+    monkeypatch.setattr("fsam_ds.trainer.data.splits._hub_unreachable", unreachable)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"the hub is switched off \(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE\) and "

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import generation_fixtures as gf
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import DataError, read_table
+from fsam_ds.trainer.data.checks import DataError
+from fsam_ds.trainer.data.readers import read_table
 from fsam_ds.trainer.generation import IGNORE, NO_TOKEN, CausalLM, generation_scores
 from fsam_ds.trainer.objectives import objective_for
 

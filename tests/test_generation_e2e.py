@@ -71,7 +71,7 @@ def test_single_process_run_trains_generates_and_exports(assets, tmp_path, task,
     assert best["value"] == max(e[best["metric_name"]] for e in evals)
     assert AutoTokenizer.from_pretrained(out / "final").chat_template == gf.CHAT_TEMPLATE
     # the exported model's predictions on the dev file score what the last evaluation scored
-    from fsam_ds.trainer.data import read_table
+    from fsam_ds.trainer.data.readers import read_table
     from fsam_ds.trainer.generation import generation_scores
     from fsam_ds.trainer.objectives import objective_for
     from fsam_ds.trainer.run_config import config_from_dict

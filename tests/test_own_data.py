@@ -12,7 +12,8 @@ import torch
 
 import train_fixtures as fx
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import DataError, infer_label_names, load_task_splits
+from fsam_ds.trainer.data.checks import DataError
+from fsam_ds.trainer.data.splits import infer_label_names, load_task_splits
 from fsam_ds.trainer.objectives import objective_for
 from fsam_ds.trainer.run_config import config_from_dict, config_to_dict, load_config
 from fsam_ds.trainer.tasks import own_data_task

@@ -244,18 +244,18 @@ def as_export(model: Path, folder: Path, run_config: dict[str, Any]) -> Path:
 
 
 def count_file_reads(monkeypatch: Any) -> list[Path]:
-    """From now on, the path of every data file read, in order: every reader of the data module
+    """From now on, the path of every data file read, in order: every reader of the user's files
     (read_table, read_split_file, infer_label_names, load_task_splits' files) goes through `_read_file`."""
-    from fsam_ds.trainer import data
+    from fsam_ds.trainer.data import readers
 
     reads: list[Path] = []
-    read_file = data._read_file
+    read_file = readers._read_file
 
     def counted(path: Path, **options: Any) -> dict[str, list]:
         reads.append(Path(path))
         return read_file(path, **options)
 
-    monkeypatch.setattr(data, "_read_file", counted)
+    monkeypatch.setattr(readers, "_read_file", counted)
     return reads
 
 
@@ -265,7 +265,7 @@ def predict_reading_once(folder: Path, source: Path, out: Path, monkeypatch: Any
     import json
 
     from fsam_ds.cli.predict import predict_file
-    from fsam_ds.trainer.data import read_table, table_rows
+    from fsam_ds.trainer.data.readers import read_table, table_rows
 
     expected_rows = table_rows(read_table(source))
     reads = count_file_reads(monkeypatch)

@@ -76,7 +76,7 @@ def predict_file(model_dir: str | os.PathLike, input_file: str | os.PathLike, ou
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from fsam_ds.trainer.data import read_table, table_rows
+    from fsam_ds.trainer.data.readers import read_table, table_rows
     from fsam_ds.trainer.objectives import objective_for
     from fsam_ds.trainer.peft_model import load_exported
     from fsam_ds.trainer.run_config import config_from_dict

@@ -22,7 +22,8 @@ import torch
 
 from fsam_ds.sam.config import ConfigError, SAMConfig
 from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
-from fsam_ds.trainer.data import DataError, build_dataloader
+from fsam_ds.trainer.data.batches import build_dataloader
+from fsam_ds.trainer.data.checks import DataError
 from fsam_ds.trainer.model_loading import CheckpointError, TrainError, check_model_path, hub_error, load_pretrained
 from fsam_ds.trainer.objectives import Objective
 from fsam_ds.trainer.peft_model import WRAPPED_PREFIX, wrap_with_peft

@@ -60,7 +60,8 @@ from datasets import Dataset
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import DataError, read_table, warn_empty_texts
+from fsam_ds.trainer.data.checks import DataError, warn_empty_texts
+from fsam_ds.trainer.data.readers import read_table
 from fsam_ds.trainer.objectives import Model, model_device
 from fsam_ds.trainer.run_config import TrainConfig
 

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
 from fsam_ds.trainer.build import Data, build_run
-from fsam_ds.trainer.data import DataError, set_epoch
+from fsam_ds.trainer.data.batches import set_epoch
+from fsam_ds.trainer.data.checks import DataError
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.metrics_log import open_run_logger
 from fsam_ds.trainer.model_loading import TrainError

@@ -21,8 +21,9 @@ from datasets import Dataset
 from torch import Tensor
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.data import (infer_label_names, load_task_splits, padding_collator, prediction_split,
-                                  read_split_file, tokenize)
+from fsam_ds.trainer.data.batches import padding_collator, tokenize
+from fsam_ds.trainer.data.readers import read_split_file
+from fsam_ds.trainer.data.splits import infer_label_names, load_task_splits, prediction_split
 from fsam_ds.trainer.model_loading import check_model_head
 from fsam_ds.trainer.run_config import DataSection, TrainConfig
 from fsam_ds.trainer.tasks import (CAUSAL_LM, CLASSIFICATION, OWN_DATA_TASKS, REGRESSION, SEQ2SEQ, TaskSpec,
