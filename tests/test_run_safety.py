@@ -292,7 +292,8 @@ def _save_and_load_a_nonfinite_state(rank: int, world: int, out: Path, model: Pa
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fsam_ds.trainer.checkpoint import TrainerState, export_model, load_checkpoint, save_checkpoint
+    from fsam_ds.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+    from fsam_ds.trainer.export import export_model
 
     sam_engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, exclude_frozen_parameters: None,
                                  load_checkpoint=lambda root, tag, **options: None)

@@ -30,9 +30,10 @@ from fsam_ds.trainer.build import (Data, TrainError, build_data, build_engine, c
                                    load_tokenizer, resolve_config)
 from fsam_ds.trainer.checkpoint import (CHECKPOINT_DIR, CheckpointWriteFailed, ResumePoint, TrainerState,
                                         check_same_run, clear_earlier_run, discard_after, drop_replaced_runs,
-                                        earlier_run, export_model, find_checkpoint, load_checkpoint, put_back,
+                                        earlier_run, find_checkpoint, load_checkpoint, put_back,
                                         replaced_runs, save_checkpoint, set_aside, set_aside_earlier_run,
                                         set_rng_state)
+from fsam_ds.trainer.export import export_model
 from fsam_ds.trainer.metrics_log import open_run_logger, trim_metrics
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
