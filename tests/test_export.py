@@ -323,7 +323,7 @@ def test_no_rank_holds_more_during_a_zero3_export_than_one_shard_beyond_its_trai
     shard = model_bytes // 8
     results = run_distributed(_export_memory, 2, tmp_path / "ranks", str(tmp_path), shard, use_deepspeed=True,
                               timeout=600)
-    slack = 2 * MiB  # Python objects, the safetensors header, the sampler's own allocations
+    slack = 3 * MiB  # Python objects, safetensors' write buffer (1 MiB), the sampler's own allocations
     for rank, r in enumerate(results):
         phases = r["phases"]
         if phases["train"]["peak"] is None:
