@@ -293,6 +293,9 @@ def summarise_run(raw: dict, model_bytes: int) -> dict:
         "finish_x_model": {figure: times_model_of([r["finish"].get(figure) for r in ranks], model_bytes)
                            for figure in FIGURES},
         "run_heap_above_baseline": worst("run", "heap"),
+        # the final evaluation and export against the steps, in heap: the tensors alive, which glibc's
+        # retention of what the steps freed does not inflate
+        "finish_over_train_heap": ratio(worst("finish", "heap"), worst("train", "heap")),
         "per_rank": ranks,
         "baseline_VmRSS": max(r["baseline"]["VmRSS"] for r in ranks),
         **{f"{part}_{figure}_x_model": times_model(part, figure) for part in ("load", "train", "run")
@@ -333,7 +336,7 @@ def summarise_setting(setting: str, runs: dict[str, dict]) -> dict:
     out: dict[str, dict] = {}
     for name, run in runs.items():
         out[name] = {"load_ratio": run["load_x_model"], "run_ratio": run["run_x_model"],
-                     "run_heap_ratio": run["run_heap_x_model"],
+                     "run_heap_ratio": run["run_heap_x_model"], "finish_ratio": run["finish_over_train_heap"],
                      "memory_ratio": ratio(run["run_above_baseline"], adamw and adamw["run_above_baseline"]),
                      "memory_heap_ratio": ratio(run["run_heap_above_baseline"],
                                                 adamw and adamw["run_heap_above_baseline"]),
@@ -504,15 +507,18 @@ def format_scale_report(result: dict) -> str:
     changes += [f"{k}={v} for the ranks" for k, v in c.get("rank_env", {}).items()]
     if changes:
         head += "; every setting with " + ", ".join(changes)
-    header = ["setting", "optimizer", "base MiB", "load RSS", "load heap", "train RSS", "run RSS", "run heap",
-              "peak in", "step s", "CPU s", "mem/AdamW", "step/AdamW", "CPU/AdamW"]
+    header = ["setting", "optimizer", "base MiB", "load RSS", "load heap", "train RSS", "train heap", "finish RSS",
+              "finish heap", "run RSS", "run heap", "peak in", "step s", "CPU s", "mem/AdamW", "step/AdamW",
+              "CPU/AdamW"]
     rows = []
     for s, summary in result["settings"].items():
         for name, run in summary["optimizers"].items():
             r = summary["ratios"][name]
             rows.append([SETTINGS[s].label if name == "adamw" else "", name, fmt(run["baseline_VmRSS"] / MiB, ".0f"),
                          fmt(run["load_VmRSS_x_model"]), fmt(run["load_heap_x_model"]),
-                         fmt(run["train_VmRSS_x_model"]), fmt(run["run_VmRSS_x_model"]),
+                         fmt(run["train_VmRSS_x_model"]), fmt(run["train_heap_x_model"]),
+                         fmt(run["finish_x_model"]["VmRSS"]), fmt(run["finish_x_model"]["heap"]),
+                         fmt(run["run_VmRSS_x_model"]),
                          fmt(run["run_heap_x_model"]), "/".join(run["run_peak_phase"]), fmt(run["step_s"]),
                          fmt(run["step_cpu_s"]), "" if name == "adamw" else fmt(r["memory_ratio"], ".3f"),
                          "" if name == "adamw" else fmt(r["step_ratio"]),
@@ -520,7 +526,8 @@ def format_scale_report(result: dict) -> str:
     legend = ("Memory per rank, the larger rank, x the fp32 model, above the rank's baseline (base MiB: total RSS at "
               "the start of the model load, after imports, process group and data). RSS: total resident memory; "
               "heap: malloc's bytes in use (mallinfo2); both sampled every 5 ms. load: the model load; train: "
-              "the steps; run: the whole run (load, initialize, steps, final evaluation and export); peak in: the "
+              "the steps; finish: the final evaluation and export; run: the whole run (load, initialize, steps, "
+              "finish); peak in: the "
               "phase of each rank's run peak. step s: median seconds between steps (first left out); "
               "CPU s: the median of the larger rank's CPU "
               "seconds per step, which other processes on the machine do not inflate. "

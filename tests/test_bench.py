@@ -543,6 +543,7 @@ def test_scale_summary_ratios_and_verdicts_from_given_numbers():
     assert adamw["step_phase_x_model"]["backward"]["heap"] == pytest.approx(2.4)  # rank 0's, the larger
     assert adamw["step_phase_x_model"]["forward"]["heap"] == pytest.approx(2.3)
     assert adamw["finish_x_model"]["heap"] == pytest.approx(0.9)
+    assert adamw["finish_over_train_heap"] == pytest.approx(900 / 2400)  # the larger rank's of each
     # per phase, the median over the steps after the first, a missing phase counting 0
     assert adamw["step_phase_seconds"] == {"forward": pytest.approx(1.0), "backward": pytest.approx(2.0)}
     summary = bench_scale.summarise_setting("checkpointing", runs)
@@ -550,6 +551,7 @@ def test_scale_summary_ratios_and_verdicts_from_given_numbers():
     assert summary["ratios"]["fisher-sam"]["step_ratio"] == pytest.approx(2.1)
     assert summary["ratios"]["fisher-sam"]["step_cpu_ratio"] == pytest.approx(2.2 / 1.1)
     assert {k: v["verdict"] for k, v in summary["targets"].items()} == {
+        "adamw finish heap peak / training heap peak": "met", "fisher-sam finish heap peak / training heap peak": "met",
         "fisher-sam run peak / AdamW": "MISSED", "fisher-sam run heap peak / AdamW": "MISSED",
         "fisher-sam step / AdamW": "MISSED", "fisher-sam step CPU / AdamW": "met"}
     zero_init = bench_scale.summarise_setting("zero-init", runs)["targets"]
@@ -559,6 +561,7 @@ def test_scale_summary_ratios_and_verdicts_from_given_numbers():
         "fisher-sam run peak above baseline / fp32 model": "MISSED",
         "adamw run heap peak above baseline / fp32 model": "met",
         "fisher-sam run heap peak above baseline / fp32 model": "MISSED",
+        "adamw finish heap peak / training heap peak": "met", "fisher-sam finish heap peak / training heap peak": "met",
         "fisher-sam run peak / AdamW": "MISSED", "fisher-sam run heap peak / AdamW": "MISSED"}
 
 
@@ -585,6 +588,8 @@ def test_scale_command_end_to_end_memory_bounds_from_the_parameter_count(tmp_pat
                                        "fisher-sam run peak above baseline / fp32 model",
                                        "adamw run heap peak above baseline / fp32 model",
                                        "fisher-sam run heap peak above baseline / fp32 model",
+                                       "adamw finish heap peak / training heap peak",
+                                       "fisher-sam finish heap peak / training heap peak",
                                        "fisher-sam run peak / AdamW", "fisher-sam run heap peak / AdamW"}
     for name, summary in setting["optimizers"].items():
         assert len(summary["per_rank"]) == 2 and len(summary["step_seconds"]) == 2, name  # steps 2 and 3
