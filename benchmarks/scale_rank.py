@@ -134,9 +134,10 @@ def main(argv: list[str]) -> None:
     with BackgroundPeak(options.interval) as memory:
         memory.enter("setup")
         import fsam_ds.cli.train as cli
+        import fsam_ds.trainer.build as build
         import fsam_ds.trainer.loop as loop
 
-        load_model, train_loop = loop.load_model, loop.train_loop
+        load_model, train_loop = build.load_model, loop.train_loop
         step_cpu_seconds: list[float] = []
         held: dict[str, int] = {}
         observer = MarkedPhases(memory)
@@ -167,7 +168,7 @@ def main(argv: list[str]) -> None:
             memory.mark(None)
             memory.enter("finish")
 
-        loop.load_model, loop.train_loop = load_model_measured, train_loop_measured
+        build.load_model, loop.train_loop = load_model_measured, train_loop_measured  # where build_run, train call them
         code = cli.main(trainer_argv)
     rank = int(os.environ.get("RANK", "0"))
     result = {"rank": rank, "exit_code": code, "phases": memory.phases, "peak": memory.peak,
