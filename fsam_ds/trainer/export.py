@@ -225,10 +225,11 @@ class ExportStopped(Exception):
 
 def write_weights(folder: Path | None, module: torch.nn.Module, plan: ShardPlan, fetch: Fetch,
                   collective: bool = True) -> None:
-    """Gathers the tensors in the plan's order and writes each shard once complete, then the index.
-    `folder` None: this rank takes part in the gathers and writes nothing. `collective`: after each shard
-    every rank learns whether a write failed anywhere and all raise ExportStopped together (a rank that
-    stopped alone would leave the others waiting in a gather); otherwise a failed write raises at once."""
+    """Gathers the tensors in the plan's order and writes each shard once complete (`write_index` then
+    writes the index). `folder` None: this rank takes part in the gathers and writes nothing.
+    `collective`: after each shard every rank learns whether a write failed anywhere and all raise
+    ExportStopped together (a rank that stopped alone would leave the others waiting in a gather);
+    otherwise a failed write raises at once."""
     from safetensors.torch import save_file
 
     revert = _revert_weight_conversion() if plan.converted else None
@@ -261,7 +262,11 @@ def write_weights(folder: Path | None, module: torch.nn.Module, plan: ShardPlan,
             del shard
             if collective and failed_anywhere(error):
                 raise ExportStopped(error)
-    if folder is not None and plan.sharded:
+
+
+def write_index(folder: Path, plan: ShardPlan) -> None:
+    """model.safetensors.index.json, as save_pretrained writes it, where the weights are in several shards."""
+    if plan.sharded:
         index = {"metadata": {"total_parameters": plan.total_parameters, "total_size": plan.total_size},
                  "weight_map": {name: file for file, names in plan.files.items() for name in names}}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -296,7 +301,9 @@ def write_model(folder: Path, module: Any, tokenizer: Any, run_config: dict[str,
                 max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
     """A whole model this process holds (not partitioned) as a model folder, shard by shard; one process."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_weights(folder, module, plan_shards(module, max_shard_size), tensor_fetch(0), collective=False)
+    plan = plan_shards(module, max_shard_size)
+    write_weights(folder, module, plan, tensor_fetch(0), collective=False)
+    write_index(folder, plan)
     _write_config(folder, module)
     _finish_folder(folder, tokenizer, None, run_config)
 
@@ -352,12 +359,12 @@ def _export_into(folder: Path, tmp: Path | None, engine: Any, tokenizer: Any, in
     """`export_model`'s gathers (every rank) and writes (the rank given `tmp`, which then replaces
     `folder`); returns this rank's write error."""
     release_gathered(engine)
-    stage = engine.zero_optimization_stage()
     try:
         if adapters:
             state_dict = trainable_state_dict(engine, keep=tmp is not None)
         else:
-            write_weights(tmp, engine.module, plan_shards(engine.module, max_shard_size), tensor_fetch(stage))
+            plan = plan_shards(engine.module, max_shard_size)
+            write_weights(tmp, engine.module, plan, tensor_fetch(engine.zero_optimization_stage()))
     except ExportStopped as stopped:
         return stopped.error
     if tmp is None:
@@ -366,6 +373,7 @@ def _export_into(folder: Path, tmp: Path | None, engine: Any, tokenizer: Any, in
         if adapters:
             _write_adapter_folder(tmp, engine.module, state_dict, tokenizer, info, run_config, merged, max_shard_size)
         else:
+            write_index(tmp, plan)
             _write_config(tmp, engine.module)
             _finish_folder(tmp, tokenizer, info, run_config)
         shutil.rmtree(folder, ignore_errors=True)
