@@ -379,8 +379,13 @@ def train_without_deepspeed(out_dir: str, sam_type: str, resume: str | None = No
                             lora: bool = False, **overrides: Any) -> dict:
     """SAMTrainer without --deepspeed (the Trainer's AdamW as SAMOptimizer's base; DDP on several ranks), on
     tiny_bert or, with `lora`, on `lora_bert` as it is."""
+    from accelerate.state import AcceleratorState
+
     from fsam_ds.hf.trainer import SAMTrainer
 
+    # accelerate keeps its state per process: a DeepSpeed run earlier in this process would leave its plugin
+    # behind, and this Trainer would take itself for a DeepSpeed one
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerate_on_gloo()
     trainer = recording(SAMTrainer)(model=lora_bert() if lora else tiny_bert(),
                                     args=training_args(os.path.join(out_dir, sam_type), None, **overrides),
