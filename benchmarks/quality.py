@@ -125,6 +125,7 @@ def execute(run: PlannedRun, root: Path, threads: int, keep_models: bool) -> dic
         returncode, wall, usage = run_measured(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     cost = {"task": run.task, "variant": run.variant, "seed": run.seed, "returncode": returncode,
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports kilobytes
             "wall_s": round(wall, 2), "threads": threads, "command": command}
     replace_file(run.cost_file(root), json.dumps(cost, indent=1) + "\n")
     if not keep_models and finished(run, root):

@@ -203,7 +203,8 @@ class RunLogger:
         self.total_steps = total_steps
         # Line buffering flushes each event as it is written, so a crash loses nothing logged.
         self._file = open(self.output_dir / METRICS_FILE, "a" if self.resumed else "w", encoding="utf-8", buffering=1)
-        replace_file(self.output_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        self.config = config_to_dict(cfg)
+        replace_file(self.output_dir / "config.json", json.dumps(self.config, indent=2) + "\n")
         self._start_time = time.time()
         self._window_start = time.perf_counter()
         self._window_losses: list[float] = []
@@ -245,7 +246,7 @@ class RunLogger:
                                           console="off", silent=True, reinit="create_new")
                 self._run = wandb.init(
                     project=self.cfg.log.wandb_project, name=self.output_dir.name, dir=str(self.output_dir),
-                    config=config_to_dict(self.cfg), mode=attempt, settings=settings, **same_run)
+                    config=self.config, mode=attempt, settings=settings, **same_run)
             except Exception as err:  # training must not die because of wandb
                 warnings.warn(f"wandb.init(mode={attempt!r}) failed ({type(err).__name__}: {err}); "
                               + ("falling back to offline." if attempt != "offline" else
