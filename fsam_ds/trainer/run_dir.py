@@ -43,7 +43,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -148,23 +148,22 @@ def read_json(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------ manifests
 
-def write_manifest(folder: Path, recorded: dict[str, dict[str, Any]] | None = None) -> float:
+def write_manifest(folder: Path, recorded: dict[str, dict[str, Any]] | None = None) -> None:
     """Records the size and sha256 of every file under `folder`; written last and atomically, so a
     folder with a manifest was written completely, and any later change to a file is detected.
     `recorded`: entries the ranks took as they wrote (name relative to `folder` -> bytes, sha256, rank),
-    taken as they are; only the other files are read here. Returns the bytes read here."""
+    taken as they are; only the other files are read here."""
     recorded = recorded or {}
-    files, read = {}, 0
+    files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
                        and not p.name.endswith(TMP_SUFFIX)):
         name = path.relative_to(folder).as_posix()
         entry = recorded.get(name)
         if entry is None:
             digest = file_digest(path)
-            entry, read = {"bytes": digest.bytes, "sha256": digest.sha256}, read + digest.bytes
+            entry = {"bytes": digest.bytes, "sha256": digest.sha256}
         files[name] = entry
     write_json(folder / MANIFEST, {"files": files})
-    return read
 
 
 def damage(folder: Path, rank: int = 0, world: int = 1) -> str | None:
@@ -225,7 +224,7 @@ def write_failed(what: Path, error: BaseException | None, kept: str) -> Checkpoi
         "and --resume=true.")
 
 
-def _from_rank0(compute: Any) -> Any:
+def _from_rank0(compute: Callable[[], Any]) -> Any:
     """Rank 0's `compute()` on every rank (its view of the folder decides); a ConfigError it raises is
     raised on every rank."""
     answer: list[Any] = [None]
@@ -262,7 +261,7 @@ class ResumePoint:
     damaged: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def _named_checkpoint(resume: str, output_dir: Path) -> list[Path]:
+def _named_checkpoint(resume: str) -> list[Path]:
     """The checkpoint a `--resume=PATH` names (or the newest under it), then its complete siblings, newest
     first: the ones to suggest if it is damaged."""
     path = Path(resume)
@@ -276,11 +275,6 @@ def _named_checkpoint(resume: str, output_dir: Path) -> list[Path]:
                               "or resume=true to continue from the newest checkpoint in output_dir.")
         folder = found[0]
     return [folder] + [f for _, f in reversed(_complete(folder.parent)) if f != folder]
-
-
-def _step_of(folder: Path) -> str:
-    match = _TAG.match(folder.name)
-    return match.group(1) if match else folder.name
 
 
 def _run_held(out: Path) -> list[str]:
@@ -315,11 +309,11 @@ class RunDir:
     earlier run that --overwrite=true replaces is set aside until this run's first checkpoint is on disk,
     and put back if the run fails before."""
 
-    def __init__(self, output_dir: str | os.PathLike, point: ResumePoint | None = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike) -> None:
         self.root = Path(output_dir)
         self.output_dir = str(output_dir)
         """As the run's configuration gives it, for messages."""
-        self.point = point or ResumePoint(None)
+        self.point = ResumePoint(None)
         self.replaced: Path | None = None
         """Where the earlier run that this --overwrite=true run replaces waits (rank 0 only)."""
         self.replacing = False
@@ -382,7 +376,7 @@ class RunDir:
                                         "damaged (" + "; ".join(f"{f.name}: {p}" for f, p in damaged) + "). Restore "
                                         "them from a copy, or start afresh with --resume=false --overwrite=true.")
             return ResumePoint(None)
-        folder, *siblings = _from_rank0(lambda: _named_checkpoint(resume, self.root))
+        folder, *siblings = _from_rank0(lambda: _named_checkpoint(resume))
         problem = self.damage(folder)
         if problem is not None:
             intact = next((f for f in siblings if self.damage(f) is None), None)
