@@ -386,6 +386,9 @@ def train_without_deepspeed(out_dir: str, sam_type: str, resume: str | None = No
     # accelerate keeps its state per process: a DeepSpeed run earlier in this process would leave its plugin
     # behind, and this Trainer would take itself for a DeepSpeed one
     AcceleratorState._reset_state(reset_partial_state=True)
+    # and an Accelerator built with a DeepSpeed plugin sets this for the whole process, which TrainingArguments
+    # would read as `accelerate launch --use_deepspeed`
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     accelerate_on_gloo()
     trainer = recording(SAMTrainer)(model=lora_bert() if lora else tiny_bert(),
                                     args=training_args(os.path.join(out_dir, sam_type), None, **overrides),

@@ -4,6 +4,7 @@ steps once per update; what it cannot run exactly is refused at train()."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -392,6 +393,28 @@ def test_train_refuses_what_it_cannot_run_exactly_before_any_work(case, tmp_path
     with pytest.raises(ConfigError, match=message):
         trainer.train(**train_kwargs)
     assert trainer.model_wrapped is trainer.model and trainer.sam_engine is None  # nothing was prepared
+
+
+def test_accelerates_own_deepspeed_config_is_checked_too(tmp_path, monkeypatch):
+    """`accelerate launch` with a DeepSpeed accelerate config and no --deepspeed: the Trainer is a DeepSpeed one
+    whose arguments hold no DeepSpeed config; the plugin's config is checked and named in the refusal."""
+    from accelerate.state import AcceleratorState
+
+    config = tmp_path / "accelerate_ds.json"
+    config.write_text(json.dumps({**trainer_ds_config(2, "trainer"), "zero_optimization": {
+        "stage": 2, "round_robin_gradients": True}}))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    try:
+        trainer = SAMTrainer(model=tiny_bert(), args=_args(tmp_path / "run"), train_dataset=examples(8),
+                             sam=sam_config("fisher-sam"))
+        assert trainer.is_deepspeed_enabled and getattr(trainer.args, "hf_deepspeed_config", None) is None
+        with pytest.raises(ConfigError, match="accelerate's DeepSpeed config: has zero_optimization.round_robin"):
+            trainer.train()
+        assert trainer.model_wrapped is trainer.model and trainer.sam_engine is None
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_a_per_example_loss_function_lifts_the_loss_refusals(tmp_path):

@@ -375,7 +375,11 @@ class SAMTrainerMixin:
             raise ConfigError(f"{name} does not support {' and '.join(split)} parallelism (the SAM step needs each "
                               "rank's whole examples); use data parallelism with ZeRO (stage 3 to shard the model).")
         if self.is_deepspeed_enabled:
-            check_sam_compatible(args.hf_deepspeed_config.config, source="the --deepspeed config",
+            # --deepspeed, or `accelerate launch` with a DeepSpeed accelerate config and no --deepspeed: the
+            # plugin holds the config either way (the Trainer moved its own arguments into it)
+            source = ("the --deepspeed config" if getattr(args, "hf_deepspeed_config", None) is not None
+                      else "accelerate's DeepSpeed config")
+            check_sam_compatible(self.accelerator.state.deepspeed_plugin.hf_ds_config.config, source=source,
                                  auto_filled_later=True)
         self._refuse_bypassed_training_step()
         self._sam_step_loss = self._choose_loss()
