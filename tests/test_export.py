@@ -325,7 +325,10 @@ def test_no_rank_holds_more_during_a_zero3_export_than_one_shard_beyond_its_trai
     shard = model_bytes // 8
     results = run_distributed(_export_memory, 2, tmp_path / "ranks", str(tmp_path), shard, use_deepspeed=True,
                               timeout=600)
-    slack = 3 * MiB  # Python objects, safetensors' write buffer (1 MiB), the sampler's own allocations
+    # Python objects, safetensors' write buffer (1 MiB), the sampler's own allocations, the communication
+    # backend's staging of a gathered parameter: one export from the held state measured 1.2 to 2.9 MiB above
+    # its shard and parameter (2 ranks, quiet and loaded machine); the whole state dict is 18 MiB above them
+    slack = 4 * MiB
     for rank, r in enumerate(results):
         phases = r["phases"]
         if phases["train"]["peak"] is None:
@@ -337,7 +340,8 @@ def test_no_rank_holds_more_during_a_zero3_export_than_one_shard_beyond_its_trai
         assert phases["export"]["peak"] <= train_peak + shard + slack, (rank, report)
         assert phases["export again"]["start"] <= held + slack, (rank, report)  # the evaluation's weights released
         # one shard at a time, and the parameter being gathered
-        assert phases["export again"]["peak"] <= held + shard + r["largest"] + slack, (rank, report)
+        again = phases["export again"]["start"]
+        assert phases["export again"]["peak"] <= again + shard + r["largest"] + slack, (rank, report)
         # and what they guard against
         assert phases["whole state dict"]["start"] > held + 0.9 * model_bytes, (rank, report)
         if rank == 0:
