@@ -638,7 +638,7 @@ def trainer_lora_bert(model_dir: str, config: dict, checkpointing: str | bool = 
     """`lora_bert` built as fsam-train builds it: tiny_bert loaded from `model_dir` (partitioned at ZeRO-3),
     activation checkpointing, then the trainer's peft wrapping."""
     from fsam_ds.trainer.activation_checkpointing import enable_activation_checkpointing
-    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.model_loading import load_model
     from fsam_ds.trainer.objectives import objective_for
     from fsam_ds.trainer.peft_model import wrap_with_peft
     from fsam_ds.trainer.run_config import PeftSection, TrainConfig

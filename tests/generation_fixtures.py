@@ -109,7 +109,7 @@ def run_zero3_generation(rank: int, world: int, task: str, model_dir: str, files
     from transformers import AutoTokenizer
 
     from ds_workers import ds_config
-    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.model_loading import load_model
     from fsam_ds.trainer.data.batches import build_dataloader
     from fsam_ds.trainer.objectives import objective_for
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer.build import check_positions
+from fsam_ds.trainer.model_loading import check_positions
 from fsam_ds.trainer.run_config import load_config
 
 

@@ -1,4 +1,4 @@
-"""One run per output folder (`fsam_ds.trainer.run_claim`): the claim's rules without training; the
+"""One run per output folder (`fsam_ds.trainer.run_dir`): the claim's rules without training; the
 launches that meet a claim are in tests/test_run_safety.py."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 import pytest
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer import run_claim
-from fsam_ds.trainer.run_claim import CLAIM_FILE, RunClaim, RunFolderClaimed
+from fsam_ds.trainer import run_dir as run_claim  # the claim is part of the run folder's owner
+from fsam_ds.trainer.run_dir import CLAIM_FILE, RunClaim, RunFolderClaimed
 
 
 def _write_claim(folder, **record) -> None:

@@ -9,6 +9,7 @@ may abort at exit after a good run. The model is a config-built 2-layer, hidden-
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import train_fixtures as fx
 from dist_harness import free_port
 from fsam_ds.zero.distributed import shm_buffer_names
 from fsam_ds.trainer.evaluate import layer_of
+from fsam_ds.trainer.run_config import config_from_dict
 
 TIMEOUT = 300
 GLOO_EXIT_ABORT = "terminate called without an active exception"
@@ -98,6 +100,9 @@ def test_single_process_run_logs_trains_and_saves(assets, tmp_path):
     masks = fx.events(out, "mask")
     assert [m["step"] for m in masks] == list(range(1, 49, 3))  # mask_interval 3
     assert {"layer.0", "layer.1", "classifier"} <= set(masks[0]["density"])
+    config = json.loads((out / "config.json").read_text())  # the run's configuration as given, in the folder
+    assert config["sam"]["sam_type"] == "fisher-sam" and config["optim"]["lr"] == 5e-3
+    assert config_from_dict(config).output_dir == str(out)
 
     state = out / "checkpoints" / "step48" / "trainer_state.json"
     assert state.is_file()  # checkpoint_every 0: one at each evaluation, the 2 newest kept
@@ -136,8 +141,6 @@ def _torchrun(nproc: int, port: int, args: list[str], nnodes: int = 1, node_rank
 def test_torchrun_two_ranks_zero2_bf16_on_own_data(assets, tmp_path):
     """Own data (--task=classification on a CSV with its own column names and string labels) on 2 ranks:
     every rank reads the label set from the training file, and the run records the one it trained on."""
-    import json
-
     out = tmp_path / "run"
     args = fx.base_args(assets["model"], assets["own_train"], assets["own_dev"], out, task="classification",
                         zero_stage=2, precision="bf16", ds_config="ds_configs/zero2_bf16.json",

@@ -43,7 +43,7 @@ def test_mlp_built_under_zero_init_matches_single_process(persistence, tmp_path)
 
 
 def test_bert_loaded_partitioned_by_the_trainer_matches_single_process(tmp_path):
-    """The trainer's ZeRO-3 loading (`build.load_model` with a stage-3 config) of a saved tiny BERT."""
+    """The trainer's ZeRO-3 loading (`model_loading.load_model` with a stage-3 config) of a saved tiny BERT."""
     folder = tmp_path / "bert"
     tiny_bert().save_pretrained(folder)
     results = run_distributed(run_zero_init_equivalence, 2, tmp_path / "ranks", "bert", TYPES, str(folder),

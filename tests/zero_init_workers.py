@@ -15,7 +15,7 @@ def run_zero_init_equivalence(rank: int, world: int, kind: str, types: list[str]
     Returns the trained full parameters per type and what each parameter looked like before the engine."""
     import deepspeed
 
-    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.model_loading import load_model
     from fsam_ds.trainer.run_config import TrainConfig
     from fsam_ds.trainer.objectives import objective_for
 
@@ -49,7 +49,7 @@ def run_load_memory(rank: int, world: int, model_dir: str, partitioned: bool) ->
     from safetensors import safe_open
 
     from benchmarks.measure import BackgroundPeak
-    from fsam_ds.trainer.build import load_model
+    from fsam_ds.trainer.model_loading import load_model
     from fsam_ds.trainer.run_config import TrainConfig
     from fsam_ds.trainer.objectives import objective_for
 
@@ -124,7 +124,8 @@ def run_decay_groups(rank: int, world: int, model_dir: str, stage: int) -> dict:
     step is weight decay alone, w -> w (1 - lr wd) in the decay group and no change elsewhere.
     Returns {weight decay: sorted names} and the full weights before and after, by name."""
     import fsam_ds.zero.engine as fe
-    from fsam_ds.trainer.build import build_optimizer, load_model
+    from fsam_ds.trainer.build import build_optimizer
+    from fsam_ds.trainer.model_loading import load_model
     from fsam_ds.trainer.objectives import objective_for
     from fsam_ds.trainer.run_config import TrainConfig
 

@@ -20,7 +20,6 @@ import traceback
 
 import torch.distributed as dist
 
-from fsam_ds.trainer.model_loading import check_model_path
 from fsam_ds.trainer.loop import KNOWN_ERRORS, RUN_ERRORS, train
 from fsam_ds.trainer.run_config import load_config
 from fsam_ds.zero.distributed import init_distributed, teardown
@@ -43,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         cfg = load_config(sys.argv[1:] if cli else list(argv))
-        check_model_path(cfg.model)
         rank, world = init_distributed()
         train(cfg, rank, world)
         teardown()

@@ -40,8 +40,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from fsam_ds.trainer.run_dir import (RUN_CONFIG_FILE, failed_anywhere, read_json, write_failed, write_json,
-                                     write_manifest)
+from fsam_ds.trainer.run_dir import RUN_CONFIG_FILE, failed_anywhere, write_failed, write_manifest
+from fsam_ds.zero.files import read_json, write_json
 
 MAX_SHARD_SIZE = "500MB"
 """The default largest shard (huggingface_hub's units: 1 MB = 10**6 bytes). It bounds what rank 0 holds

@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader
 
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.sam.driver import StepOutput
-from fsam_ds.trainer.build import Data, build_run
-from fsam_ds.trainer.data.batches import set_epoch
+from fsam_ds.trainer.build import build_run
+from fsam_ds.trainer.data.batches import Data, set_epoch
 from fsam_ds.trainer.data.checks import DataError
 from fsam_ds.trainer.evaluate import evaluate, flatten_metrics, is_better, mask_density_by_layer
 from fsam_ds.trainer.metrics_log import open_run_logger
-from fsam_ds.trainer.model_loading import TrainError
+from fsam_ds.trainer.model_loading import TrainError, open_pretrained
 from fsam_ds.trainer.objectives import Objective, objective_for
 from fsam_ds.trainer.peft_model import merged_model
 from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
@@ -180,8 +180,7 @@ def export(run: Run, name: str, info: dict) -> Path:
     """output_dir/`name`: the model, or under LoRA the adapter folder (and merged/ on request); collective."""
     cfg = run.cfg
     merged = partial(merged_model, objective=run.objective) if cfg.peft.export_merged else None
-    return run.run_dir.export(name, run.engine, run.tokenizer, info, config_to_dict(cfg),
-                              adapters=cfg.peft.frozen_base, merged=merged)
+    return run.run_dir.export(name, run.engine, run.tokenizer, info, adapters=cfg.peft.frozen_base, merged=merged)
 
 
 def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
@@ -195,8 +194,7 @@ def after_step(run: Run, epoch_done: bool, epoch: float) -> None:
     every = cfg.checkpoint_every
     if due or (every and state.step % every == 0):
         state.eval_pending = due
-        run.run_dir.save(run.sam_engine, state, cfg.keep_checkpoints, config_to_dict(cfg),
-                         frozen_base=cfg.peft.frozen_base)
+        run.run_dir.save(run.sam_engine, state, cfg.keep_checkpoints, frozen_base=cfg.peft.frozen_base)
     if due:
         with _resumable(run, "the evaluation"):
             run_eval(run, epoch)
@@ -246,8 +244,22 @@ def train_loop(run: Run, rng: dict | None) -> None:
             after_step(run, epoch_done, epoch)
 
 
+def start_evaluation(run: Run) -> None:
+    """Before the first step: the pretrained model's scores (eval.at_start), or the evaluation of a resumed
+    run's checkpoint that was written before its step's evaluation ran."""
+    cfg, state = run.cfg, run.state
+    if cfg.eval.at_start and state.step == 0 and state.last_eval_step is None:
+        run_eval(run, 0.0)  # what the pretrained model scores before fine-tuning changes it
+    if state.eval_pending:
+        with _resumable(run, "the evaluation"):
+            run_eval(run, state.epoch + state.step_in_epoch / run.data.steps_per_epoch)
+
+
 def finish(run: Run, started: float) -> None:
+    """The last evaluation when the last step had none, the final/ export and the run's summary."""
     cfg, state, objective = run.cfg, run.state, run.objective
+    if state.last_eval_step != state.step:
+        run_eval(run, state.epoch + state.step_in_epoch / run.data.steps_per_epoch)
     if cfg.max_consecutive_skipped and state.step and state.skipped_steps == state.step:
         _fail(run, f"every one of its {state.step} steps had a non-finite loss or gradients")
     with _resumable(run, "the export of final/"):
@@ -269,25 +281,21 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     it deleted, cut or replaced until the configuration, resume point, tokenizer, data, model, DeepSpeed
     config and engine have all been checked and built (`RunDir`)."""
     started = time.time()
+    _quiet_libraries(rank, cfg.log.progress)
+    run_config = config_to_dict(cfg)
     objective = objective_for(cfg)
-    with RunDir.open(cfg.output_dir, cfg.resume, cfg.overwrite, config_to_dict(cfg), rank) as run_dir:
-        _quiet_libraries(rank, cfg.log.progress)
-        built = build_run(cfg, objective, rank, world)
+    pretrained = open_pretrained(cfg, objective.model_class())  # checked before the folder is claimed
+    with RunDir.open(cfg.output_dir, cfg.resume, cfg.overwrite, run_config, rank) as run_dir:
+        built = build_run(cfg, objective, pretrained, rank, world)
         order = {"world_size": world, "micro_batch_size": cfg.data.micro_batch_size,
                  "grad_accum": cfg.data.grad_accum, "seed": cfg.seed, "steps_per_epoch": built.data.steps_per_epoch}
         state, rng = run_dir.start(built.sam_engine, order, built.total_steps, frozen_base=cfg.peft.frozen_base)
-        with open_run_logger(cfg, rank, total_steps=built.total_steps, start_step=state.step,
+        with open_run_logger(cfg, run_config, rank, total_steps=built.total_steps, start_step=state.step,
                              resumed=run_dir.point.folder is not None) as logger:
             for note in run_dir.notes:
                 logger.console(note)
             run = Run(cfg, objective, built.data, built.sam_engine, built.tokenizer, logger, state,
                       built.param_names, built.base_prefix, run_dir)
-            if cfg.eval.at_start and state.step == 0 and state.last_eval_step is None:
-                run_eval(run, 0.0)  # what the pretrained model scores before fine-tuning changes it
-            if state.eval_pending:  # the checkpoint was written before its step's evaluation
-                with _resumable(run, "the evaluation"):
-                    run_eval(run, state.epoch + state.step_in_epoch / built.data.steps_per_epoch)
+            start_evaluation(run)
             train_loop(run, rng)
-            if state.last_eval_step != state.step:
-                run_eval(run, state.epoch + state.step_in_epoch / built.data.steps_per_epoch)
             finish(run, started)

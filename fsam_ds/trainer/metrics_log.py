@@ -1,6 +1,6 @@
 """Rank-0 run logging, and the one reader and writer of metrics.jsonl.
 
-`RunLogger` writes metrics.jsonl, config.json, Weights & Biases, the progress bar and console lines.
+`RunLogger` writes metrics.jsonl, Weights & Biases, the progress bar and console lines.
 `read_events`, `read_summary` and `trim_metrics` are how everything else (fsam-report, the sweep
 runner, the demo, resuming) reads metrics.jsonl back.
 
@@ -29,19 +29,17 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from fsam_ds.sam.config import is_number
-from fsam_ds.trainer.run_config import TrainConfig, config_to_dict
-from fsam_ds.zero.files import replace_file
+from fsam_ds.trainer.run_config import TrainConfig
+from fsam_ds.zero.files import decode_nonfinite, encode_nonfinite, plain_values, replace_file
 
 __all__ = ["RunLogger", "NullLogger", "open_run_logger", "resolve_wandb_mode", "wandb_api_key_configured",
-           "MetricsFileError", "METRICS_FILE", "encode_event", "encode_nonfinite", "decode_nonfinite", "read_events",
+           "MetricsFileError", "METRICS_FILE", "encode_event", "read_events",
            "read_summary", "trim_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,42 +80,8 @@ def _format_duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------------------- metrics.jsonl lines
 
-# str() of each non-finite float -> one shared float object: two reads of a file compare equal, though nan != nan
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
 class MetricsFileError(ValueError):
     """A metrics.jsonl line, other than a cut-short last one, that is not a JSON object."""
-
-
-def _plain(value: Any, leaf: Callable[[Any], Any] = lambda v: v) -> Any:
-    """Nested dicts and lists with `leaf` applied to each other value; tensors and numpy values become Python
-    numbers and lists first."""
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        value = value.tolist()  # a 0-d tensor or a numpy scalar gives a number
-    if isinstance(value, dict):
-        return {str(k): _plain(v, leaf) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, leaf) for v in value]
-    return leaf(value)
-
-
-def _encode_nonfinite(value: Any) -> Any:
-    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _decode_nonfinite(value: Any) -> Any:
-    return _NONFINITE.get(value, value) if isinstance(value, str) else value
-
-
-def encode_nonfinite(value: Any) -> Any:
-    """`value` with every non-finite float as its string; the trainer's other JSON files use it too."""
-    return _plain(value, _encode_nonfinite)
-
-
-def decode_nonfinite(value: Any) -> Any:
-    """The inverse of `encode_nonfinite` on what json.loads returns."""
-    return _plain(value, _decode_nonfinite)
 
 
 def encode_event(record: dict[str, Any]) -> str:
@@ -194,8 +158,9 @@ class RunLogger:
     Use `open_run_logger`, which hands other ranks a `NullLogger` with the same methods.
     """
 
-    def __init__(self, cfg: TrainConfig, total_steps: int | None = None, start_step: int = 0,
+    def __init__(self, cfg: TrainConfig, config: dict[str, Any], total_steps: int | None = None, start_step: int = 0,
                  resumed: bool | None = None) -> None:
+        """`config`: the run's configuration as `config_to_dict` gives it, for wandb."""
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -203,8 +168,7 @@ class RunLogger:
         self.total_steps = total_steps
         # Line buffering flushes each event as it is written, so a crash loses nothing logged.
         self._file = open(self.output_dir / METRICS_FILE, "a" if self.resumed else "w", encoding="utf-8", buffering=1)
-        self.config = config_to_dict(cfg)
-        replace_file(self.output_dir / "config.json", json.dumps(self.config, indent=2) + "\n")
+        self.config = config
         self._start_time = time.time()
         self._window_start = time.perf_counter()
         self._window_losses: list[float] = []
@@ -279,7 +243,7 @@ class RunLogger:
     def log(self, event: str, step: int | None = None, **fields: Any) -> dict[str, Any]:
         """Write one event line immediately (and to wandb); returns the record written."""
         step_field = {} if step is None else {"step": step}
-        record = _plain({"event": event, **step_field, **fields, "time": round(time.time(), 3)})
+        record = plain_values({"event": event, **step_field, **fields, "time": round(time.time(), 3)})
         if not self._file.closed:
             self._file.write(encode_event(record) + "\n")
         self._wandb_log(event, record)
@@ -380,9 +344,10 @@ class NullLogger:
         return self
 
 
-def open_run_logger(cfg: TrainConfig, rank: int | None = None, total_steps: int | None = None,
+def open_run_logger(cfg: TrainConfig, config: dict[str, Any], rank: int | None = None, total_steps: int | None = None,
                     start_step: int = 0, resumed: bool | None = None) -> RunLogger | NullLogger:
-    """A RunLogger on rank 0, a NullLogger elsewhere (`rank` defaults to $RANK, else 0)."""
+    """A RunLogger on rank 0, a NullLogger elsewhere (`rank` defaults to $RANK, else 0); `config` is the run's
+    configuration as `config_to_dict` gives it."""
     if (int(os.environ.get("RANK", "0")) if rank is None else rank) != 0:
         return NullLogger()
-    return RunLogger(cfg, total_steps=total_steps, start_step=start_step, resumed=resumed)
+    return RunLogger(cfg, config, total_steps=total_steps, start_step=start_step, resumed=resumed)

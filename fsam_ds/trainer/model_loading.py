@@ -37,12 +37,16 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import torch
 
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.zero.adapters import zero3_partition
+
+if TYPE_CHECKING:  # the objectives and the configuration import this module's loading
+    from fsam_ds.trainer.objectives import Objective
+    from fsam_ds.trainer.run_config import TrainConfig
 
 
 class TrainError(RuntimeError):
@@ -62,6 +66,85 @@ def hub_error(name: str, what: str, err: Exception) -> TrainError:
     return TrainError(f"Could not load the {what} {name!r}: it is neither a folder with a Hugging Face "
                       f"checkpoint nor a hub id that could be downloaded ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}). Check the path or id, or the network.")
+
+
+# ----------------------------------------------------------------------------------- the run's model
+
+@dataclass
+class Pretrained:
+    """What the run reads of its pretrained model before it claims its folder."""
+
+    tokenizer: Any
+    config: Any
+    """The model's transformers configuration."""
+
+
+def open_pretrained(cfg: TrainConfig, model_class: Any) -> Pretrained:
+    """Everything about the pretrained model that can be checked without loading its weights, before the
+    run folder is claimed and before any data is read: the model's and the tokenizer's paths, whether the
+    model has the head `model_class` (a decoder-only model for seq2seq is refused), the tokenizer, the
+    model's configuration, and the generation lengths against its positions."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    check_model_path(cfg.model)
+    check_model_head(model_class, cfg.model, cfg.task)
+    tokenizer_name = cfg.tokenizer or cfg.model
+    check_model_path(tokenizer_name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    except OSError as err:
+        raise hub_error(tokenizer_name, "tokenizer", err) from None
+    try:
+        config = AutoConfig.from_pretrained(cfg.model)
+    except OSError as err:
+        raise hub_error(cfg.model, "model", err) from None
+    check_positions(cfg, config)
+    return Pretrained(tokenizer, config)
+
+
+def check_positions(cfg: TrainConfig, model_config: Any) -> None:
+    """Refuses generation lengths beyond the positions a model with learned position embeddings has (GPT-2's
+    n_positions, BART's max_position_embeddings): its forward indexes past the table and fails at the first
+    evaluation, after training. Rotary models run past max_position_embeddings, so they only get a warning."""
+    if cfg.task not in ("causal-lm", "seq2seq"):
+        return
+    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return  # relative positions (T5): no table to run out of
+    d, e = cfg.data, cfg.eval
+    if cfg.task == "causal-lm":
+        longest, what = d.max_length + e.max_new_tokens, (f"data.max_length + eval.max_new_tokens = {d.max_length} + "
+                                                          f"{e.max_new_tokens}")
+        fix = (f"Lower eval.max_new_tokens to {positions - d.max_length} or data.max_length to "
+               f"{positions - e.max_new_tokens}" if positions > max(d.max_length, e.max_new_tokens) else
+               "Lower data.max_length and eval.max_new_tokens")
+    else:  # the decoder starts from its start token, then generates
+        longest, what = max(d.max_length, e.max_new_tokens + 1), (f"max(data.max_length, eval.max_new_tokens + 1) "
+                                                                  f"= max({d.max_length}, {e.max_new_tokens + 1})")
+        fix = f"Keep data.max_length <= {positions} and eval.max_new_tokens <= {positions - 1}"
+    if longest <= positions:
+        return
+    rotary = any(getattr(model_config, key, None) is not None
+                 for key in ("rope_theta", "rope_parameters", "rope_scaling"))
+    message = f"{what} = {longest} tokens, more than the {positions} positions of the model {cfg.model!r}"
+    if rotary:
+        print(f"warning: {message}; its rotary positions run past that, but it was not trained on such lengths.",
+              file=sys.stderr, flush=True)
+        return
+    raise ConfigError(f"{message} ({type(model_config).__name__}), so the evaluation's generation would index past "
+                      f"its position table, after training. {fix}.")
+
+
+def load_model(cfg: TrainConfig, objective: Objective, ds_config: dict | None = None) -> torch.nn.Module:
+    """The pretrained model with the head `objective` trains; partitioned from birth when
+    `ds_config` (resolved) runs ZeRO-3 (`fsam_ds.trainer.model_loading`)."""
+    try:
+        return load_pretrained(objective.model_class(), cfg.model, getattr(torch, cfg.dtype), ds_config,
+                               **objective.model_kwargs())
+    except OSError as err:
+        raise hub_error(cfg.model, "model", err) from None
+    except CheckpointError as err:
+        raise TrainError(f"model = {cfg.model!r}: {err}") from None
 
 
 # The safetensors format's tensor types this reading copies; any other loads through transformers.

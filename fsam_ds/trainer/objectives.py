@@ -24,7 +24,6 @@ from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.data.batches import padding_collator, tokenize
 from fsam_ds.trainer.data.readers import read_split_file
 from fsam_ds.trainer.data.splits import infer_label_names, load_task_splits, prediction_split
-from fsam_ds.trainer.model_loading import check_model_head
 from fsam_ds.trainer.run_config import DataSection, TrainConfig
 from fsam_ds.trainer.tasks import (CAUSAL_LM, CLASSIFICATION, OWN_DATA_TASKS, REGRESSION, SEQ2SEQ, TaskSpec,
                                    compute_metrics, get_task, own_data_task, predicted_ids)
@@ -97,10 +96,22 @@ class SequenceClassification:
     or a sequence pair, scored with the task's metrics (`fsam_ds.trainer.tasks`). A prediction is
     {"label": class name, "probabilities": {class name: softmax probability}} or {"score": value}."""
 
-    def __init__(self, task: TaskSpec, cfg: TrainConfig | None = None,
+    def __init__(self, task: TaskSpec | str, cfg: TrainConfig | None = None,
                  tables: Mapping[Path, dict[str, list]] | None = None) -> None:
-        """`tables`: data files already read (to infer the label set) -> their columns, which
-        `prepare_splits` uses rather than reading those files again."""
+        """`task`: a task of the user's own data, or a registered task's name (`fsam_ds.trainer.tasks`), which
+        reads its own columns, so the settings that name the columns and labels of one's own data are refused.
+        `tables`: data files already read (to infer the label set) -> their columns, which `prepare_splits`
+        uses rather than reading those files again."""
+        if isinstance(task, str):
+            task = get_task(task)
+            given = [f"data.{key}" for key in _OWN_DATA_KEYS
+                     if cfg is not None and getattr(cfg.data, key) != getattr(DataSection(), key)]
+            if given:
+                raise ConfigError(f"{', '.join(given)} name the columns and labels of your own data, read only with "
+                                  f"--task=classification or --task=regression; task {task.name!r} reads its own "
+                                  f"columns ({', '.join(task.required_columns)}). Use --task=classification (or "
+                                  f"regression) to train on your file's columns, or drop "
+                                  f"{', '.join('--' + g for g in given)}.")
         self.task, self.cfg = task, cfg
         self._tables = dict(tables or {})
         self.select_metric = task.select_metric
@@ -252,23 +263,7 @@ _OWN_DATA_KEYS = ("text_columns", "label_column", "labels")
 
 
 def objective_for(cfg: TrainConfig) -> Objective:
-    """The objective that trains and scores the run's `task`; a model whose configuration has no head
-    for that task (a decoder-only model for seq2seq) is refused here, before it is loaded and before
-    any data is tokenized."""
-    objective = _objective(cfg)
-    check_model_head(objective.model_class(), cfg.model, cfg.task)
-    return objective
-
-
-def _objective(cfg: TrainConfig) -> Objective:
+    """The objective that trains and scores the run's `task` (whether the model has a head for it is
+    checked with the model, `fsam_ds.trainer.model_loading.open_pretrained`)."""
     make = OBJECTIVES.get(cfg.task.strip().lower().replace("_", "-"))  # as get_task reads names
-    if make is not None:
-        return make(cfg)
-    task = get_task(cfg.task)
-    given = [f"data.{key}" for key in _OWN_DATA_KEYS if getattr(cfg.data, key) != getattr(DataSection(), key)]
-    if given:
-        raise ConfigError(f"{', '.join(given)} name the columns and labels of your own data, read only with "
-                          f"--task=classification or --task=regression; task {task.name!r} reads its own columns "
-                          f"({', '.join(task.required_columns)}). Use --task=classification (or regression) to "
-                          f"train on your file's columns, or drop {', '.join('--' + g for g in given)}.")
-    return SequenceClassification(task, cfg)
+    return make(cfg) if make is not None else SequenceClassification(cfg.task, cfg)

@@ -47,10 +47,6 @@ class SAMSection(SAMConfig):
     key_prefix: ClassVar[str] = "sam."
     sam_type: Literal[TRAINER_SAM_TYPES] = SAMConfig.sam_type  # type: ignore[valid-type]
 
-    def to_core_kwargs(self) -> dict[str, Any]:
-        """Every field as keyword arguments for the optimizer core's `SAMConfig` (sam_type unchanged)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
 
 @dataclass
 class OptimSection:

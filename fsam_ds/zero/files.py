@@ -1,7 +1,8 @@
-"""Files that a crash never leaves half-written, and their digests: the one atomic write and the one
-sha256 that the engine's, the trainer's and the Hugging Face Trainer integration's checkpoints, manifests
-and logs share. A checkpoint file's digest is taken by the process that wrote it, right after writing,
-while the file is still in that machine's page cache (`WrittenFiles`).
+"""Files that a crash never leaves half-written, and their digests: the one atomic write, the one
+sha256 and the one JSON encoding (non-finite floats as strings) that the engine's, the trainer's and the
+Hugging Face Trainer integration's checkpoints, manifests and logs share. A checkpoint file's digest is
+taken by the process that wrote it, right after writing, while the file is still in that machine's page
+cache (`WrittenFiles`).
 
 Why not while writing: torch.save into a hashing file object must go through Python `write` calls, which
 its zip format makes slower than writing the file and reading it back from memory to hash it."""
@@ -9,12 +10,15 @@ its zip format makes slower than writing the file and reading it back from memor
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 TMP_SUFFIX = ".tmp"
@@ -83,3 +87,49 @@ class WrittenFiles:
     def add(self, path: str | os.PathLike) -> None:
         """Records a file another writer has just written (read back while it is in the page cache)."""
         self.files[Path(path)] = file_digest(path)
+
+
+# ---------------------------------------------------------------------------------- JSON values
+
+# str() of each non-finite float -> one shared float object: two reads of a file compare equal, though nan != nan
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def plain_values(value: Any, leaf: Callable[[Any], Any] = lambda v: v) -> Any:
+    """Nested dicts and lists with `leaf` applied to each other value; tensors and numpy values become Python
+    numbers and lists first."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        value = value.tolist()  # a 0-d tensor or a numpy scalar gives a number
+    if isinstance(value, dict):
+        return {str(k): plain_values(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(v, leaf) for v in value]
+    return leaf(value)
+
+
+def _encode_nonfinite(value: Any) -> Any:
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _decode_nonfinite(value: Any) -> Any:
+    return _NONFINITE.get(value, value) if isinstance(value, str) else value
+
+
+def encode_nonfinite(value: Any) -> Any:
+    """`value` with every non-finite float as its string (\"nan\", \"inf\", \"-inf\"), as metrics.jsonl and the
+    trainer's JSON files write them."""
+    return plain_values(value, _encode_nonfinite)
+
+
+def decode_nonfinite(value: Any) -> Any:
+    """The inverse of `encode_nonfinite` on what json.loads returns."""
+    return plain_values(value, _decode_nonfinite)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON, non-finite floats encoded (`encode_nonfinite`), atomically."""
+    replace_file(path, json.dumps(encode_nonfinite(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return decode_nonfinite(json.loads(path.read_text(encoding="utf-8")))
