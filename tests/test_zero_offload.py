@@ -206,6 +206,9 @@ def test_client_optimizer_is_allowed_under_offload_and_forcing_deepspeeds_is_ref
 
     assert resolve({"zero_optimization": {"offload_optimizer": CPU}})["zero_force_ds_cpu_optimizer"] is False
     assert "zero_force_ds_cpu_optimizer" not in resolve({"zero_optimization": {"stage": 2}})
+    for zero in ({"offload_optimizer": CPU}, {"stage": 2}):  # "auto" is filled last, offloaded or not
+        assert resolve({"zero_optimization": zero, "zero_force_ds_cpu_optimizer": "auto"})[
+            "zero_force_ds_cpu_optimizer"] is False
     with pytest.raises(ConfigError, match="zero_force_ds_cpu_optimizer is True"):
         resolve({"zero_optimization": {"offload_optimizer": CPU}, "zero_force_ds_cpu_optimizer": True})
 

@@ -104,8 +104,6 @@ def resolve_ds_config(
     _reject_unsupported(r)
     _resolve_precision(r, precision)
     _resolve_zero(r, zero_stage, hidden_size)
-    if check_offload(r.config, zero_stage, r.fail):
-        allow_client_optimizer(r.config, r.fail)
     r.match(config, "train_micro_batch_size_per_gpu", micro_batch_size, "data.micro_batch_size")
     r.match(config, "gradient_accumulation_steps", grad_accum, "data.grad_accum")
     _resolve_train_batch(r, micro_batch_size, grad_accum, world_size)
@@ -120,6 +118,8 @@ def resolve_ds_config(
         # The trainer's warmup starts from 0; a concrete floor in the file is the user's choice.
         r.match(scheduler, "warmup_min_lr", 0.0, "", add_missing=False, check=False)
     _reject_leftover_auto(r)
+    # last, on the config otherwise resolved: the offload settings, and the optimizer DeepSpeed may force there
+    allow_client_optimizer(r.config, r.fail, offloaded=check_offload(r.config, zero_stage, r.fail))
     if precision == "fp16" and zero_stage == 0:
         warnings.warn(
             f"{source}: ZeRO stage 0 with fp16 was measured to apply updates divided by the loss scale "
@@ -306,7 +306,8 @@ def _match_params(r: _Resolver, name: str, args: Mapping[str, tuple[Any, str]]) 
 
 
 def _reject_leftover_auto(r: _Resolver) -> None:
-    left = _auto_paths(r.config)
+    # zero_force_ds_cpu_optimizer is filled after this, with the offload settings (`allow_client_optimizer`)
+    left = [path for path in _auto_paths(r.config) if path != "zero_force_ds_cpu_optimizer"]
     if left:
         r.fail(f'cannot resolve "auto" for {", ".join(left)}. Only the batch sizes, gradient_clipping, '
                "fp16/bf16 settings, zero_optimization.stage and the optimizer/scheduler values the trainer "

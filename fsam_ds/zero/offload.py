@@ -88,15 +88,15 @@ def check_offload(config: dict[str, Any], stage: int, fail: Callable[[str], None
     return offload_device(zero, "offload_optimizer") != "none"
 
 
-def allow_client_optimizer(config: dict[str, Any], fail: Callable[[str], None]) -> None:
-    """Under optimizer offload DeepSpeed refuses a client torch optimizer unless told otherwise; the
-    trainer always passes its own `torch.optim.AdamW`, so `zero_force_ds_cpu_optimizer` is filled
-    with false (DeepSpeedCPUAdam would be faster, but it is a C++ build, and the trainer's optimizer is
-    torch's in every configuration)."""
-    value = config.get("zero_force_ds_cpu_optimizer", "auto")
+def allow_client_optimizer(config: dict[str, Any], fail: Callable[[str], None], offloaded: bool) -> None:
+    """Under optimizer offload (`offloaded`) DeepSpeed refuses a client torch optimizer unless told otherwise;
+    the trainer always passes its own `torch.optim.AdamW`, so `zero_force_ds_cpu_optimizer` "auto" is filled
+    with false (absent too, under offload), and true is refused under offload (DeepSpeedCPUAdam would be
+    faster, but it is a C++ build, and the trainer's optimizer is torch's in every configuration)."""
+    value = config.get("zero_force_ds_cpu_optimizer", "auto" if offloaded else None)
     if value == "auto":
         config["zero_force_ds_cpu_optimizer"] = False
-    elif value is not False:
+    elif offloaded and value is not False:
         fail(f"zero_force_ds_cpu_optimizer is {value!r}, but the trainer passes its own torch.optim.AdamW, "
              "which DeepSpeed then refuses under offload_optimizer. Set zero_force_ds_cpu_optimizer to false "
              "(or \"auto\").")
