@@ -123,7 +123,9 @@ def build_run(cfg: TrainConfig, objective: Objective, pretrained: Pretrained, ra
     from fsam_ds.zero.ds_config import resolve_ds_config
 
     set_seed(cfg.seed)  # python, numpy, torch and every accelerator
-    data = build_data(cfg, objective, pretrained.tokenizer, rank, world)
+    tokenizer = pretrained.tokenizer
+    data = build_data(cfg, objective.prepare_splits(tokenizer), objective.collator(tokenizer), objective.train_split,
+                      rank, world)
     total = cfg.optim.max_steps or cfg.optim.epochs * data.steps_per_epoch
     if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise ConfigError(f"precision = fp16 is not supported on this {get_accelerator().device_name()} device "

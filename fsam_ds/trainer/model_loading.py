@@ -82,8 +82,8 @@ class Pretrained:
 def open_pretrained(cfg: TrainConfig, model_class: Any) -> Pretrained:
     """Everything about the pretrained model that can be checked without loading its weights, before the
     run folder is claimed and before any data is read: the model's and the tokenizer's paths, whether the
-    model has the head `model_class` (a decoder-only model for seq2seq is refused), the tokenizer, the
-    model's configuration, and the generation lengths against its positions."""
+    model has the head `model_class` (a decoder-only model for seq2seq is refused), the tokenizer and the
+    lengths it accepts, the model's configuration, and the generation lengths against its positions."""
     from transformers import AutoConfig, AutoTokenizer
 
     check_model_path(cfg.model)
@@ -94,6 +94,10 @@ def open_pretrained(cfg: TrainConfig, model_class: Any) -> Pretrained:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     except OSError as err:
         raise hub_error(tokenizer_name, "tokenizer", err) from None
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < cfg.data.max_length:
+        raise ConfigError(f"data.max_length = {cfg.data.max_length} exceeds the {limit} tokens the model "
+                          f"{tokenizer_name!r} accepts; pass --data.max_length={limit} or less.")
     try:
         config = AutoConfig.from_pretrained(cfg.model)
     except OSError as err:

@@ -9,11 +9,9 @@ import torch
 from datasets import ClassLabel, Dataset, Value
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.data.checks import LABEL, TEXT_A, TEXT_B, DataError, quoted
 
-if TYPE_CHECKING:  # the objectives build their splits with this module
-    from fsam_ds.trainer.objectives import Objective
+if TYPE_CHECKING:
     from fsam_ds.trainer.run_config import TrainConfig
 
 
@@ -127,26 +125,22 @@ class Data:
     steps_per_epoch: int
 
 
-def build_data(cfg: TrainConfig, objective: Objective, tokenizer: Any, rank: int, world: int) -> Data:
+def build_data(cfg: TrainConfig, tokens: dict[str, Dataset], collate: Callable[[list], Any], train_split: str,
+               rank: int, world: int) -> Data:
+    """The run's loaders over an objective's tokenized splits (`Objective.prepare_splits`): the training split
+    shuffled and sharded, each other split in order."""
     d = cfg.data
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and limit < d.max_length:
-        raise ConfigError(f"data.max_length = {d.max_length} exceeds the {limit} tokens the model "
-                          f"{cfg.tokenizer or cfg.model!r} accepts; pass --data.max_length={limit} or less.")
-    tokens = objective.prepare_splits(tokenizer)
-    collate = objective.collator(tokenizer)
     common = {"rank": rank, "world_size": world, "num_workers": d.num_workers, "seed": cfg.seed}
-    train = build_dataloader(tokens[objective.train_split], collate, batch_size=d.micro_batch_size, train=True,
-                             **common)
+    train = build_dataloader(tokens[train_split], collate, batch_size=d.micro_batch_size, train=True, **common)
     dev = {s: build_dataloader(tokens[s], collate, batch_size=d.eval_batch_size, train=False, **common)
-           for s in tokens if s != objective.train_split}
+           for s in tokens if s != train_split}
     for loader in (train, *dev.values()):
         # creating an iterator draws a seed; from its own generator it leaves the global one (dropout,
         # restored on resume) alone
         loader.generator = torch.Generator().manual_seed(cfg.seed)
     steps = len(train) // d.grad_accum
     if steps == 0:
-        n = len(tokens[objective.train_split])
+        n = len(tokens[train_split])
         raise DataError(f"{n} training examples give each of the {world} process(es) {len(train)} micro-batch(es) "
                         f"of at most {d.micro_batch_size}, fewer than data.grad_accum = {d.grad_accum}, so not "
                         "one step fits in an epoch. Use more data, a smaller data.micro_batch_size or "
