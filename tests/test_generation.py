@@ -312,11 +312,11 @@ def test_a_prompt_of_no_tokens_starts_from_the_tokenizers_start_token(assets, tm
 def test_a_model_without_the_tasks_head_is_refused_from_its_config(assets, task, name, model_type, can):
     """Checked from config.json before anything is built: one paragraph naming the model's type and
     architecture, the task, and the tasks it can do, not transformers' list of every model class."""
-    from fsam_ds.trainer.model_loading import load_pretrained
+    from fsam_ds.trainer.model_loading import load_pretrained, open_pretrained
 
     cfg = gf.generation_config(assets[name], assets["files"], task, "s2s" if task == "seq2seq" else "pc")
-    with pytest.raises(ConfigError) as err:
-        objective_for(cfg)
+    with pytest.raises(ConfigError) as err:  # where fsam-train checks the model, before claiming its folder
+        open_pretrained(cfg, objective_for(cfg).model_class())
     message = str(err.value)
     architecture = "LlamaForCausalLM" if name == "llama" else "T5ForConditionalGeneration"
     assert f"model_type {model_type!r}" in message and architecture in message and f"--task={task}" in message

@@ -282,8 +282,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
     config and engine have all been checked and built (`RunDir`)."""
     started = time.time()
     _quiet_libraries(rank, cfg.log.progress)
-    run_config = config_to_dict(cfg)
     objective = objective_for(cfg)
+    run_config = config_to_dict(cfg)  # after the objective, which records an own-data label set in cfg.data.labels
     pretrained = open_pretrained(cfg, objective.model_class())  # checked before the folder is claimed
     with RunDir.open(cfg.output_dir, cfg.resume, cfg.overwrite, run_config, rank) as run_dir:
         built = build_run(cfg, objective, pretrained, rank, world)
