@@ -242,7 +242,8 @@ def test_a_short_run_with_every_step_lost_fails_at_the_end():
     from fsam_ds.trainer.metrics_log import NullLogger
 
     cfg = load_config(["--task=sst2", "--model=m"])
-    run = Run(cfg, None, None, None, None, NullLogger(), TrainerState(step=4, skipped_steps=4), [], "", None)
+    state = TrainerState(step=4, skipped_steps=4, last_eval_step=4)  # its last step evaluated: only the verdict left
+    run = Run(cfg, None, None, None, None, NullLogger(), state, [], "", None)
     with pytest.raises(TrainingFailed, match="every one of its 4 steps had a non-finite loss"):
         finish(run, 0.0)
 
