@@ -85,7 +85,7 @@ def _rank_bench(rank: int, world: int, options: dict) -> dict:
             shutil.rmtree(trainer, ignore_errors=True)
         dist.barrier()
     return {"seconds": {k: median(v) for k, v in times.items()}, "own_bytes": own_bytes, "total_bytes": total_bytes,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}  # ZeRO-3: its own size
 
 
 def run_checkpoints(args: argparse.Namespace) -> dict:
