@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fsam_ds.sam.config import ConfigError
-from fsam_ds.trainer import run_dir as run_claim  # the claim is part of the run folder's owner
+from fsam_ds.trainer import run_dir
 from fsam_ds.trainer.run_dir import CLAIM_FILE, RunClaim, RunFolderClaimed
 
 
@@ -54,7 +54,7 @@ def test_a_claim_whose_process_is_gone_is_taken_over(tmp_path):
 
 def test_a_reused_pid_does_not_keep_a_dead_claim_alive(tmp_path):
     """The pid is alive (this process) but younger than the claim says: another process got the number."""
-    start = run_claim._process_start(os.getpid())
+    start = run_dir._process_start(os.getpid())
     if start is None:
         pytest.skip("no /proc here")
     _write_claim(tmp_path, host=socket.gethostname(), pid=os.getpid(), process_start=start - 1)
@@ -70,7 +70,7 @@ def test_another_hosts_claim_is_stale_only_when_its_heartbeat_is_old(tmp_path):
     _write_claim(tmp_path, host="node-17", pid=4242)
     with pytest.raises(RunFolderClaimed, match="host node-17, pid 4242"):
         RunClaim(tmp_path).acquire()
-    old = time.time() - run_claim.STALE_AFTER_S - 60
+    old = time.time() - run_dir.STALE_AFTER_S - 60
     os.utime(tmp_path / CLAIM_FILE, (old, old))
     claim = RunClaim(tmp_path)
     assert "last refreshed 11 minutes ago" in claim.acquire()
@@ -78,7 +78,7 @@ def test_another_hosts_claim_is_stale_only_when_its_heartbeat_is_old(tmp_path):
 
 
 def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_claim, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(run_dir, "HEARTBEAT_S", 0.05)
     claim = RunClaim(tmp_path)
     claim.acquire()
     old = time.time() - 3600

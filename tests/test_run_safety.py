@@ -19,6 +19,7 @@ import pytest
 
 import train_fixtures as fx
 from fsam_ds.trainer.run_dir import CheckpointDamaged, damage, verify_folder
+from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.run_config import config_to_dict, load_config
 from fsam_ds.trainer.run_identity import config_hash, run_differences
 
@@ -316,7 +317,7 @@ def _manifests_from_the_ranks(rank: int, world: int, out: Path, stages: list[int
         own_part = damage(folder, rank, world)
         verdict = RunDir.damage(folder)
         try:
-            RunDir(root)._resume_point(str(folder))
+            RunDir(root, {})._resume_point(str(folder))
             refusal = None
         except CheckpointDamaged as err:
             refusal = str(err)
@@ -583,3 +584,49 @@ def test_a_live_claim_refuses_a_launch_before_anything_is_read(assets, tmp_path)
     message = error_line(train_here(assets, out, tmp_path))
     assert f"pid {os.getpid()}, started 2026-12-01T10:00:00+00:00 with `fsam-train x`" in message, message
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
+def _rank0_failures(rank: int, world: int) -> list[tuple[str, str]]:
+    from fsam_ds.trainer.run_dir import _from_rank0
+
+    def denied() -> None:
+        raise PermissionError("run_config.json: permission denied")
+
+    def refused() -> None:
+        raise ConfigError("refused on rank 0")
+
+    seen = []
+    for compute in (denied, refused):
+        try:
+            _from_rank0(compute)
+            seen.append(("returned", ""))
+        except Exception as err:  # what each rank raises
+            seen.append((type(err).__name__, str(err)))
+    return seen
+
+
+def test_a_decision_rank_0_cannot_make_stops_every_rank(tmp_path):
+    """Rank 0 decides for the folder (resume point, another run); an unexpected error there (a file it may
+    not read) is raised on rank 0 and named on the other ranks, which would otherwise wait for its answer
+    until the run is killed; a refusal (ConfigError) is the same refusal on every rank."""
+    from dist_harness import run_distributed
+
+    rank0, rank1 = run_distributed(_rank0_failures, 2, tmp_path, timeout=120)
+    assert rank0[0] == ("PermissionError", "run_config.json: permission denied")
+    assert rank1[0][0] == "_Rank0Failed" and "PermissionError: run_config.json: permission denied" in rank1[0][1]
+    assert rank0[1] == rank1[1] == ("ConfigError", "refused on rank 0")
+
+
+def test_a_checkpoint_whose_run_configuration_cannot_be_read_is_refused_by_name(tmp_path):
+    from fsam_ds.trainer.run_dir import RUN_CONFIG_FILE, CheckpointDamaged, ResumePoint, RunDir
+
+    folder = tmp_path / "checkpoints" / "step4"
+    folder.mkdir(parents=True)
+    (folder / RUN_CONFIG_FILE).write_text("{not json")
+    run_dir = RunDir(tmp_path, {"task": "sst2"})
+    run_dir.point = ResumePoint(folder)
+    with pytest.raises(CheckpointDamaged, match=f"its {RUN_CONFIG_FILE} cannot be read"):
+        run_dir._refuse_another_run(True)
+    (folder / RUN_CONFIG_FILE).unlink()  # a checkpoint written without it is not taken for the same run
+    with pytest.raises(CheckpointDamaged, match="FileNotFoundError"):
+        run_dir._refuse_another_run(True)

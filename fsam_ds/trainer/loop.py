@@ -1,9 +1,10 @@
-"""The training run, top to bottom (`train`): configuration and objective, the run folder (`RunDir`:
-claimed, resume point found), build (`fsam_ds.trainer.build`), start (resumed or fresh), loop over steps
+"""The training run, top to bottom (`train`): configuration and objective, the pretrained model checked
+(`fsam_ds.trainer.model_loading.open_pretrained`), the run folder (`RunDir`: claimed, resume point found,
+another run refused), build (`fsam_ds.trainer.build`), start (resumed or fresh), loop over steps
 (`SAMEngine.train_step` or the AdamW baseline's), evaluate, checkpoint, export.
 
-Writes into output_dir: metrics.jsonl and config.json (every step, evaluation, mask and the final
-summary), checkpoints/step<N>/ (exact resume), best/ and final/ (Hugging Face model folders); see
+Writes into output_dir: config.json (`RunDir.start`), metrics.jsonl (every step, evaluation, mask and the
+final summary), checkpoints/step<N>/ (exact resume), best/ and final/ (Hugging Face model folders); see
 `fsam_ds.trainer.run_dir`. Known input errors are raised as the exceptions in `KNOWN_ERRORS`.
 """
 

@@ -1,4 +1,5 @@
-"""Partitioned construction and loading at ZeRO-3: no rank ever holds the whole model.
+"""The run's pretrained model: checked before the run (`open_pretrained`), then loaded (`load_model`),
+at ZeRO-3 partitioned: no rank ever holds the whole model.
 
 Without it every rank builds the full model and holds it until `deepspeed.initialize` partitions it
 (transformers >= 5 memory-maps the safetensors file, so on CPU those weights sit in shared page cache
@@ -44,7 +45,7 @@ import torch
 from fsam_ds.sam.config import ConfigError
 from fsam_ds.zero.adapters import zero3_partition
 
-if TYPE_CHECKING:  # the objectives and the configuration import this module's loading
+if TYPE_CHECKING:
     from fsam_ds.trainer.objectives import Objective
     from fsam_ds.trainer.run_config import TrainConfig
 
@@ -81,7 +82,7 @@ class Pretrained:
 
 def open_pretrained(cfg: TrainConfig, model_class: Any) -> Pretrained:
     """Everything about the pretrained model that can be checked without loading its weights, before the
-    run folder is claimed and before any data is read: the model's and the tokenizer's paths, whether the
+    run folder is claimed and before the data is tokenized: the model's and the tokenizer's paths, whether the
     model has the head `model_class` (a decoder-only model for seq2seq is refused), the tokenizer and the
     lengths it accepts, the model's configuration, and the generation lengths against its positions."""
     from transformers import AutoConfig, AutoTokenizer
@@ -102,6 +103,10 @@ def open_pretrained(cfg: TrainConfig, model_class: Any) -> Pretrained:
         config = AutoConfig.from_pretrained(cfg.model)
     except OSError as err:
         raise hub_error(cfg.model, "model", err) from None
+    except ValueError as err:  # a model_type this transformers does not know
+        raise TrainError(f"model = {cfg.model!r}: transformers cannot read its configuration "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). Upgrade transformers, "
+                         "or give a model it supports.") from None
     check_positions(cfg, config)
     return Pretrained(tokenizer, config)
 
@@ -141,7 +146,7 @@ def check_positions(cfg: TrainConfig, model_config: Any) -> None:
 
 def load_model(cfg: TrainConfig, objective: Objective, ds_config: dict | None = None) -> torch.nn.Module:
     """The pretrained model with the head `objective` trains; partitioned from birth when
-    `ds_config` (resolved) runs ZeRO-3 (`fsam_ds.trainer.model_loading`)."""
+    `ds_config` (resolved) runs ZeRO-3 (`load_pretrained`)."""
     try:
         return load_pretrained(objective.model_class(), cfg.model, getattr(torch, cfg.dtype), ds_config,
                                **objective.model_kwargs())

@@ -77,7 +77,7 @@ from fsam_ds.sam.config import ConfigError
 from fsam_ds.trainer.metrics_log import METRICS_FILE, trim_metrics
 from fsam_ds.trainer.run_identity import SAFE_TO_CHANGE_ON_RESUME, run_differences
 from fsam_ds.zero.engine import EngineStepper
-from fsam_ds.zero.files import TMP_SUFFIX, WrittenFiles, file_digest, read_json, replace_file, write_json
+from fsam_ds.zero.files import TMP_SUFFIX, WrittenFiles, file_digest, read_json, write_json
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -236,18 +236,27 @@ def write_failed(what: Path, error: BaseException | None, kept: str) -> Checkpoi
         "and --resume=true.")
 
 
+class _Rank0Failed(RuntimeError):
+    """What the other ranks raise when rank 0's part of a collective decision failed unexpectedly."""
+
+
 def _from_rank0(compute: Callable[[], Any]) -> Any:
     """Rank 0's `compute()` on every rank (its view of the folder decides); a ConfigError it raises is
-    raised on every rank."""
+    raised on every rank, and any other error on rank 0 stops the other ranks too (none waits for it)."""
     answer: list[Any] = [None]
+    failed: Exception | None = None
     if dist.get_rank() == 0:
         try:
             answer = [compute()]
         except ConfigError as err:
             answer = [err]
+        except Exception as err:
+            failed, answer = err, [_Rank0Failed(f"rank 0 failed reading the run folder: {type(err).__name__}: {err}")]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(answer, src=0)
-    if isinstance(answer[0], ConfigError):
+    if failed is not None:
+        raise failed
+    if isinstance(answer[0], (ConfigError, _Rank0Failed)):
         raise answer[0]
     return answer[0]
 
@@ -310,21 +319,6 @@ def earlier_run(output_dir: str | os.PathLike) -> list[str]:
     return _run_held(out) + [f"{folder.name}/, a run set aside by an --overwrite=true run that was stopped before "
                              "its first checkpoint (move its files back into output_dir to keep it)"
                              for folder in replaced_runs(out)]
-
-
-def _read_plain_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _differences(saved_file: Path, read: Callable[[Path], Any], run_config: dict[str, Any]) -> list[str]:
-    """The run-defining settings in which `run_config` differs from the configuration in `saved_file`
-    (config.json as the logger writes it, or a checkpoint's run_config.json); none without that file."""
-    if not saved_file.is_file():
-        return []
-    try:
-        return run_differences(read(saved_file), run_config)
-    except (ValueError, AttributeError):
-        return [f"its {saved_file.name} is unreadable"]
 
 
 # ------------------------------------------------------------------------------------ the claim
@@ -534,14 +528,14 @@ def claim_output_dir(output_dir: str | os.PathLike, rank: int) -> _Held:
 
 class RunDir:
     """The run folder of one run (every rank holds one): opened by `RunDir.open`, which claims it and
-    decides where the run starts; `take_over` then lets the run change what the folder holds, once the
+    decides where the run starts; `start` then lets the run change what the folder holds, once the
     whole run has been checked and built. Nothing in it is deleted, cut or replaced before that; an
     earlier run that --overwrite=true replaces is set aside until this run's first checkpoint is on disk,
     and put back if the run fails before."""
 
-    def __init__(self, output_dir: str | os.PathLike, run_config: dict[str, Any] | None = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, run_config: dict[str, Any]) -> None:
         self.root = Path(output_dir)
-        self.run_config = run_config or {}
+        self.run_config = run_config
         """The run's configuration (`config_to_dict`), written into each checkpoint and export."""
         self.output_dir = str(output_dir)
         """As the run's configuration gives it, for messages."""
@@ -553,7 +547,7 @@ class RunDir:
         self.saved = False
         """This run has written a checkpoint: an earlier run it replaced is gone for good."""
         self.notes: list[str] = []
-        """What `take_over` did, for the run's console."""
+        """What `start` did, for the run's console."""
 
     @property
     def checkpoints(self) -> Path:
@@ -580,7 +574,7 @@ class RunDir:
             run_dir = cls(output_dir, run_config)
             run_dir.point = run_dir._resume_point(resume)
             if run_dir.point.folder is not None or not overwrite:
-                _from_rank0(lambda: run_dir._refuse_another_run(resume, run_config))
+                _from_rank0(lambda: run_dir._refuse_another_run(resume))
             try:
                 yield run_dir
             except BaseException:
@@ -629,32 +623,44 @@ class RunDir:
         problems = sorted(f for f in found if f is not None)
         return problems[0][1] if problems else None
 
-    def _refuse_another_run(self, resume: bool | str, run_config: dict[str, Any]) -> None:
+    def _refuse_another_run(self, resume: bool | str) -> None:
         """Raises ConfigError when the run would not continue its own run: resumed, when this run sets a
         run-defining setting (see `fsam_ds.trainer.run_identity`) differently from the checkpoint's run (the
         other settings are applied on resume); started afresh, when output_dir holds another run, whose
         differing settings the message lists."""
-        checkpoint, held = self.point.folder, [] if self.point.folder is not None else earlier_run(self.root)
-        if checkpoint is None and not held:
+        checkpoint = self.point.folder
+        if checkpoint is not None:
+            try:
+                saved = read_json(checkpoint / RUN_CONFIG_FILE)
+            except (OSError, ValueError) as err:
+                raise CheckpointDamaged(f"Cannot resume from {str(checkpoint)!r}: its {RUN_CONFIG_FILE} cannot be read "
+                                        f"({type(err).__name__}), so whether this command continues the same run "
+                                        "cannot be checked. Resume from another checkpoint, or start afresh in "
+                                        "another output_dir.") from None
+            differences = run_differences(saved, self.run_config)
+            if differences:
+                raise ConfigError(f"Cannot resume from {str(checkpoint)!r}: this command changes settings that "
+                                  f"define the run ({'; '.join(differences)}). A resumed run must continue the same "
+                                  "run, so these are never applied midway. Resume with the checkpoint's values (its "
+                                  f"{RUN_CONFIG_FILE}), or start a new run in another output_dir. Settings that may "
+                                  f"change on resume: {', '.join(SAFE_TO_CHANGE_ON_RESUME)} (a trailing dot: the "
+                                  "whole section).")
             return
-        # a checkpoint's run_config.json encodes non-finite floats (write_json); config.json is the logger's
-        saved, read = ((checkpoint / RUN_CONFIG_FILE, read_json) if checkpoint is not None
-                       else (self.root / CONFIG_FILE, _read_plain_json))
-        differences = _differences(saved, read, run_config)
-        if checkpoint is None:
-            differ = f" Its settings differ from this run's: {'; '.join(differences)}." if differences else ""
-            raise ConfigError(f"output_dir = {self.output_dir!r} holds another run ({', '.join(held)}) and this run "
-                              f"starts afresh (resume = {resume}), which would replace it.{differ} Pass "
-                              "--resume=true to continue that run, --overwrite=true to replace it, or another "
-                              "--output_dir (the default one, runs/{task}-{sam_type}-s{seed}-{config_hash}, differs "
-                              "for every setting that can change the result).")
-        if differences:
-            raise ConfigError(f"Cannot resume from {str(checkpoint)!r}: this command changes settings that define "
-                              f"the run ({'; '.join(differences)}). A resumed run must continue the same run, so these "
-                              "are never applied midway. Resume with the checkpoint's values (its "
-                              f"{RUN_CONFIG_FILE}), or start a new run in another output_dir. Settings that may "
-                              f"change on resume: {', '.join(SAFE_TO_CHANGE_ON_RESUME)} (a trailing dot: the whole "
-                              "section).")
+        held = earlier_run(self.root)
+        if not held:
+            return
+        config_file, differences = self.root / CONFIG_FILE, []
+        if config_file.is_file():
+            try:
+                differences = run_differences(read_json(config_file), self.run_config)
+            except (ValueError, AttributeError):
+                differences = [f"its {CONFIG_FILE} is unreadable"]
+        differ = f" Its settings differ from this run's: {'; '.join(differences)}." if differences else ""
+        raise ConfigError(f"output_dir = {self.output_dir!r} holds another run ({', '.join(held)}) and this run "
+                          f"starts afresh (resume = {resume}), which would replace it.{differ} Pass "
+                          "--resume=true to continue that run, --overwrite=true to replace it, or another "
+                          "--output_dir (the default one, runs/{task}-{sam_type}-s{seed}-{config_hash}, differs "
+                          "for every setting that can change the result).")
 
     # ---------------------------------------------------------------- the start
     def start(self, sam_engine: EngineStepper, order: dict[str, int], total_steps: int,
@@ -678,7 +684,7 @@ class RunDir:
                 self._discard_after(state.step)
                 trim_metrics(self.metrics_file, state.step, keep_eval=not state.eval_pending)
             # the configuration as given, for a person and for the next launch into this folder to compare
-            replace_file(self.root / CONFIG_FILE, json.dumps(self.run_config, indent=2) + "\n")
+            write_json(self.root / CONFIG_FILE, self.run_config)
         # runs set aside earlier (by this run, or by an --overwrite=true run killed before its first
         # checkpoint) go once this run has a checkpoint; a fresh run gets here with them only under
         # --overwrite=true
