@@ -506,21 +506,13 @@ class _Held:
 
 
 def claim_output_dir(output_dir: str | os.PathLike, rank: int) -> _Held:
-    """Collective: rank 0 claims `output_dir` and every rank gets the answer; use as a context manager
-    around the run. Raises RunFolderClaimed (or ConfigError for a folder that cannot be made) on every rank."""
-    answer: list[Any] = [None]
+    """Collective: rank 0 claims `output_dir` and every rank gets the answer (`_from_rank0`); use as a context
+    manager around the run. Raises RunFolderClaimed (or ConfigError for a folder that cannot be made) on every
+    rank."""
     claim = RunClaim(output_dir) if rank == 0 else None
-    if claim is not None:
-        try:
-            took_over = claim.acquire()
-            if took_over:
-                print(f"warning: {took_over}", file=sys.stderr, flush=True)
-        except ConfigError as err:
-            answer = [err]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(answer, src=0)
-    if isinstance(answer[0], ConfigError):
-        raise answer[0]
+    took_over = _from_rank0(lambda: claim.acquire())
+    if claim is not None and took_over:
+        print(f"warning: {took_over}", file=sys.stderr, flush=True)
     return _Held(claim)
 
 
